@@ -1,0 +1,267 @@
+"""f_theta: the CNN backbone, its fine-tuning, and its on-disk checkpoint cache.
+
+Backbones (all expose ``layer2``, ``layer3``, ``layer4`` for the CAMs):
+
+* ``resnet18`` (2D) and ``r3d18`` (3D) from torchvision;
+* ``small``: a 4-stage CNN of the same layout (2D or 3D) for fast CPU runs and tests.
+
+Small inputs. At 28 px the stock ResNet-18 stem (7x7 stride-2 conv + max-pool)
+shrinks layer4 to 1x1, and R3D-18's stem leaves 4x2x2 at 28^3: such CAMs carry
+no spatial information. For inputs under 112 px per side we therefore use the
+stem of MedMNIST's own 28-px baselines: a 3x3(x3) stride-1 convolution and no
+pooling. The CAM layers then have, at 28 (2D or 3D): layer2 14, layer3 7,
+layer4 4 per side; at 64: 32/16/8. At 112 px and above the stock stem is kept
+(224 px: 28/14/7). We adapt the stem rather than resize to 224 px / 64^3 as the
+paper does because resizing costs ~64x (2D) and ~12x (3D) more compute per image
+for the same information.
+
+Grayscale input is replicated to 3 channels inside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Dataset
+from .errors import TopoCAMError
+from .seeding import seed_everything
+
+CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
+BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
+SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
+CACHE_ENV = "TOPOCAM_CACHE_DIR"
+_CODE_VERSION = "1"  # bump when training code changes what a cached checkpoint means
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "topocam")
+
+
+def resolve_backbone(name: str, ndim: int) -> str:
+    if name not in BACKBONES:
+        raise TopoCAMError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "auto":
+        return "resnet18" if ndim == 2 else "r3d18"
+    if name == "resnet18" and ndim != 2:
+        raise TopoCAMError("backbone resnet18 is 2D; use r3d18 or small for 3D data")
+    if name == "r3d18" and ndim != 3:
+        raise TopoCAMError("backbone r3d18 is 3D; use resnet18 or small for 2D data")
+    return name
+
+
+class _Block(nn.Module):
+    def __init__(self, conv, bn, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv(cin, cout, 3, stride, 1, bias=False), bn(cout), nn.ReLU(inplace=True),
+            conv(cout, cout, 3, 1, 1, bias=False), bn(cout), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class SmallCNN(nn.Module):
+    """ResNet-like layout (stem, layer1..layer4, pooled linear head), few channels."""
+
+    def __init__(self, ndim: int, n_classes: int, width: int = 16):
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if ndim == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        pool = nn.AdaptiveAvgPool2d(1) if ndim == 2 else nn.AdaptiveAvgPool3d(1)
+        w = width
+        self.layer1 = _Block(conv, bn, 3, w, 1)
+        self.layer2 = _Block(conv, bn, w, 2 * w, 2)
+        self.layer3 = _Block(conv, bn, 2 * w, 4 * w, 2)
+        self.layer4 = _Block(conv, bn, 4 * w, 8 * w, 2)
+        self.pool = pool
+        self.fc = nn.Linear(8 * w, n_classes)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Backbone(nn.Module):
+    """Wraps a network: replicates grayscale to 3 channels and exposes the CAM layers."""
+
+    def __init__(self, net: nn.Module, arch: str):
+        super().__init__()
+        self.net = net
+        self.arch = arch
+
+    def cam_layers(self) -> dict[str, nn.Module]:
+        return {name: getattr(self.net, name) for name in CAM_LAYERS}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, *x.shape[2:])
+        return self.net(x)
+
+
+def _local_weights(weights) -> Path | None:
+    """The torchvision weight file if it is already on disk (never downloads)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return path if path.is_file() else None
+
+
+def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int) -> tuple[Backbone, str]:
+    """Returns the model and where its initial weights came from."""
+    arch = resolve_backbone(arch, ndim)
+    small = input_size < SMALL_INPUT
+    origin = "scratch"
+    if arch == "small":
+        net: nn.Module = SmallCNN(ndim, n_classes)
+    elif arch == "resnet18":
+        from torchvision.models import ResNet18_Weights, resnet18
+
+        net = resnet18(weights=None)
+        wfile = _local_weights(ResNet18_Weights.IMAGENET1K_V1)
+        if wfile is not None:
+            net.load_state_dict(torch.load(wfile, map_location="cpu", weights_only=True))
+            origin = "imagenet1k_v1"
+        if small:
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+            origin += "+small-stem"
+        net.fc = nn.Linear(net.fc.in_features, n_classes)
+    else:
+        from torchvision.models.video import R3D_18_Weights, r3d_18
+
+        net = r3d_18(weights=None)
+        wfile = _local_weights(R3D_18_Weights.KINETICS400_V1)
+        if wfile is not None:
+            net.load_state_dict(torch.load(wfile, map_location="cpu", weights_only=True))
+            origin = "kinetics400_v1"
+        if small:
+            net.stem = nn.Sequential(nn.Conv3d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm3d(64), nn.ReLU(inplace=True))
+            origin += "+small-stem"
+        net.fc = nn.Linear(net.fc.in_features, n_classes)
+    return Backbone(net, arch), origin
+
+
+@dataclass
+class TrainSettings:
+    arch: str = "auto"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class BackboneInfo:
+    """What determines a checkpoint and what happened when it was trained."""
+
+    arch: str
+    settings: dict
+    dataset: str
+    init: str  # scratch / imagenet1k_v1 / kinetics400_v1 (+small-stem)
+    best_epoch: int
+    best_val_auc: float
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    cache_key: str = ""
+    cached: bool = False
+
+
+def device_auto() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 128, device: torch.device | None = None) -> np.ndarray:
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)
+        out.append(torch.softmax(model(xb), dim=1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
+    blob = json.dumps({"data": ds.fingerprint, "arch": arch, "settings": asdict(s), "code": _CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def train_backbone(
+    ds: Dataset,
+    settings: TrainSettings,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> tuple[Backbone, BackboneInfo]:
+    """Fine-tune on train, keep the epoch with the best validation AUC.
+    The test split is never read here. Cached on disk by everything that
+    determines the result; a second call with the same inputs loads it."""
+    from .metrics import evaluate  # local: metrics is a leaf, keeps import order simple
+
+    arch = resolve_backbone(settings.arch, ds.ndim)
+    if settings.epochs < 1:
+        raise TopoCAMError(f"epochs must be >= 1, got {settings.epochs}")
+    device = device or device_auto()
+    key = _cache_key(ds, settings, arch)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    ckpt = cache_dir / "backbones" / f"{key}.pt"
+    model, init = build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape))
+    if ckpt.is_file():
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(blob["state_dict"])
+        info = BackboneInfo(**blob["info"])
+        info.cached = True
+        return model.to(device).eval(), info
+
+    seed_everything(settings.seed)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    xtr = torch.from_numpy(ds.x["train"])
+    ytr = torch.from_numpy(ds.y["train"])
+    gen = torch.Generator().manual_seed(settings.seed)
+    best = (-1.0, 0, None)
+    history = []
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    n_batches = (len(xtr) + settings.batch_size - 1) // settings.batch_size
+    bar = tqdm(total=settings.epochs * n_batches, desc=f"train {arch}", unit="batch", disable=not progress, leave=False)
+    for epoch in range(settings.epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=gen)
+        total = 0.0
+        for i in range(0, len(xtr), settings.batch_size):
+            idx = perm[i : i + settings.batch_size]
+            if len(idx) < 2 and len(xtr) >= 2:  # BatchNorm cannot train on a batch of one
+                idx = perm[-2:]
+            xb, yb = xtr[idx].to(device), ytr[idx].to(device)
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(1)
+        val = evaluate(ds.y["val"], predict_proba(model, ds.x["val"], device=device), ds.task)
+        history.append({"epoch": epoch + 1, "train_loss": total / len(xtr), "val_auc": val["auc"], "val_acc": val["acc"]})
+        bar.set_postfix(val_auc=f"{val['auc']:.3f}")
+        if val["auc"] > best[0]:
+            best = (val["auc"], epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    bar.close()
+    model.load_state_dict(best[2])
+    info = BackboneInfo(
+        arch=arch, settings=asdict(settings), dataset=ds.fingerprint, init=init, best_epoch=best[1],
+        best_val_auc=float(best[0]), history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
+    )
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": asdict(info)}, tmp)
+    os.replace(tmp, ckpt)
+    return model.eval(), info

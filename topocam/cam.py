@@ -1,0 +1,171 @@
+"""Class activation maps for layer2, layer3 and layer4 in one pass (A_{w,tau}'s input).
+
+One base computation, three variants that differ only in how channel weights
+are computed (as in pytorch-grad-cam):
+
+* ``gradcam``:   w_k = mean of dS/dA_k over space;
+* ``gradcampp``: Grad-CAM++ (Chattopadhyay et al.) second/third-order weights;
+* ``scorecam``:  w = softmax over channels of the target score of X * up(A_k)
+  (each activation upsampled to the input and min-max normalised), in batches.
+
+The CAM target class is owned by :func:`cam_targets`: the backbone's
+*predicted* class for every split. The true label is only used by the
+explicitly named leakage-audit rule ``"label"``.
+
+Each map is ReLU'd and min-max normalised to [0, 1] per image at its native
+(low) resolution; upsampling happens only when maps are fused (roi.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import CAM_LAYERS, Backbone
+from .errors import TopoCAMError
+
+CAM_VARIANTS: tuple[str, ...] = ("gradcam", "gradcampp", "scorecam")
+TARGET_RULES: tuple[str, ...] = ("predicted", "label")  # "label" = leakage audit only
+
+
+def check_variant(variant: str) -> None:
+    if variant not in CAM_VARIANTS:
+        raise TopoCAMError(f"unknown CAM variant {variant!r}; choose one of {', '.join(CAM_VARIANTS)}")
+
+
+def cam_targets(logits: torch.Tensor, labels: torch.Tensor | None = None, rule: str = "predicted") -> torch.Tensor:
+    """THE CAM target rule: the predicted class. ``rule="label"`` exists only
+    for the leakage-audit ablation and must be asked for by name."""
+    if rule == "predicted":
+        return logits.argmax(dim=1)
+    if rule == "label":
+        if labels is None:
+            raise TopoCAMError("the label-targeted (leakage audit) CAM rule needs labels")
+        return labels
+    raise TopoCAMError(f"unknown CAM target rule {rule!r}; choose one of {', '.join(TARGET_RULES)}")
+
+
+def normalise_maps(cam: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max to [0, 1]; a constant map becomes all zeros."""
+    flat = cam.reshape(cam.shape[0], -1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
+    return out.reshape(cam.shape)
+
+
+def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.ndim))
+
+
+def _gradcam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return grads.mean(dim=_spatial_dims(grads))
+
+
+def _gradcampp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    dims = _spatial_dims(grads)
+    g2 = grads.pow(2)
+    g3 = g2 * grads
+    sum_acts = acts.sum(dim=dims, keepdim=True)
+    alpha = g2 / (2 * g2 + sum_acts * g3 + 1e-7)
+    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    return (alpha * grads.clamp_min(0)).sum(dim=dims)
+
+
+def _combine(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k w_k A_k), normalised to [0, 1]."""
+    shape = weights.shape + (1,) * (acts.ndim - 2)
+    return normalise_maps(F.relu((weights.reshape(shape) * acts).sum(dim=1)))
+
+
+@dataclass
+class CamBatch:
+    maps: dict[str, np.ndarray]  # layer -> (n, *layer_shape) float32 in [0, 1]
+    targets: np.ndarray  # (n,) class each map explains
+    probs: np.ndarray  # (n, n_classes) backbone softmax
+
+
+class _Activations:
+    """Forward hooks that keep the CAM layers' outputs of the last forward."""
+
+    def __init__(self, model: Backbone):
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [
+            layer.register_forward_hook(lambda mod, inp, out, name=name: self.out.__setitem__(name, out))
+            for name, layer in model.cam_layers().items()
+        ]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _score_cam_weights(
+    model: Backbone, x: torch.Tensor, acts: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    n, c = acts.shape[:2]
+    up = F.interpolate(acts, size=x.shape[2:], mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+    up = normalise_maps(up.reshape(n * c, *up.shape[2:]).unsqueeze(1)).reshape(n, c, *up.shape[2:])
+    scores = torch.empty(n, c, device=x.device)
+    for i in range(n):
+        for j in range(0, c, chunk):
+            masks = up[i, j : j + chunk].unsqueeze(1)  # (m, 1, *spatial)
+            logits = model(x[i : i + 1] * masks)
+            scores[i, j : j + chunk] = logits[:, targets[i]]
+    return torch.softmax(scores, dim=1)
+
+
+def compute_cams(
+    model: Backbone,
+    x: np.ndarray,
+    variant: str,
+    labels: np.ndarray | None = None,
+    rule: str = "predicted",
+    batch_size: int = 64,
+    score_chunk: int = 128,
+    progress: bool = False,
+    desc: str = "CAMs",
+) -> CamBatch:
+    """Maps of every CAM layer for every image, one forward/backward per batch."""
+    check_variant(variant)
+    device = next(model.parameters()).device
+    model.eval()
+    hooks = _Activations(model)
+    maps: dict[str, list[np.ndarray]] = {name: [] for name in CAM_LAYERS}
+    targets_all, probs_all = [], []
+    from tqdm.auto import tqdm
+
+    try:
+        for i in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)
+            lb = None if labels is None else torch.from_numpy(np.asarray(labels[i : i + batch_size])).to(device)
+            with torch.enable_grad():
+                logits = model(xb)
+                acts = {name: hooks.out[name] for name in CAM_LAYERS}
+                targets = cam_targets(logits.detach(), lb, rule)
+                if variant != "scorecam":
+                    score = logits.gather(1, targets[:, None]).sum()
+                    grads = torch.autograd.grad(score, [acts[n] for n in CAM_LAYERS])
+            with torch.no_grad():
+                for name, g in zip(CAM_LAYERS, grads if variant != "scorecam" else [None] * len(CAM_LAYERS)):
+                    a = acts[name].detach()
+                    if variant == "gradcam":
+                        w = _gradcam_weights(a, g)
+                    elif variant == "gradcampp":
+                        w = _gradcampp_weights(a, g)
+                    else:
+                        w = _score_cam_weights(model, xb, a, targets, score_chunk)
+                    maps[name].append(_combine(a, w).float().cpu().numpy())
+            targets_all.append(targets.cpu().numpy())
+            probs_all.append(torch.softmax(logits.detach(), dim=1).float().cpu().numpy())
+    finally:
+        hooks.close()
+    return CamBatch(
+        maps={k: np.concatenate(v) for k, v in maps.items()},
+        targets=np.concatenate(targets_all).astype(np.int64),
+        probs=np.concatenate(probs_all),
+    )

@@ -1,0 +1,99 @@
+"""g_psi: a small MLP on the Betti-curve features.
+
+Hidden sizes configurable (paper: 128, 64), ReLU, Adam, cross-entropy.
+Features are standardised with statistics of the training split only.
+Early stopping on the validation loss (patience), keeping the best epoch.
+The test split never enters fitting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import TopoCAMError
+
+
+@dataclass(frozen=True)
+class MLPSettings:
+    hidden: tuple[int, ...] = (128, 64)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 300
+    patience: int = 30
+    batch_size: int = 128
+
+    def __post_init__(self):
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise TopoCAMError(f"MLP hidden sizes must be positive integers, got {self.hidden}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise TopoCAMError(f"MLP lr must be > 0 and weight decay >= 0, got {self.lr}, {self.weight_decay}")
+
+
+def _mlp(n_in: int, hidden: tuple[int, ...], n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, int(h)), nn.ReLU()]
+        n_in = int(h)
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class TopoMLP:
+    """A fitted classifier: scaler statistics plus the network."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    net: nn.Sequential
+    best_epoch: int
+    history: list[float] = field(default_factory=list)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(((x - self.mean) / self.scale).astype(np.float32))
+        self.net.eval()
+        with torch.no_grad():
+            return torch.softmax(self.net(z), dim=1).numpy()
+
+
+def fit_mlp(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    n_classes: int, settings: MLPSettings, seed: int,
+) -> TopoMLP:
+    mean = x_train.mean(axis=0)
+    scale = x_train.std(axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    ztr = torch.from_numpy(((x_train - mean) / scale).astype(np.float32))
+    zva = torch.from_numpy(((x_val - mean) / scale).astype(np.float32))
+    ytr = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    yva = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = _mlp(ztr.shape[1], tuple(settings.hidden), n_classes)
+    opt = torch.optim.Adam(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    history: list[float] = []
+    for epoch in range(1, settings.max_epochs + 1):
+        net.train()
+        perm = torch.randperm(len(ztr), generator=gen)
+        for i in range(0, len(ztr), settings.batch_size):
+            idx = perm[i : i + settings.batch_size]
+            opt.zero_grad()
+            loss_fn(net(ztr[idx]), ytr[idx]).backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            vloss = float(loss_fn(net(zva), yva))
+        history.append(vloss)
+        if vloss < best_loss - 1e-6:
+            best_loss, best_epoch = vloss, epoch
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        elif epoch - best_epoch >= settings.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return TopoMLP(mean, scale, net, best_epoch, history)

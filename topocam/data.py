@@ -1,0 +1,335 @@
+"""Datasets: MedMNIST (via the ``medmnist`` package's INFO), a user's own npz
+in the MedMNIST layout, and seeded synthetic 2D/3D sets with known lesions.
+
+Every loader returns a validated :class:`Dataset` with official splits, images
+as float32 in (n, C, *spatial) and integer labels in (n,). Nothing is dropped:
+a problem with any image is an error, never a skipped sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TopoCAMError
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SYNTHETIC = ("synthetic2d", "synthetic3d")
+DATA_DIR_ENV = "TOPOCAM_DATA_DIR"
+OFFLINE_ENV = "TOPOCAM_OFFLINE"  # set to 1 to skip download attempts
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset with its three official splits."""
+
+    name: str
+    task: str  # "binary-class" or "multi-class" (MedMNIST's task names)
+    n_classes: int
+    x: dict[str, np.ndarray]  # split -> (n, C, *spatial) float32
+    y: dict[str, np.ndarray]  # split -> (n,) int64
+    fingerprint: str  # content hash: part of every cache key built on this data
+    source: str  # where it came from (file path or generator settings)
+    lesion_masks: dict[str, np.ndarray] | None = None  # synthetic only: (n, *spatial) bool
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensionality: 2 or 3."""
+        return self.x["train"].ndim - 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x["train"].shape[2:])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.x["train"].shape[1])
+
+    def gray(self, split: str) -> np.ndarray:
+        """(n, *spatial) single-channel images: what the topology sees."""
+        x = self.x[split]
+        return x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _to_float_images(arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            idx = int(np.argwhere(bad.reshape(len(out), -1).any(axis=1))[0][0])
+            raise TopoCAMError(f"{where}: image {idx} contains NaN or Inf; clean or remove it before running")
+        return out
+    raise TopoCAMError(f"{where}: images have dtype {arr.dtype}; expected uint8, uint16 or float")
+
+
+def _channels_first(arr: np.ndarray, where: str) -> np.ndarray:
+    """(n,H,W) -> (n,1,H,W); (n,H,W,3) -> (n,3,H,W); (n,D,H,W) -> (n,1,D,H,W)."""
+    if arr.ndim == 3:
+        return arr[:, None]
+    if arr.ndim == 4 and arr.shape[-1] == 3 and arr.shape[1] != 3:
+        return np.moveaxis(arr, -1, 1)
+    if arr.ndim == 4:
+        return arr[:, None]
+    raise TopoCAMError(
+        f"{where}: images have shape {arr.shape}; expected (n, H, W), (n, H, W, 3) or (n, D, H, W)"
+    )
+
+
+def validate_arrays(
+    arrays: dict[str, np.ndarray], where: str, n_classes: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Check an npz-like mapping in the MedMNIST layout; return x, y, n_classes."""
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
+    if missing:
+        raise TopoCAMError(
+            f"{where}: missing key(s) {', '.join(missing)}; an npz needs train/val/test _images and _labels"
+        )
+    xs: dict[str, np.ndarray] = {}
+    ys: dict[str, np.ndarray] = {}
+    for s in SPLITS:
+        imgs = np.asarray(arrays[f"{s}_images"])
+        labels = np.asarray(arrays[f"{s}_labels"])
+        if len(imgs) == 0:
+            raise TopoCAMError(f"{where}: split {s!r} is empty; every split needs at least one image")
+        if labels.ndim == 2 and labels.shape[1] != 1:
+            raise TopoCAMError(
+                f"{where}: {s}_labels has shape {labels.shape}; multi-label data is not supported (one label per image)"
+            )
+        labels = labels.reshape(-1)
+        if len(labels) != len(imgs):
+            raise TopoCAMError(f"{where}: {s} has {len(imgs)} images but {len(labels)} labels")
+        if not np.issubdtype(labels.dtype, np.integer):
+            if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+                labels = labels.astype(np.int64)
+            else:
+                raise TopoCAMError(f"{where}: {s}_labels must be integer class indices, got dtype {labels.dtype}")
+        if labels.min() < 0:
+            raise TopoCAMError(f"{where}: {s}_labels contains negative label {int(labels.min())}")
+        xs[s] = _channels_first(_to_float_images(imgs, f"{where} [{s}]"), f"{where} [{s}]")
+        ys[s] = labels.astype(np.int64)
+    shapes = {s: xs[s].shape[1:] for s in SPLITS}
+    if len(set(shapes.values())) != 1:
+        raise TopoCAMError(f"{where}: splits differ in image shape: {shapes}")
+    if min(xs["train"].shape[2:]) < 8:
+        raise TopoCAMError(f"{where}: images of shape {xs['train'].shape[2:]} are too small (need >= 8 per side)")
+    k = int(max(y.max() for y in ys.values())) + 1
+    if n_classes is None:
+        n_classes = k
+    elif k > n_classes:
+        raise TopoCAMError(f"{where}: label {k - 1} is out of range for {n_classes} classes")
+    if n_classes < 2:
+        raise TopoCAMError(f"{where}: need at least 2 classes, found labels {sorted(set(ys['train'].tolist()))}")
+    absent = sorted(set(range(n_classes)) - set(ys["train"].tolist()))
+    if absent:
+        raise TopoCAMError(f"{where}: class(es) {absent} never occur in the training split")
+    return xs, ys, n_classes
+
+
+def _hash_arrays(xs: dict[str, np.ndarray], ys: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for s in SPLITS:
+        h.update(np.ascontiguousarray(xs[s]).tobytes())
+        h.update(np.ascontiguousarray(ys[s]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ MedMNIST
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".medmnist")
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _medmnist_info(flag: str) -> dict:
+    from medmnist import INFO
+
+    return INFO[flag]
+
+
+def medmnist_names() -> list[str]:
+    from medmnist import INFO
+
+    return sorted(k for k, v in INFO.items() if not v["task"].startswith("multi-label"))
+
+
+def medmnist_file(flag: str, size: int) -> str:
+    return f"{flag}{'' if size == 28 else f'_{size}'}.npz"
+
+
+def _try_download(url: str, folder: Path, filename: str, md5: str) -> str | None:
+    """Download with the library medmnist itself uses; return an error text or None."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        return f"downloads disabled by {OFFLINE_ENV}"
+    from torchvision.datasets.utils import download_url
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        download_url(url, root=str(folder), filename=filename, md5=md5)
+        return None
+    except Exception as exc:  # network errors come in many types; all mean "not downloadable now"
+        partial = folder / filename
+        if partial.exists() and _md5(partial) != md5:
+            partial.unlink()
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def load_medmnist(flag: str, size: int = 28, data_dir: str | Path | None = None) -> Dataset:
+    flag = flag.lower()
+    names = medmnist_names()
+    if flag not in names:
+        raise TopoCAMError(
+            f"unknown dataset {flag!r}; choose a MedMNIST set ({', '.join(names)}), "
+            f"{' or '.join(SYNTHETIC)}, or a path to an .npz file"
+        )
+    if size not in MEDMNIST_SIZES:
+        raise TopoCAMError(f"size {size} is not a MedMNIST size; choose one of {MEDMNIST_SIZES}")
+    info = _medmnist_info(flag)
+    sfx = "" if size == 28 else f"_{size}"
+    url, md5 = info[f"url{sfx}"], info[f"MD5{sfx}"]
+    folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    fname = medmnist_file(flag, size)
+    path = folder / fname
+    if not path.exists():
+        why = _try_download(url, folder, fname, md5)
+        if why is not None or not path.exists():
+            raise TopoCAMError(
+                f"{fname} is not in {folder} and could not be downloaded ({why}). "
+                f"Download it from {url} (MD5 {md5}), put it in {folder}, "
+                f"or point --data-dir / {DATA_DIR_ENV} at the folder that holds it"
+            )
+    got = _md5(path)
+    if got != md5:
+        raise TopoCAMError(
+            f"{path}: MD5 {got} does not match medmnist's published {md5}; the file is corrupt or "
+            f"not the official one, delete it and download it again from {url}"
+        )
+    arrays = _read_npz(path)
+    xs, ys, k = validate_arrays(arrays, str(path), n_classes=len(info["label"]))
+    task = "binary-class" if info["task"] == "binary-class" else "multi-class"
+    names_ = [info["label"][str(i)] for i in range(k)]
+    return Dataset(flag, task, k, xs, ys, fingerprint=f"{flag}{sfx}-{md5[:12]}", source=str(path), class_names=names_)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # zipfile/pickle/ValueError: all mean "not a readable npz"
+        raise TopoCAMError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from None
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """A user's own data in the MedMNIST npz layout (no MD5 check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TopoCAMError(f"dataset file {path} does not exist")
+    xs, ys, k = validate_arrays(_read_npz(path), str(path))
+    task = "binary-class" if k == 2 else "multi-class"
+    return Dataset(path.stem, task, k, xs, ys, fingerprint=f"{path.stem}-{_hash_arrays(xs, ys)}", source=str(path))
+
+
+# ----------------------------------------------------------------- synthetic
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.standard_normal(shape), sigma)
+    return (f - f.min()) / (np.ptp(f) + 1e-12)
+
+
+def _ball(shape: tuple[int, ...], center: np.ndarray, radius: float) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    d2 = sum((g - c) ** 2 for g, c in zip(grids, center))
+    return d2 <= radius**2
+
+
+def synthetic_image(
+    rng: np.random.Generator, ndim: int, size: int, label: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its lesion mask. The lesion is bright; label 1 has a dark
+    hole (2D) / cavity (3D) inside it, label 0 is solid. Clutter blobs are
+    solid, dimmer and carry no class signal."""
+    shape = (size,) * ndim
+    img = 0.15 * _smooth_noise(rng, shape, sigma=size / 8)
+    radius = rng.uniform(0.17, 0.24) * size
+    margin = radius + 1
+    center = rng.uniform(margin, size - 1 - margin, size=ndim)
+    for _ in range(int(rng.integers(2, 5))):  # clutter
+        c = rng.uniform(0, size - 1, size=ndim)
+        r = rng.uniform(0.06, 0.12) * size
+        img[_ball(shape, c, r)] = rng.uniform(0.35, 0.6)
+    lesion = _ball(shape, center, radius)
+    img[lesion] = rng.uniform(0.8, 1.0)
+    if label == 1:
+        img[_ball(shape, center, radius * 0.45)] = rng.uniform(0.05, 0.2)
+    img += rng.normal(0.0, 0.03, size=shape)
+    return np.clip(img, 0.0, 1.0).astype(np.float32), lesion
+
+
+def make_synthetic(
+    ndim: int, size: int = 28, n: tuple[int, int, int] = (120, 40, 40), seed: int = 0
+) -> Dataset:
+    """Balanced, seeded synthetic dataset with ground-truth lesion masks."""
+    if ndim not in (2, 3):
+        raise TopoCAMError(f"synthetic data is 2D or 3D, not {ndim}D")
+    if size < 12:
+        raise TopoCAMError(f"synthetic images need size >= 12, got {size}")
+    if min(n) < 2:
+        raise TopoCAMError(f"each synthetic split needs at least 2 images, got {n}")
+    rng = np.random.default_rng(seed)
+    xs, ys, ms = {}, {}, {}
+    for split, count in zip(SPLITS, n):
+        labels = np.arange(count) % 2
+        rng.shuffle(labels)
+        pairs = [synthetic_image(rng, ndim, size, int(lab)) for lab in labels]
+        xs[split] = np.stack([p[0] for p in pairs])[:, None]
+        ms[split] = np.stack([p[1] for p in pairs])
+        ys[split] = labels.astype(np.int64)
+    name = f"synthetic{ndim}d"
+    src = f"{name}(size={size}, n={n}, seed={seed})"
+    fp = f"{name}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+    return Dataset(name, "binary-class", 2, xs, ys, fingerprint=fp, source=src, lesion_masks=ms,
+                   class_names=["solid lesion", "lesion with hole/cavity"])
+
+
+def load_dataset(
+    name: str,
+    size: int = 28,
+    data_dir: str | Path | None = None,
+    synthetic_n: tuple[int, int, int] = (120, 40, 40),
+    seed: int = 0,
+) -> Dataset:
+    """Resolve a dataset by name: synthetic2d/3d, a MedMNIST flag, or an .npz path."""
+    key = name.lower()
+    if key in SYNTHETIC:
+        return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed)
+    if key.endswith(".npz") or os.sep in name:
+        return load_npz(name)
+    return load_medmnist(key, size=size, data_dir=data_dir)

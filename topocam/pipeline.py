@@ -1,0 +1,287 @@
+"""TopoCAMConfig -> features -> fitted model -> metrics.
+
+Two levels, following where the time goes (DESIGN.md section 3):
+
+* :func:`prepare` builds a :class:`Context` once per (data, backbone, seed):
+  the dataset, the fine-tuned backbone (cached), its predictions and the CAM
+  cache. Nothing in it depends on w, tau, the outside mode, bins or the MLP.
+* :func:`evaluate` runs one configuration on a context: fuse, threshold, Betti
+  curves, MLP. It returns validation metrics, and test metrics only when the
+  caller asks for them (reported configurations: never used for a choice).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
+from .cache import CamStore, cam_cache_key
+from .cam import CAM_VARIANTS, TARGET_RULES, CamBatch, check_variant, compute_cams
+from .classifier import MLPSettings, TopoMLP, fit_mlp
+from .data import SPLITS, Dataset, load_dataset
+from .errors import TopoCAMError
+from .metrics import evaluate as score
+from .roi import check_tau, dice, fuse, fusion_weights, pointing_game, random_masks_like, roi_masks
+from .topology import BettiGrid, check_backend, check_outside, betti_features, segment
+
+
+@dataclass(frozen=True)
+class TopoCAMConfig:
+    # data
+    dataset: str = "breastmnist"
+    data_dir: str | None = None
+    size: int = 28
+    synthetic_n: tuple[int, int, int] = (120, 40, 40)
+    # backbone (f_theta)
+    backbone: str = "auto"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    # CAMs and ROI (A_{w,tau})
+    cam: str = "gradcam"
+    weights: tuple[float, float, float] = (0.2, 0.3, 0.5)
+    tau: float = 0.6
+    cam_target: str = "predicted"  # "label" only as the named leakage-audit ablation
+    # topology (phi)
+    outside: str = "zero"
+    bins: int = 50
+    betti_backend: str = "fast"
+    # classifier (g_psi)
+    mlp: tuple[int, ...] = (128, 64)
+    mlp_lr: float = 1e-3
+    mlp_weight_decay: float = 0.0
+    # execution
+    n_jobs: int = -1
+    cache_dir: str | None = None
+
+    def validated(self) -> "TopoCAMConfig":
+        """Check every option early (before any training) with a clear message."""
+        check_variant(self.cam)
+        check_tau(self.tau)
+        fusion_weights(self.weights)
+        check_outside(self.outside)
+        check_backend(self.betti_backend)
+        if self.cam_target not in TARGET_RULES:
+            raise TopoCAMError(f"unknown CAM target rule {self.cam_target!r}; choose one of {', '.join(TARGET_RULES)}")
+        if self.bins < 2:
+            raise TopoCAMError(f"bins must be >= 2, got {self.bins}")
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise TopoCAMError("epochs must be >= 1, batch size >= 2 and lr > 0")
+        MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
+        return self
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+    def mlp_settings(self) -> MLPSettings:
+        return MLPSettings(hidden=tuple(int(h) for h in self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _n_jobs(n: int) -> int:
+    return os.cpu_count() or 1 if n in (-1, 0) else n
+
+
+@dataclass
+class Context:
+    """Everything a trial reuses: built once per (data, backbone, seed)."""
+
+    config: TopoCAMConfig
+    data: Dataset
+    model: object
+    backbone: BackboneInfo
+    cnn_probs: dict[str, np.ndarray]
+    store: CamStore
+    progress: bool = True
+    timings_s: dict[str, float] = field(default_factory=dict)
+    _gray: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def gray(self, split: str) -> np.ndarray:
+        if split not in self._gray:
+            self._gray[split] = self.data.gray(split)
+        return self._gray[split]
+
+    def cams(self, variant: str, split: str) -> CamBatch:
+        """Per-layer maps of one split, computed for all splits on first use."""
+        check_variant(variant)
+        if not self.store.has(variant):
+            t0 = time.perf_counter()
+            batches = {
+                s: compute_cams(
+                    self.model, self.data.x[s], variant, labels=self.data.y[s], rule=self.config.cam_target,
+                    progress=self.progress, desc=f"{variant} {s}",
+                )
+                for s in SPLITS
+            }
+            self.store.save(variant, batches)
+            self.timings_s[f"cams_{variant}"] = time.perf_counter() - t0
+        return self.store.load(variant, split)
+
+
+def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) -> Context:
+    """Load data, fine-tune (or load) the backbone, predict every split."""
+    config = config.validated()
+    t0 = time.perf_counter()
+    ds = data if data is not None else load_dataset(
+        config.dataset, size=config.size, data_dir=config.data_dir, synthetic_n=config.synthetic_n, seed=config.seed
+    )
+    resolve_backbone(config.backbone, ds.ndim)
+    t_data = time.perf_counter() - t0
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    t0 = time.perf_counter()
+    model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress, device=device_auto())
+    probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
+    t_backbone = time.perf_counter() - t0
+    store = CamStore(cache_dir, cam_cache_key(info.cache_key, ds.fingerprint, config.cam_target))
+    return Context(config, ds, model, info, probs, store, progress, {"data": t_data, "backbone": t_backbone})
+
+
+# ------------------------------------------------------------------ features
+
+
+@dataclass
+class Features:
+    x: dict[str, np.ndarray]  # split -> (n, d * bins + 1)
+    grid: BettiGrid
+    roi_fraction: dict[str, float]  # mean ROI size as a fraction of the image
+    empty_rois: dict[str, int]  # images whose ROI is empty (kept, with zero features)
+
+
+def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fused map and ROI mask of every image in a split."""
+    maps = ctx.cams(cfg.cam, split).maps
+    fused = fuse(maps, fusion_weights(cfg.weights), ctx.data.shape)
+    return fused, roi_masks(fused, cfg.tau)
+
+
+def features_from_masks(ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray]) -> Features:
+    """phi for every split; the Betti grid is fitted on the training split only."""
+    grid = BettiGrid.fit(segment(ctx.gray("train"), masks["train"], cfg.outside), cfg.bins)
+    x = {
+        s: betti_features(ctx.gray(s), masks[s], grid, cfg.outside, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs))
+        for s in SPLITS
+    }
+    frac = {s: float(masks[s].mean()) for s in SPLITS}
+    empty = {s: int((masks[s].reshape(len(masks[s]), -1).sum(axis=1) == 0).sum()) for s in SPLITS}
+    return Features(x, grid, frac, empty)
+
+
+def topocam_features(ctx: Context, cfg: TopoCAMConfig) -> Features:
+    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in SPLITS})
+
+
+def original_features(ctx: Context, cfg: TopoCAMConfig) -> Features:
+    """Topo-Original: the same phi on the whole image (an all-ones mask)."""
+    return features_from_masks(ctx, cfg, {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in SPLITS})
+
+
+# ---------------------------------------------------------------- classifier
+
+
+@dataclass
+class FitResult:
+    val: dict[str, float]
+    test: dict[str, float] | None
+    model: TopoMLP
+
+
+def fit_and_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, report_test: bool) -> FitResult:
+    """Fit g_psi on train (early stopping on val). Test metrics only if asked."""
+    y = ctx.data.y
+    mlp = fit_mlp(feats.x["train"], y["train"], feats.x["val"], y["val"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
+    val = score(y["val"], mlp.predict_proba(feats.x["val"]), ctx.data.task)
+    test = score(y["test"], mlp.predict_proba(feats.x["test"]), ctx.data.task) if report_test else None
+    return FitResult(val, test, mlp)
+
+
+@dataclass
+class TrialOutcome:
+    """One configuration evaluated on a context (what a study trial records)."""
+
+    val: dict[str, float]
+    test: dict[str, float] | None
+    features: Features
+    model: TopoMLP
+    timings_s: dict[str, float]
+
+
+def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> TrialOutcome:
+    cfg = cfg.validated()
+    t0 = time.perf_counter()
+    ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
+    t1 = time.perf_counter()
+    feats = topocam_features(ctx, cfg)
+    t2 = time.perf_counter()
+    fit = fit_and_score(ctx, cfg, feats, report_test)
+    t3 = time.perf_counter()
+    return TrialOutcome(fit.val, fit.test, feats, fit.model, {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2})
+
+
+# --------------------------------------------------------------------- a run
+
+
+def roi_quality(ctx: Context, cfg: TopoCAMConfig, split: str = "test", seed: int = 0) -> dict[str, float] | None:
+    """Dice and pointing game of the ROI against ground-truth lesions
+    (synthetic data only), next to a random mask of the same size."""
+    if ctx.data.lesion_masks is None:
+        return None
+    fused, masks = roi_for(ctx, cfg, split)
+    truth = ctx.data.lesion_masks[split]
+    rand = random_masks_like(masks, np.random.default_rng(seed))
+    return {
+        "dice": float(dice(masks, truth).mean()),
+        "dice_random_same_size": float(dice(rand, truth).mean()),
+        "pointing_game": float(pointing_game(fused, truth).mean()),
+        "pointing_game_random": float(truth.reshape(len(truth), -1).mean()),
+        "roi_fraction": float(masks.mean()),
+    }
+
+
+def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) -> dict:
+    """The full ``topocam run``: TopoCAM plus the CNN and Topo-Original
+    baselines, validation and test metrics, stage timings."""
+    ctx = prepare(cfg, progress=progress, data=data)
+    cfg = ctx.config
+    out = evaluate(ctx, cfg, report_test=True)
+    t0 = time.perf_counter()
+    orig = original_features(ctx, cfg)
+    orig_fit = fit_and_score(ctx, cfg, orig, report_test=True)
+    t_orig = time.perf_counter() - t0
+    task = ctx.data.task
+    cnn = {s: score(ctx.data.y[s], ctx.cnn_probs[s], task) for s in ("val", "test")}
+    return {
+        "config": cfg.as_dict(),
+        "dataset": {
+            "name": ctx.data.name, "source": ctx.data.source, "task": task, "n_classes": ctx.data.n_classes,
+            "shape": list(ctx.data.shape), "n": {s: int(len(ctx.data.y[s])) for s in SPLITS},
+        },
+        "val": out.val,
+        "test": out.test,
+        "baselines": {"cnn": cnn, "topo_original": {"val": orig_fit.val, "test": orig_fit.test}},
+        "backbone": {
+            "arch": ctx.backbone.arch, "init": ctx.backbone.init, "best_epoch": ctx.backbone.best_epoch,
+            "best_val_auc": ctx.backbone.best_val_auc, "cached": ctx.backbone.cached, "cache_key": ctx.backbone.cache_key,
+        },
+        "roi": {
+            "fraction": out.features.roi_fraction, "empty": out.features.empty_rois,
+            "quality": roi_quality(ctx, cfg),
+        },
+        "betti_grid": [float(t) for t in out.features.grid.thresholds],
+        "n_features": int(out.features.x["train"].shape[1]),
+        "timings_s": {
+            "data": ctx.timings_s["data"],
+            "backbone": ctx.timings_s["backbone"],
+            "cams": out.timings_s["cams"],
+            "features": out.timings_s["features"],
+            "classifier": out.timings_s["classifier"],
+            "topo_original": t_orig,
+        },
+    }
