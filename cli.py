@@ -63,20 +63,15 @@ def _fmt(v: float | None) -> str:
 
 
 def metrics_table(result: dict) -> Table:
-    t = Table(title=f"{result['dataset']['name']} — validation and test metrics", title_justify="left")
-    t.add_column("method")
-    for split in ("val", "test"):
-        for m in ("auc", "acc"):
-            t.add_column(f"{split} {m.upper()}", justify="right")
-    t.add_column("test sens", justify="right")
-    t.add_column("test spec", justify="right")
-    t.add_column("test F1", justify="right")
+    t = Table(title=f"{result['dataset']['name']}: validation and test metrics", title_justify="left")
+    t.add_column("method", no_wrap=True)
+    cols = [("val", "auc"), ("val", "acc"), ("test", "auc"), ("test", "acc"), ("test", "sensitivity"), ("test", "specificity"), ("test", "f1")]
+    short = {"auc": "AUC", "acc": "ACC", "sensitivity": "sens", "specificity": "spec", "f1": "F1"}
+    for split, m in cols:
+        t.add_column(f"{split}\n{short[m]}", justify="right", no_wrap=True)
     rows = [("TopoCAM", result), ("CNN", result["baselines"]["cnn"]), ("Topo-Original", result["baselines"]["topo_original"])]
     for name, r in rows:
-        t.add_row(
-            name, _fmt(r["val"]["auc"]), _fmt(r["val"]["acc"]), _fmt(r["test"]["auc"]), _fmt(r["test"]["acc"]),
-            _fmt(r["test"]["sensitivity"]), _fmt(r["test"]["specificity"]), _fmt(r["test"]["f1"]),
-        )
+        t.add_row(name, *[_fmt(r[split][m]) for split, m in cols])
     return t
 
 

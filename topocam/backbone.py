@@ -39,7 +39,7 @@ CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
 CACHE_ENV = "TOPOCAM_CACHE_DIR"
-_CODE_VERSION = "1"  # bump when training code changes what a cached checkpoint means
+_CODE_VERSION = "2"  # bump when training code changes what a cached checkpoint means
 
 
 def default_cache_dir() -> Path:
@@ -212,6 +212,7 @@ def train_backbone(
     key = _cache_key(ds, settings, arch)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
+    seed_everything(settings.seed)  # before building: the initial weights come from the seed too
     model, init = build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape))
     if ckpt.is_file():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -220,7 +221,6 @@ def train_backbone(
         info.cached = True
         return model.to(device).eval(), info
 
-    seed_everything(settings.seed)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     loss_fn = nn.CrossEntropyLoss()

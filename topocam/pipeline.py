@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backbone import BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
-from .cam import CAM_VARIANTS, TARGET_RULES, CamBatch, check_variant, compute_cams
+from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .classifier import MLPSettings, TopoMLP, fit_mlp
 from .data import SPLITS, Dataset, load_dataset
 from .errors import TopoCAMError
@@ -162,25 +162,36 @@ def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, n
     return fused, roi_masks(fused, cfg.tau)
 
 
-def features_from_masks(ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray]) -> Features:
-    """phi for every split; the Betti grid is fitted on the training split only."""
+def features_from_masks(
+    ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray], splits: tuple[str, ...] = SPLITS
+) -> Features:
+    """phi for the given splits; the Betti grid is fitted on the training split only."""
+    if "train" not in splits:
+        raise ValueError("features need the training split: it is what the Betti grid is fitted on")
     grid = BettiGrid.fit(segment(ctx.gray("train"), masks["train"], cfg.outside), cfg.bins)
     x = {
         s: betti_features(ctx.gray(s), masks[s], grid, cfg.outside, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs))
-        for s in SPLITS
+        for s in splits
     }
-    frac = {s: float(masks[s].mean()) for s in SPLITS}
-    empty = {s: int((masks[s].reshape(len(masks[s]), -1).sum(axis=1) == 0).sum()) for s in SPLITS}
+    frac = {s: float(masks[s].mean()) for s in splits}
+    empty = {s: int((masks[s].reshape(len(masks[s]), -1).sum(axis=1) == 0).sum()) for s in splits}
     return Features(x, grid, frac, empty)
 
 
-def topocam_features(ctx: Context, cfg: TopoCAMConfig) -> Features:
-    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in SPLITS})
+def _splits(report_test: bool) -> tuple[str, ...]:
+    """A study trial needs train and val only; test is touched only for reported configurations."""
+    return SPLITS if report_test else ("train", "val")
 
 
-def original_features(ctx: Context, cfg: TopoCAMConfig) -> Features:
+def topocam_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> Features:
+    splits = _splits(report_test)
+    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in splits}, splits)
+
+
+def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> Features:
     """Topo-Original: the same phi on the whole image (an all-ones mask)."""
-    return features_from_masks(ctx, cfg, {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in SPLITS})
+    splits = _splits(report_test)
+    return features_from_masks(ctx, cfg, {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in splits}, splits)
 
 
 # ---------------------------------------------------------------- classifier
@@ -218,7 +229,7 @@ def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> Tri
     t0 = time.perf_counter()
     ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
     t1 = time.perf_counter()
-    feats = topocam_features(ctx, cfg)
+    feats = topocam_features(ctx, cfg, report_test)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     t3 = time.perf_counter()
@@ -252,7 +263,7 @@ def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) 
     cfg = ctx.config
     out = evaluate(ctx, cfg, report_test=True)
     t0 = time.perf_counter()
-    orig = original_features(ctx, cfg)
+    orig = original_features(ctx, cfg, report_test=True)
     orig_fit = fit_and_score(ctx, cfg, orig, report_test=True)
     t_orig = time.perf_counter() - t0
     task = ctx.data.task

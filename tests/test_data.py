@@ -1,0 +1,109 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from topocam.data import SPLITS, load_dataset, load_medmnist, load_npz, make_synthetic, validate_arrays
+from topocam.errors import TopoCAMError
+
+from .conftest import medmnist_file
+
+
+def _arrays(n=6, shape=(12, 12), dtype=np.uint8):
+    rng = np.random.default_rng(0)
+    out = {}
+    for s in SPLITS:
+        out[f"{s}_images"] = rng.integers(0, 255, size=(n, *shape)).astype(dtype)
+        out[f"{s}_labels"] = (np.arange(n) % 2).reshape(-1, 1)
+    return out
+
+
+def test_own_npz_roundtrip(tmp_path):
+    p = tmp_path / "mine.npz"
+    np.savez(p, **_arrays())
+    ds = load_npz(p)
+    assert ds.ndim == 2 and ds.n_classes == 2 and ds.task == "binary-class"
+    assert ds.x["train"].shape == (6, 1, 12, 12) and ds.x["train"].dtype == np.float32
+    assert 0.0 <= ds.x["train"].min() and ds.x["train"].max() <= 1.0
+    assert load_dataset(str(p)).fingerprint == ds.fingerprint
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("val_labels"), "missing key"),
+        (lambda a: a.__setitem__("train_images", a["train_images"].astype(np.float32) * np.nan), "NaN or Inf"),
+        (lambda a: a.__setitem__("test_images", a["test_images"][:0]), "empty"),
+        (lambda a: a.__setitem__("val_labels", a["val_labels"][:3]), "labels"),
+        (lambda a: a.__setitem__("val_images", np.zeros((6, 10, 10), np.uint8)), "differ in image shape"),
+        (lambda a: a.__setitem__("train_labels", -a["train_labels"]), "negative"),
+        (lambda a: [a.__setitem__(f"{s}_labels", np.zeros((6, 1), int)) for s in SPLITS], "at least 2 classes"),
+        (lambda a: a.__setitem__("train_labels", np.zeros((6, 1), int)), "never occur in the training split"),
+        (lambda a: a.__setitem__("train_images", a["train_images"].astype(np.int32)), "dtype"),
+        (lambda a: a.__setitem__("train_labels", np.zeros((6, 3), int)), "multi-label"),
+    ],
+)
+def test_bad_arrays_are_clear_errors(mutate, message):
+    a = _arrays()
+    mutate(a)
+    with pytest.raises(TopoCAMError, match=message):
+        validate_arrays(a, "x.npz")
+
+
+def test_corrupt_npz(tmp_path):
+    p = tmp_path / "broken.npz"
+    p.write_bytes(b"not a zip file")
+    with pytest.raises(TopoCAMError, match="cannot read as .npz"):
+        load_npz(p)
+
+
+def test_missing_medmnist_file_names_file_folder_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPOCAM_OFFLINE", "1")
+    with pytest.raises(TopoCAMError) as e:
+        load_medmnist("pneumoniamnist", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "pneumoniamnist.npz" in msg and str(tmp_path) in msg and "--data-dir" in msg and "MD5" in msg
+
+
+def test_md5_mismatch_is_rejected(tmp_path):
+    np.savez(tmp_path / "breastmnist.npz", **_arrays())
+    with pytest.raises(TopoCAMError, match="does not match medmnist's published"):
+        load_medmnist("breastmnist", data_dir=tmp_path)
+
+
+def test_unknown_names():
+    with pytest.raises(TopoCAMError, match="unknown dataset"):
+        load_dataset("cifar10")
+    with pytest.raises(TopoCAMError, match="not a MedMNIST size"):
+        load_medmnist("breastmnist", size=32)
+    with pytest.raises(TopoCAMError, match="unknown dataset"):
+        load_dataset("chestmnist")  # multi-label: not a classification set we support
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_synthetic_is_seeded_balanced_and_has_lesions(ndim):
+    a = make_synthetic(ndim, size=16, n=(10, 4, 4), seed=3)
+    b = make_synthetic(ndim, size=16, n=(10, 4, 4), seed=3)
+    c = make_synthetic(ndim, size=16, n=(10, 4, 4), seed=4)
+    assert np.array_equal(a.x["train"], b.x["train"]) and not np.array_equal(a.x["train"], c.x["train"])
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.ndim == ndim and a.x["train"].shape == (10, 1) + (16,) * ndim
+    assert np.bincount(a.y["train"]).tolist() == [5, 5]
+    # the lesion is the brightest structure: its mean intensity beats the rest of the image
+    for img, m in zip(a.gray("train"), a.lesion_masks["train"]):
+        assert m.any() and img[m].mean() > img[~m].mean() + 0.2
+
+
+def test_synthetic_class_difference_is_a_hole():
+    ds = make_synthetic(2, size=24, n=(20, 2, 2), seed=0)
+    for img, m, y in zip(ds.gray("train"), ds.lesion_masks["train"], ds.y["train"]):
+        dark_inside = (img[m] < 0.4).mean()
+        assert (dark_inside > 0.05) == bool(y)
+
+
+def test_breastmnist_official_file_loads_with_md5():
+    path = medmnist_file("breastmnist.npz")
+    ds = load_medmnist("breastmnist", data_dir=path.parent)
+    assert {s: len(ds.y[s]) for s in SPLITS} == {"train": 546, "val": 78, "test": 156}
+    assert ds.ndim == 2 and ds.task == "binary-class"
+    assert hashlib.md5(path.read_bytes()).hexdigest() == "750601b1f35ba3300ea97c75c52ff8f6"
