@@ -1,0 +1,320 @@
+"""Betti-curve backends side by side: ``fast`` (topocam.betti_fast) vs the
+giotto-tda reference, per volume, single-threaded, on the same inputs.
+
+    python benchmarks/betti.py [--quick] [--json out.json]
+
+Inputs: synthetic volumes shaped like CAM-masked MedMNIST volumes (a smooth
+random field in [0, 1], a ~40% ROI mask from a smoothed noise field, the
+outside zeroed: the paper's ``outside="zero"``; the ``exclude`` mode is
+measured too) at 28^3 and 64^3, plus real AdrenalMNIST3D volumes (28^3) when
+``../shared/data/medmnist/adrenalmnist3d.npz`` exists. Thresholds: a 50-bin
+``BettiGrid`` fitted on the volumes of the case.
+
+Reported per case: median ms per volume of each backend, the speed-up, whether
+the outputs are identical, and the floor (np.load of the volume from disk +
+np.sort of its values), for context. The JSON summary (written atomically)
+keys the headline numbers on the zero-outside synthetic cases.
+
+Sections: ``SECTIONS`` maps a name to a function ``(args) -> dict``; each
+section's dict is merged into the JSON summary and printed as its own table.
+Append a section (e.g. a full trial) by adding a function and an entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from topocam.topology import BettiGrid, betti_curves, segment  # noqa: E402
+
+ADRENAL = ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
+N_BINS = 50
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def time_per_item(fn: Callable[[int], object], n_items: int, repeat: int = 1) -> list[float]:
+    """Wall-clock seconds of fn(i) for each item (the best of ``repeat`` runs each)."""
+    times = []
+    for i in range(n_items):
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(i)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return times
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(header))]
+    print(f"\n{title}")
+    for n, r in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def synthetic_volumes(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n smooth random fields in [0, 1] of shape size^3 and ~40% ROI masks."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, size, size, size))
+    masks = np.empty((n, size, size, size), dtype=bool)
+    for i in range(n):
+        f = ndimage.gaussian_filter(rng.standard_normal((size,) * 3), sigma=size / 14)
+        images[i] = (f - f.min()) / (f.max() - f.min())
+        m = ndimage.gaussian_filter(rng.standard_normal((size,) * 3), sigma=size / 9)
+        masks[i] = m > np.quantile(m, 0.6)
+    return images, masks
+
+
+def adrenal_volumes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first n AdrenalMNIST3D training volumes in [0, 1] and random-ish ROI
+    masks (a smoothed copy above its 60% quantile), or None without the file."""
+    if not ADRENAL.exists():
+        return None
+    from scipy import ndimage
+
+    with np.load(ADRENAL) as data:
+        images = data["train_images"][:n].astype(np.float64) / 255.0
+    rng = np.random.default_rng(seed)
+    masks = np.empty(images.shape, dtype=bool)
+    for i in range(len(images)):
+        m = ndimage.gaussian_filter(images[i] + 0.5 * rng.random(images[i].shape), sigma=2)
+        masks[i] = m > np.quantile(m, 0.6)
+    return images, masks
+
+
+# ----------------------------------------------------------------------------- section: Betti backends
+
+
+def cold_compile_s() -> float | None:
+    """Seconds of the fast backend's first call in a fresh process with an
+    empty numba cache (the one-off compile cost; later processes load the
+    cache), or None if the subprocess fails."""
+    import subprocess
+
+    code = (
+        "import time, numpy as np\n"
+        "from topocam.betti_fast import betti_curves_fast\n"
+        "t0 = time.perf_counter()\n"
+        "betti_curves_fast(np.zeros((1, 3, 3, 3)), np.linspace(0, 1, 3))\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=str(ROOT))
+        try:
+            res = subprocess.run(
+                [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+            )
+            return float(res.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            return None
+
+
+def measure(filtrations: np.ndarray, thresholds: np.ndarray, n_giotto: int, floor_dir: Path | None = None) -> dict:
+    """Median ms per volume of the fast and giotto backends (n_jobs=1, one
+    volume per call) on the same inputs; giotto on the first n_giotto
+    volumes, fast on all. Identical: the outputs on the giotto volumes agree
+    exactly. Floor: np.load of the volume's .npy + np.sort of its values."""
+    n = len(filtrations)
+    n_giotto = min(n_giotto, n)
+    fast_out = np.empty((n, filtrations.ndim - 1, thresholds.size), dtype=np.int64)
+
+    def fast(i: int) -> None:
+        fast_out[i] = betti_curves(filtrations[i : i + 1], thresholds, backend="fast", n_jobs=1)[0]
+
+    giotto_out = []
+
+    def giotto(i: int) -> None:
+        giotto_out.append(betti_curves(filtrations[i : i + 1], thresholds, backend="giotto", n_jobs=1)[0])
+
+    fast(0)  # warm (compiled / cache loaded already by the caller; page in)
+    fast_times = time_per_item(fast, n, repeat=3)
+    giotto_times = time_per_item(giotto, n_giotto)
+    identical = bool(np.array_equal(np.stack(giotto_out), fast_out[:n_giotto]))
+    # batch call with the default n_jobs=1, for the per-volume cost without per-call overhead
+    t0 = time.perf_counter()
+    batch = betti_curves(filtrations, thresholds, backend="fast", n_jobs=1)
+    batch_ms = 1e3 * (time.perf_counter() - t0) / n
+    identical = identical and bool(np.array_equal(batch, fast_out))
+
+    floor_times = []
+    if floor_dir is not None:
+        paths = []
+        for i in range(n):
+            p = floor_dir / f"vol{i}.npy"
+            np.save(p, filtrations[i])
+            paths.append(p)
+
+        def floor(i: int) -> None:
+            np.sort(np.load(paths[i]).ravel())
+
+        floor_times = time_per_item(floor, n, repeat=3)
+    fast_ms, giotto_ms = median_ms(fast_times), median_ms(giotto_times)
+    return {
+        "n_fast": n,
+        "n_giotto": n_giotto,
+        "fast_ms": fast_ms,
+        "fast_batch_ms": batch_ms,
+        "giotto_ms": giotto_ms,
+        "speedup": giotto_ms / fast_ms,
+        "identical": identical,
+        "floor_ms": median_ms(floor_times) if floor_times else None,
+    }
+
+
+def betti_section(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    plan = [  # (name, size, n volumes for fast, n for giotto)
+        ("synthetic", 28, 10 if quick else 40, 5 if quick else 20),
+        ("synthetic", 64, 4 if quick else 12, 2 if quick else 5),
+    ]
+    t0 = time.perf_counter()
+    from topocam.betti_fast import betti_curves_fast
+
+    betti_curves_fast(np.zeros((1, 3, 3, 3)), np.linspace(0, 1, 3))
+    betti_curves_fast(np.zeros((1, 3, 3)), np.linspace(0, 1, 3))
+    first_call_s = time.perf_counter() - t0  # numba compile, or load from its cache
+    compile_s = None if quick else cold_compile_s()
+
+    cases = []
+    inputs = []
+    for name, size, n_fast, n_giotto in plan:
+        images, masks = synthetic_volumes(n_fast, size, seed=size)
+        inputs.append((name, size, images, masks, n_giotto))
+    real = adrenal_volumes(10 if quick else 40)
+    if real is not None:
+        inputs.append(("adrenalmnist3d", 28, real[0], real[1], 5 if quick else 20))
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size, images, masks, n_giotto in inputs:
+            for outside in ("zero", "exclude"):
+                filtrations = segment(images, masks, outside)
+                grid = BettiGrid.fit(filtrations, N_BINS)
+                res = measure(filtrations, grid.thresholds, n_giotto, floor_dir=Path(tmp))
+                res.update(data=name, size=size, outside=outside)
+                cases.append(res)
+                rows.append(
+                    [
+                        name,
+                        f"{size}^3",
+                        outside,
+                        f"{res['n_fast']}/{res['n_giotto']}",
+                        res["fast_ms"],
+                        res["fast_batch_ms"],
+                        res["giotto_ms"],
+                        f"{res['speedup']:.0f}x",
+                        res["floor_ms"],
+                        "yes" if res["identical"] else "NO",
+                    ]
+                )
+    print_table(
+        f"Betti curves, {N_BINS} thresholds, one thread, median ms per volume"
+        f" (fast first call: {first_call_s:.2f} s"
+        + (f", cold numba compile: {compile_s:.1f} s)" if compile_s is not None else ")"),
+        ["data", "size", "outside", "n fast/giotto", "fast", "fast batch", "giotto", "speed-up", "floor", "identical"],
+        rows,
+    )
+
+    def pick(size: int) -> dict:
+        return next(c for c in cases if c["data"] == "synthetic" and c["size"] == size and c["outside"] == "zero")
+
+    c28, c64 = pick(28), pick(64)
+    return {
+        "betti_speedup_28": c28["speedup"],
+        "betti_speedup_64": c64["speedup"],
+        "identical": all(c["identical"] for c in cases),
+        "fast_ms_28": c28["fast_ms"],
+        "giotto_ms_28": c28["giotto_ms"],
+        "fast_ms_64": c64["fast_ms"],
+        "giotto_ms_64": c64["giotto_ms"],
+        "floor_ms_28": c28["floor_ms"],
+        "floor_ms_64": c64["floor_ms"],
+        "fast_first_call_s": first_call_s,
+        "fast_cold_compile_s": compile_s,
+        "betti_cases": cases,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "betti": betti_section,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer volumes (a smoke run)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here (atomically)")
+    parser.add_argument(
+        "--only", choices=sorted(SECTIONS), action="append", default=None, help="run only this section (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    summary: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "quick": bool(args.quick),
+    }
+    t0 = time.perf_counter()
+    for name, section in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        summary.update(section(args))
+    summary["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    summary["wall_s"] = time.perf_counter() - t0
+    print(f"\nwall {summary['wall_s']:.1f} s")
+    if args.json is not None:
+        write_json_atomic(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
