@@ -1,0 +1,1 @@
+"""Search strategies (Optuna samplers) used by the TopoCAM studies."""
