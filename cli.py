@@ -140,6 +140,134 @@ def run(
     console.print(f"wrote {out / 'metrics.json'}")
 
 
+study_app = typer.Typer(no_args_is_help=True, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
+app.add_typer(study_app, name="study")
+
+RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
+
+
+def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
+    from topocam.search.runner import StudyRunner, default_storage
+    from topocam.search.studyfile import load_study
+    from topocam.tracking import Tracker
+
+    spec = load_study(study_file, data_dir=str(data_dir) if data_dir else None)
+    if storage is None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        storage = default_storage(runs_dir)
+    runner = StudyRunner(spec, storage, None, progress=not quiet, runs_dir=runs_dir)
+    runner.storage  # open now: a bad URL fails before any training
+    runner.tracker = Tracker(tracking_uri, runs_dir)
+    return spec, runner
+
+
+def _check_samplers(names: list[str]) -> None:
+    from topocam.search.samplers import SAMPLERS
+
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        fail(f"unknown sampler(s) {bad or names}; choose from {', '.join(SAMPLERS)}")
+
+
+@study_app.command("run")
+def study_run(
+    study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/quickstart.toml"),
+    sampler: Optional[str] = typer.Option(None, help="de, tpe, cmaes, random or gp (default: the file's first)"),
+    n_trials: Optional[int] = typer.Option(None, help="budget (default: the file's n_trials); finished trials count"),
+    seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Run or resume one (sampler, seed) of a study; start it again to add workers."""
+    from topocam import TopoCAMError
+
+    try:
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        sampler = sampler or spec.samplers[0]
+        _check_samplers([sampler])
+        seed = spec.seeds[0] if seed is None else seed
+        if n_trials is not None and n_trials < 1:
+            fail("--n-trials must be >= 1")
+        runner.log_baselines()
+        r = runner.run(sampler, seed, n_trials)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    test = r.test or {}
+    console.print(
+        f"{spec.name} [{sampler}, seed {seed}]: {len(r.values)} trials ({r.n_failed} failed), "
+        f"best val {spec.metric.upper()} {_fmt(r.best_value)} at trial {r.best_trial}; "
+        f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}"
+    )
+    console.print(f"best parameters: {r.best_params}")
+    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})")
+
+
+@study_app.command("compare")
+def study_compare(
+    study_file: Path = typer.Argument(..., help="study definition (TOML)"),
+    samplers: Optional[str] = typer.Option(None, help="comma-separated samplers (default: the file's)"),
+    seeds: Optional[int] = typer.Option(None, help="number of seeds 0..N-1 (default: the file's seed list)"),
+    n_trials: Optional[int] = typer.Option(None, help="budget per sampler and seed (default: the file's)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, help="folder for the table and plot (default: RUNS_DIR/compare/STUDY)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Every sampler on the same budget and seeds: table, plot, all in MLflow."""
+    from topocam import TopoCAMError
+    from topocam.search.compare import compare, markdown_table
+
+    try:
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        names = [s.strip() for s in samplers.split(",") if s.strip()] if samplers else list(spec.samplers)
+        _check_samplers(names)
+        if seeds is not None and seeds < 1:
+            fail("--seeds must be >= 1")
+        seed_list = list(range(seeds)) if seeds is not None else list(spec.seeds)
+        budget = n_trials or spec.n_trials
+        if budget < 1:
+            fail("--n-trials must be >= 1")
+        out_dir = out or runs_dir / "compare" / spec.name
+        ensure_writable_dir(out_dir)
+        result = compare(runner, names, seed_list, budget, out_dir)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    console.print(result.files["table_md"].read_text())
+    console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r}, run kind=comparison)")
+
+
+@study_app.command("status")
+def study_status_cmd(
+    study_name: str = typer.Argument(..., help="the [study] name of a study file"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+):
+    """Trials done / running / failed and the best value, per sampler and seed."""
+    from topocam import TopoCAMError
+    from topocam.search.runner import default_storage, study_status
+
+    if storage is None:
+        if not (runs_dir / "optuna.db").is_file():
+            fail(f"no study storage at {runs_dir / 'optuna.db'}; run a study first or pass --storage")
+        storage = default_storage(runs_dir)
+    try:
+        rows = study_status(study_name, storage)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    t = Table(title=f"{study_name} in {storage}", title_justify="left")
+    for c in ("study", "complete", "running", "failed", "best value", "best trial"):
+        t.add_column(c, justify="left" if c == "study" else "right")
+    for r in rows:
+        t.add_row(r["study"], str(r["complete"]), str(r["running"]), str(r["failed"]), _fmt(r["best_value"]), str(r["best_trial"]))
+    console.print(t)
+
+
 def main() -> None:
     try:
         app()

@@ -273,18 +273,22 @@ def _ball(shape: tuple[int, ...], center: np.ndarray, radius: float) -> np.ndarr
 def synthetic_image(
     rng: np.random.Generator, ndim: int, size: int, label: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its lesion mask. The lesion is bright; label 1 has a dark
-    hole (2D) / cavity (3D) inside it, label 0 is solid. Clutter blobs are
-    solid, dimmer and carry no class signal."""
+    """One image and its lesion mask. The lesion is the brightest structure;
+    label 1 has a dark hole (2D) / cavity (3D) inside it, label 0 is solid.
+    Clutter blobs are dimmer and, whatever the label, half of them have a hole
+    too: the whole image's topology carries little class signal, the lesion's
+    does (the premise of TopoCAM)."""
     shape = (size,) * ndim
     img = 0.15 * _smooth_noise(rng, shape, sigma=size / 8)
     radius = rng.uniform(0.17, 0.24) * size
     margin = radius + 1
     center = rng.uniform(margin, size - 1 - margin, size=ndim)
-    for _ in range(int(rng.integers(2, 5))):  # clutter
+    for _ in range(int(rng.integers(2, 5))):  # clutter, no class signal
         c = rng.uniform(0, size - 1, size=ndim)
-        r = rng.uniform(0.06, 0.12) * size
+        r = rng.uniform(0.1, 0.16) * size
         img[_ball(shape, c, r)] = rng.uniform(0.35, 0.6)
+        if rng.random() < 0.5:
+            img[_ball(shape, c, r * 0.45)] = rng.uniform(0.05, 0.2)
     lesion = _ball(shape, center, radius)
     img[lesion] = rng.uniform(0.8, 1.0)
     if label == 1:
