@@ -1,0 +1,130 @@
+"""Samplers compared on equal budgets and seeds.
+
+For each sampler: median and spread (min..max over seeds) of the best
+validation objective after 25 %, 50 % and 100 % of the budget, the test
+metric of the best configuration (chosen on validation; test computed
+afterwards), wall time and failed trials; plus a best-so-far plot with a band
+over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .plots import comparison_plot
+from .runner import SamplerRun, StudyRunner
+
+FRACTIONS = (0.25, 0.5, 1.0)
+
+
+@dataclass
+class Comparison:
+    rows: list[dict]
+    runs: list[SamplerRun]
+    files: dict[str, Path]
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
+
+
+def _fmt(s: dict[str, float]) -> str:
+    if not math.isfinite(s["median"]):
+        return "—"
+    return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
+def summarise(runs: list[SamplerRun], n_trials: int, metric: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+    rows, curves = [], {}
+    for sampler in dict.fromkeys(r.sampler for r in runs):
+        mine = [r for r in runs if r.sampler == sampler]
+        curve = np.full((len(mine), n_trials), -np.inf)
+        for i, r in enumerate(mine):
+            b = r.best_so_far()[:n_trials]
+            curve[i, : b.size] = b
+            if b.size < n_trials and b.size:
+                curve[i, b.size :] = b[-1]
+        curves[sampler] = curve
+        row = {"sampler": sampler, "seeds": [r.seed for r in mine], "n_trials": n_trials}
+        for f in FRACTIONS:
+            k = max(1, math.ceil(f * n_trials))
+            row[f"best_val_{metric}@{int(f * 100)}%"] = _stat([float(c[k - 1]) if np.isfinite(c[k - 1]) else float("nan") for c in curve])
+        row[f"test_{metric}_of_best"] = _stat([(r.test or {}).get(metric, float("nan")) for r in mine])
+        row["wall_s"] = _stat([float(np.nansum(r.durations_s)) for r in mine])
+        row["s_per_trial"] = _stat([float(np.nanmean(r.durations_s)) if r.durations_s else float("nan") for r in mine])
+        row["failed_trials"] = int(sum(r.n_failed for r in mine))
+        rows.append(row)
+    return rows, curves
+
+
+def markdown_table(rows: list[dict], metric: str) -> str:
+    cols = [f"best_val_{metric}@25%", f"best_val_{metric}@50%", f"best_val_{metric}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
+    head = ["sampler", *cols, "failed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["sampler"], *[_fmt(r[c]) for c in cols], str(r["failed_trials"])]) + " |")
+    return "\n".join(lines) + "\n\nCells: median [min, max] over seeds.\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials: int, out_dir: Path) -> Comparison:
+    spec = runner.spec
+    runner.log_baselines()
+    runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
+    rows, curves = summarise(runs, n_trials, spec.metric)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "table_md": out_dir / "comparison.md",
+        "table_csv": out_dir / "comparison.csv",
+        "json": out_dir / "comparison.json",
+        "plot": out_dir / "best_so_far.png",
+    }
+    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric)
+    _atomic_write(files["table_md"], md)
+    flat = []
+    for r in rows:
+        d = {"sampler": r["sampler"], "failed_trials": r["failed_trials"]}
+        for k, v in r.items():
+            if isinstance(v, dict):
+                d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max")})
+        flat.append(d)
+    tmp = files["table_csv"].with_name(".comparison.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    os.replace(tmp, files["table_csv"])
+    detail = {
+        "study": spec.name, "objective": spec.objective, "n_trials": n_trials, "seeds": list(seeds), "rows": rows,
+        "runs": [{"sampler": r.sampler, "seed": r.seed, "best_value": r.best_value, "best_trial": r.best_trial,
+                  "best_params": r.best_params, "val": r.val, "test": r.test, "values": r.values,
+                  "durations_s": r.durations_s} for r in runs],
+    }
+    _atomic_write(files["json"], json.dumps(detail, indent=2, default=float))
+    comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far validation {spec.metric.upper()}", f"best val {spec.metric.upper()}")
+    if runner.tracker is not None:
+        t = runner.tracker
+        rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner._tags(kind="comparison"),
+                          params={"samplers": ",".join(samplers), "seeds": ",".join(map(str, seeds)), "n_trials": n_trials})
+        for r in rows:
+            t.log_metrics(rid, {f"{r['sampler']}_{k}_median": v["median"] for k, v in r.items() if isinstance(v, dict)})
+        for p in files.values():
+            t.log_artifact(rid, p, "comparison")
+        t.log_text(rid, spec.text, f"study/{spec.path.name}")
+        t.finish(rid)
+    return Comparison(rows, runs, files)

@@ -1,0 +1,149 @@
+"""Study definitions (``studies/*.toml``): parsed strictly, errors name the key and the file.
+
+    [study]     name, objective (val_auc | val_acc), n_trials, samplers, seeds, description
+    [data]      dataset, data_dir, size, synthetic_n
+    [backbone]  arch, epochs, batch_size, lr, seed
+    [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
+    [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
+    [sampler.de] popsize_per_dim, strategy, mutation, recombination
+
+The backbone seed is a property of the study, so every sampler and every
+sampler seed optimises the same objective: the comparison measures the
+optimisers, not the luck of the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import TopoCAMError
+from ..pipeline import TopoCAMConfig
+from .samplers import SAMPLERS
+from .space import Param, build_space
+
+OBJECTIVES = ("val_auc", "val_acc")
+_SECTIONS: dict[str, dict[str, type | tuple]] = {
+    "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list, "description": str},
+    "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list},
+    "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int},
+    "fixed": {"outside": str, "bins": int, "betti_backend": str, "mlp_lr": (float, int),
+              "mlp_weight_decay": (float, int), "n_jobs": int},
+}
+_DE_KEYS = {"popsize_per_dim": int, "popsize": int, "strategy": str, "mutation": (float, int, list), "recombination": (float, int)}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    path: Path
+    text: str  # the file as written, logged with every study
+    base: TopoCAMConfig
+    space: dict[str, Param]
+    objective: str = "val_auc"
+    n_trials: int = 50
+    samplers: tuple[str, ...] = ("de", "tpe", "cmaes", "random")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    description: str = ""
+    sampler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return self.objective.removeprefix("val_")
+
+
+def _typed(section: str, key: str, value: Any, want, where: str) -> Any:
+    types = want if isinstance(want, tuple) else (want,)
+    if isinstance(value, bool) or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise TopoCAMError(f"{where}: [{section}] {key} must be {names}, got {value!r}")
+    return value
+
+
+def _table(doc: dict, section: str, where: str) -> dict:
+    t = doc.get(section, {})
+    if not isinstance(t, dict):
+        raise TopoCAMError(f"{where}: [{section}] must be a table")
+    schema = _SECTIONS[section]
+    unknown = sorted(set(t) - set(schema))
+    if unknown:
+        raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [{section}]; allowed: {sorted(schema)}")
+    return {k: _typed(section, k, v, schema[k], where) for k, v in t.items()}
+
+
+def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
+    """Read and validate a study file. ``data_dir`` (from the CLI) wins over the file's."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise TopoCAMError(f"study file {path} does not exist")
+    text = path.read_text()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopoCAMError(f"{where}: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - {*_SECTIONS, "space", "sampler"})
+    if unknown:
+        raise TopoCAMError(f"{where}: unknown section(s) {unknown}; allowed: {sorted({*_SECTIONS, 'space', 'sampler'})}")
+    st, data, bb, fixed = (_table(doc, s, where) for s in ("study", "data", "backbone", "fixed"))
+
+    name = st.get("name", path.stem)
+    if not name or any(c in name for c in "/\\ "):
+        raise TopoCAMError(f"{where}: [study] name {name!r} must be non-empty, without spaces or slashes")
+    objective = st.get("objective", "val_auc")
+    if objective not in OBJECTIVES:
+        raise TopoCAMError(f"{where}: [study] objective {objective!r} not one of {list(OBJECTIVES)}")
+    n_trials = st.get("n_trials", 50)
+    if n_trials < 1:
+        raise TopoCAMError(f"{where}: [study] n_trials must be >= 1, got {n_trials}")
+    samplers = tuple(st.get("samplers", ["de", "tpe", "cmaes", "random"]))
+    bad = [s for s in samplers if s not in SAMPLERS]
+    if bad or not samplers:
+        raise TopoCAMError(f"{where}: [study] samplers {bad or samplers} unknown; choose from {list(SAMPLERS)}")
+    seeds = tuple(st.get("seeds", [0, 1, 2]))
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise TopoCAMError(f"{where}: [study] seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
+
+    synthetic_n = data.get("synthetic_n", [120, 40, 40])
+    if len(synthetic_n) != 3 or not all(isinstance(v, int) and v >= 2 for v in synthetic_n):
+        raise TopoCAMError(f"{where}: [data] synthetic_n must be three integers >= 2 (train, val, test), got {synthetic_n}")
+    base = TopoCAMConfig(
+        dataset=data.get("dataset", "breastmnist"),
+        data_dir=data_dir or data.get("data_dir"),
+        size=data.get("size", 28),
+        synthetic_n=tuple(synthetic_n),
+        backbone=bb.get("arch", "auto"),
+        epochs=bb.get("epochs", 10),
+        batch_size=bb.get("batch_size", 32),
+        lr=float(bb.get("lr", 1e-3)),
+        seed=bb.get("seed", 0),
+        **{k: (float(v) if k in ("mlp_lr", "mlp_weight_decay") else v) for k, v in fixed.items()},
+    )
+    try:
+        base.validated()
+    except TopoCAMError as exc:
+        raise TopoCAMError(f"{where}: {exc}") from None
+    space_doc = doc.get("space", {})
+    if not isinstance(space_doc, dict):
+        raise TopoCAMError(f"{where}: [space] must hold tables like [space.tau]")
+    space = build_space(space_doc, where)
+
+    sampler_doc = doc.get("sampler", {})
+    options: dict[str, dict[str, Any]] = {}
+    for sname, opts in sampler_doc.items():
+        if sname != "de":
+            raise TopoCAMError(f"{where}: [sampler.{sname}] has no options to set; only [sampler.de] is configurable")
+        unknown = sorted(set(opts) - set(_DE_KEYS))
+        if unknown:
+            raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [sampler.de]; allowed: {sorted(_DE_KEYS)}")
+        options["de"] = {k: _typed("sampler.de", k, v, _DE_KEYS[k], where) for k, v in opts.items()}
+        if isinstance(options["de"].get("mutation"), list):
+            options["de"]["mutation"] = tuple(options["de"]["mutation"])
+    return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""), options)
+
+
+def with_overrides(spec: StudySpec, **changes: Any) -> StudySpec:
+    return dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
