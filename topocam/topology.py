@@ -129,6 +129,8 @@ def betti_features(
     outside: Outside,
     backend: Backend = "fast",
     n_jobs: int = 1,
+    progress: bool = False,
+    desc: str = "Betti curves",
 ) -> np.ndarray:
     """phi: Betti curves divided by the ROI voxel count, with the count
     appended: (n, d * n_bins + 1) float32. An empty ROI gives zeros and a
@@ -140,7 +142,13 @@ def betti_features(
     feats = np.zeros((n, d * grid.n_bins + 1), dtype=np.float32)
     feats[:, -1] = counts
     nonempty = np.flatnonzero(counts > 0)
-    if nonempty.size:
-        curves = betti_curves(filtrations[nonempty], grid.thresholds, backend=backend, n_jobs=n_jobs)
-        feats[nonempty, :-1] = (curves.reshape(nonempty.size, -1) / counts[nonempty, None]).astype(np.float32)
+    from tqdm.auto import tqdm
+
+    chunk = 256 if progress else max(1, nonempty.size)
+    with tqdm(total=int(nonempty.size), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, nonempty.size, chunk):
+            idx = nonempty[start : start + chunk]
+            curves = betti_curves(filtrations[idx], grid.thresholds, backend=backend, n_jobs=n_jobs)
+            feats[idx, :-1] = (curves.reshape(idx.size, -1) / counts[idx, None]).astype(np.float32)
+            bar.update(idx.size)
     return feats
