@@ -15,9 +15,26 @@ the outputs are identical, and the floor (np.load of the volume from disk +
 np.sort of its values), for context. The JSON summary (written atomically)
 keys the headline numbers on the zero-outside synthetic cases.
 
+Section ``trial`` (needs the AdrenalMNIST3D file; skipped with a message
+without it): one full study trial, ``pipeline.evaluate(ctx, cfg,
+report_test=False)`` = fuse + threshold + Betti curves + MLP fit on train and
+val, at 28^3 with the default configuration, fast backend with n_jobs=-1:
+median wall seconds over repetitions (the first call excluded: numba cache
+load, page cache, the context's upsampled-map cache), its stages, a few other
+configurations (the MLP's epoch count drives the spread), the same trial once
+with the giotto-tda backend (``--skip-giotto-trial`` to leave it out; ~2-3
+min), and the size of the on-disk CAM cache (all three variants, read
+memory-mapped). The context comes from ``topocam.pipeline.prepare`` with the
+``small`` backbone trained for 1 epoch (cached in ``--cache-dir``, default
+``~/.cache/topocam``): a backbone's quality does not change a trial's cost.
+First run: ~6 min to train it and minutes per CAM variant on 2 cores, except
+Score-CAM (224 masked forward passes per volume: hours on a CPU).
+
+    python benchmarks/betti.py --only trial [--skip-giotto-trial] [--cache-dir DIR]
+
 Sections: ``SECTIONS`` maps a name to a function ``(args) -> dict``; each
 section's dict is merged into the JSON summary and printed as its own table.
-Append a section (e.g. a full trial) by adding a function and an entry.
+Append a section by adding a function and an entry.
 """
 
 from __future__ import annotations
@@ -278,10 +295,211 @@ def betti_section(args: argparse.Namespace) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- section: a full trial
+
+TRIAL_CAMS = ("gradcam", "gradcampp", "scorecam")
+# (cam, weights, tau) beside the default: the spread of a trial's cost over a study's space
+TRIAL_VARIANTS = (
+    ("gradcam", (0.6, 0.2, 0.2), 0.3),
+    ("gradcam", (0.1, 0.1, 0.8), 0.2),
+    ("gradcampp", (0.2, 0.3, 0.5), 0.6),
+    ("gradcampp", (1.0, 0.0, 0.0), 0.5),
+)
+LARGE_ROI = TRIAL_VARIANTS[1]  # ~1/3 of the volume in the ROI with the 1-epoch backbone
+
+
+def staged_trial(ctx, cfg) -> tuple[dict[str, float], object]:
+    """The steps of ``pipeline.evaluate(ctx, cfg, report_test=False)`` one by
+    one (the same calls ``topocam_features`` and ``evaluate`` make), timed:
+    fuse + threshold, Betti features (grid fit, segment, curves), MLP fit + val
+    metrics. Returns the seconds per stage and the fit."""
+    from topocam import pipeline
+
+    cfg = cfg.validated()
+    splits = ("train", "val")
+    t0 = time.perf_counter()
+    masks = {s: pipeline.roi_for(ctx, cfg, s)[1] for s in splits}
+    t1 = time.perf_counter()
+    feats = pipeline.features_from_masks(ctx, cfg, masks, splits)
+    t2 = time.perf_counter()
+    fit = pipeline.fit_and_score(ctx, cfg, feats, report_test=False)
+    t3 = time.perf_counter()
+    return {"fuse_threshold": t1 - t0, "betti": t2 - t1, "mlp": t3 - t2}, fit
+
+
+def timed_trials(ctx, cfg, reps: int) -> tuple[list[float], list[float], object]:
+    """Wall and process-CPU seconds of ``reps`` calls of evaluate (after one
+    excluded warm-up call) and the last outcome."""
+    from topocam import pipeline
+
+    pipeline.evaluate(ctx, cfg, report_test=False)  # warm-up, excluded
+    walls, cpus, out = [], [], None
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = pipeline.evaluate(ctx, cfg, report_test=False)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return walls, cpus, out
+
+
+def trial_section(args: argparse.Namespace) -> dict:
+    if not ADRENAL.exists():
+        print(f"\ntrial: skipped, {ADRENAL} is absent (put the official adrenalmnist3d.npz there to run it)")
+        return {"trial_skipped": f"{ADRENAL} absent"}
+    import dataclasses
+
+    from topocam import pipeline
+    from topocam.backbone import default_cache_dir
+    from topocam.pipeline import TopoCAMConfig
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    base = TopoCAMConfig(
+        dataset="adrenalmnist3d", data_dir=str(ADRENAL.parent), backbone="small", epochs=1, cache_dir=str(cache_dir),
+        n_jobs=-1,
+    )
+    t0 = time.perf_counter()
+    ctx = pipeline.prepare(base, progress=True)
+    prepare_s = time.perf_counter() - t0
+    cams = tuple(args.trial_cams or TRIAL_CAMS)
+    for variant in cams:  # computed once into the on-disk cache, later runs read it
+        if not ctx.store.has(variant):
+            note = (
+                " -- Score-CAM runs 224 masked forward passes per volume: hours on a 2-core CPU"
+                " (~8 s per volume measured); --trial-cams gradcam --trial-cams gradcampp leaves it out"
+                if variant == "scorecam" else ""
+            )
+            print(f"computing {variant} CAMs for every split into {ctx.store.root} (once){note}", flush=True)
+        ctx.cams(variant, "train")
+    cam_s = {v: ctx.timings_s.get(f"cams_{v}") for v in cams}
+    cached = [v for v in TRIAL_CAMS if ctx.store.has(v)]
+    cache_mb = ctx.store.size_bytes() / 1e6
+    per_variant_mb = {v: sum(f.stat().st_size for f in (ctx.store.root / v).rglob("*.npy")) / 1e6 for v in cached}
+    memmapped = all(isinstance(ctx.cams(v, "train").maps["layer2"], np.memmap) for v in cached)
+    n = {s: int(len(ctx.data.y[s])) for s in ("train", "val", "test")}
+    print(
+        f"\ntrial context: AdrenalMNIST3D 28^3 ({n['train']}/{n['val']}/{n['test']} volumes), backbone small, 1 epoch"
+        f" (val AUC {ctx.backbone.best_val_auc:.3f}; its quality does not change a trial's cost),"
+        f" prepare {prepare_s:.1f} s; CAM cache {cache_mb:.1f} MB on disk for {', '.join(cached)}"
+        f" ({', '.join(f'{v} {mb:.1f}' for v, mb in per_variant_mb.items())} MB)"
+        f" ({'memory-mapped' if memmapped else 'NOT memory-mapped'}) in {ctx.store.root}"
+    )
+
+    reps = 3 if args.quick else 7
+    cold_t0 = time.perf_counter()
+    first = pipeline.evaluate(ctx, base, report_test=False)  # upsampled-map cache fill, numba cache load
+    first_s = time.perf_counter() - cold_t0
+    walls, cpus, out = timed_trials(ctx, base, reps)
+    stages_runs = [staged_trial(ctx, base)[0] for _ in range(reps)]
+    stages = {k: statistics.median(r[k] for r in stages_runs) for k in stages_runs[0]}
+    trial_s = statistics.median(walls)
+    rows = [[
+        "fast (default cfg)", base.cam, f"{base.tau}", f"{out.features.roi_fraction['train']:.3f}",
+        len(out.model.history), f"{out.val['auc']:.3f}", trial_s, statistics.median(cpus),
+        stages["fuse_threshold"], stages["betti"], stages["mlp"],
+    ]]
+
+    by_config = []
+    for cam, w, tau in TRIAL_VARIANTS:
+        if cam not in cached:
+            continue
+        cfg = dataclasses.replace(base, cam=cam, weights=w, tau=tau)
+        cw, cc, o = timed_trials(ctx, cfg, 1 if args.quick else 3)
+        st = staged_trial(ctx, cfg)[0]
+        by_config.append({
+            "cam": cam, "weights": list(w), "tau": tau, "seconds": statistics.median(cw), "cpu_seconds": statistics.median(cc),
+            "stages": st, "mlp_epochs": len(o.model.history), "roi_fraction_train": o.features.roi_fraction["train"],
+            "val_auc": o.val["auc"],
+        })
+        rows.append([
+            "fast", cam, f"{tau} w={'/'.join(f'{x:g}' for x in w)}", f"{o.features.roi_fraction['train']:.3f}",
+            len(o.model.history), f"{o.val['auc']:.3f}", statistics.median(cw), statistics.median(cc),
+            st["fuse_threshold"], st["betti"], st["mlp"],
+        ])
+
+    giotto_s = giotto_stages = giotto_large = None
+    giotto_identical = None
+    if args.skip_giotto_trial:
+        print("giotto trial: skipped (--skip-giotto-trial)")
+    else:
+        gcfg = dataclasses.replace(base, betti_backend="giotto")
+        print("giotto trial: one repetition (slow) ...", flush=True)
+        t0 = time.perf_counter()
+        gout = pipeline.evaluate(ctx, gcfg, report_test=False)
+        giotto_s = time.perf_counter() - t0
+        giotto_stages = {"features": gout.timings_s["features"], "mlp": gout.timings_s["classifier"]}
+        giotto_identical = bool(
+            all(np.array_equal(gout.features.x[s], out.features.x[s]) for s in ("train", "val")) and gout.val == out.val
+        )
+        rows.append([
+            "giotto (default cfg)", base.cam, f"{base.tau}", f"{gout.features.roi_fraction['train']:.3f}",
+            len(gout.model.history), f"{gout.val['auc']:.3f}", giotto_s, None, None, gout.timings_s["features"],
+            gout.timings_s["classifier"],
+        ])
+        # the default tau leaves a tiny ROI here, and giotto's cost grows with it: one large-ROI trial too
+        cam, w, tau = LARGE_ROI
+        lcfg = dataclasses.replace(base, cam=cam, weights=w, tau=tau)
+        fast_large = next((c for c in by_config if (c["cam"], tuple(c["weights"]), c["tau"]) == LARGE_ROI), None)
+        print("giotto trial, large ROI: one repetition (slow) ...", flush=True)
+        lfast = pipeline.evaluate(ctx, lcfg, report_test=False)
+        t0 = time.perf_counter()
+        lout = pipeline.evaluate(ctx, dataclasses.replace(lcfg, betti_backend="giotto"), report_test=False)
+        giotto_large = {
+            "cam": cam, "weights": list(w), "tau": tau, "seconds": time.perf_counter() - t0,
+            "features": lout.timings_s["features"], "mlp": lout.timings_s["classifier"],
+            "roi_fraction_train": lout.features.roi_fraction["train"],
+            "fast_seconds": None if fast_large is None else fast_large["seconds"],
+        }
+        giotto_identical = giotto_identical and bool(
+            all(np.array_equal(lout.features.x[s], lfast.features.x[s]) for s in ("train", "val")) and lout.val == lfast.val
+        )
+        rows.append([
+            "giotto", cam, f"{tau} w={'/'.join(f'{x:g}' for x in w)}", f"{lout.features.roi_fraction['train']:.3f}",
+            len(lout.model.history), f"{lout.val['auc']:.3f}", giotto_large["seconds"], None, None,
+            lout.timings_s["features"], lout.timings_s["classifier"],
+        ])
+    rows = [["-" if c is None else c for c in r] for r in rows]
+    print_table(
+        f"One trial (evaluate, train+val) on AdrenalMNIST3D 28^3, {os.cpu_count()} cores, n_jobs=-1;"
+        f" fast: median of {reps} after one excluded warm-up (first call {first_s:.2f} s), seconds"
+        + ("" if giotto_identical is None else "; giotto features and metrics identical to fast: " + ("yes" if giotto_identical else "NO"))
+        + " (giotto 'betti' column: fuse+threshold+Betti)",
+        ["backend", "cam", "tau", "roi frac", "mlp epochs", "val auc", "wall", "cpu", "fuse+thr", "betti", "mlp"],
+        rows,
+    )
+    return {
+        "trial_seconds_adrenal28": trial_s,
+        "giotto_trial_seconds_adrenal28": giotto_s,
+        "trial_speedup_adrenal28": None if giotto_s is None else giotto_s / trial_s,
+        "trial_first_call_seconds_adrenal28": first_s,
+        "trial_cpu_seconds_adrenal28": statistics.median(cpus),
+        "trial_repeats_seconds_adrenal28": walls,
+        "trial_stages_adrenal28": stages,
+        "giotto_trial_stages_adrenal28": giotto_stages,
+        "giotto_trial_large_roi_adrenal28": giotto_large,
+        "trial_giotto_identical": giotto_identical,
+        "trial_mlp_epochs_adrenal28": len(out.model.history),
+        "trial_val_auc_adrenal28": out.val["auc"],
+        "trial_roi_fraction_adrenal28": out.features.roi_fraction["train"],
+        "trial_by_config_adrenal28": by_config,
+        "trial_backbone": {
+            "arch": "small", "epochs": 1, "best_val_auc": ctx.backbone.best_val_auc, "cached": ctx.backbone.cached,
+        },
+        "trial_prepare_seconds": prepare_s,
+        "cam_seconds_adrenal28": cam_s,
+        "cam_cache_mb_adrenal28": cache_mb,
+        "cam_cache_variants": cached,
+        "cam_cache_mb_per_variant_adrenal28": per_variant_mb,
+        "cam_cache_memory_mapped": memmapped,
+        "cam_cache_dir": str(ctx.store.root),
+        "trial_first_outcome_matches": bool(first.val == out.val),
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "betti": betti_section,
+    "trial": trial_section,
 }
 
 
@@ -291,6 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the summary here (atomically)")
     parser.add_argument(
         "--only", choices=sorted(SECTIONS), action="append", default=None, help="run only this section (repeatable)"
+    )
+    parser.add_argument("--skip-giotto-trial", action="store_true", help="trial section: leave out the giotto-tda trial")
+    parser.add_argument(
+        "--cache-dir", default=None, help="trial section: backbone and CAM cache (default $TOPOCAM_CACHE_DIR or ~/.cache/topocam)"
+    )
+    parser.add_argument(
+        "--trial-cams", choices=TRIAL_CAMS, action="append", default=None,
+        help="trial section: CAM variants to compute into the cache (repeatable; default all three)",
     )
     args = parser.parse_args(argv)
     summary: dict = {

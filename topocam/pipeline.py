@@ -87,7 +87,7 @@ class TopoCAMConfig:
 
 
 def _n_jobs(n: int) -> int:
-    return os.cpu_count() or 1 if n in (-1, 0) else n
+    return (os.cpu_count() or 1) if n in (-1, 0) else n
 
 
 @dataclass
@@ -103,6 +103,9 @@ class Context:
     progress: bool = True
     timings_s: dict[str, float] = field(default_factory=dict)
     _gray: dict[str, np.ndarray] = field(default_factory=dict)
+    # per-study memo of trial inputs that do not depend on the trial's
+    # configuration; "upsampled": roi.UpsampledCache of per-layer maps (see roi_for)
+    trial_cache: dict[str, object] = field(default_factory=dict)
 
     def gray(self, split: str) -> np.ndarray:
         if split not in self._gray:
@@ -156,21 +159,43 @@ class Features:
 
 
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fused map and ROI mask of every image in a split."""
-    maps = ctx.cams(cfg.cam, split).maps
-    fused = fuse(maps, fusion_weights(cfg.weights), ctx.data.shape)
+    """Fused map and ROI mask of every image in a split.
+
+    Equal, bit for bit, to ``fuse(ctx.cams(cfg.cam, split).maps, w, shape)``;
+    the upsampled, normalised per-layer maps (they depend on the CAM variant,
+    not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
+    memory-bounded LRU, so later trials only sum and threshold."""
+    from .backbone import CAM_LAYERS
+    from .roi import UpsampledCache, fuse_upsampled, upsample_normalised
+
+    w = fusion_weights(cfg.weights)
+    cache = ctx.trial_cache.setdefault("upsampled", UpsampledCache())
+    shape = tuple(ctx.data.shape)
+    layers = [
+        None if wl == 0 else cache.get(
+            (str(ctx.store.root), cfg.cam, split, layer, shape),
+            lambda layer=layer: upsample_normalised(ctx.cams(cfg.cam, split).maps[layer], shape),
+        )
+        for layer, wl in zip(CAM_LAYERS, w)
+    ]
+    fused = fuse_upsampled(layers, w)
     return fused, roi_masks(fused, cfg.tau)
 
 
 def features_from_masks(
-    ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray], splits: tuple[str, ...] = SPLITS
+    ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray], splits: tuple[str, ...] = SPLITS,
+    progress: bool = False, label: str = "TopoCAM",
 ) -> Features:
-    """phi for the given splits; the Betti grid is fitted on the training split only."""
+    """phi for the given splits; the Betti grid is fitted on the training split only.
+    ``progress`` shows a bar per split (a single run; study trials keep quiet)."""
     if "train" not in splits:
         raise ValueError("features need the training split: it is what the Betti grid is fitted on")
     grid = BettiGrid.fit(segment(ctx.gray("train"), masks["train"], cfg.outside), cfg.bins)
     x = {
-        s: betti_features(ctx.gray(s), masks[s], grid, cfg.outside, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs))
+        s: betti_features(
+            ctx.gray(s), masks[s], grid, cfg.outside, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
+            progress=progress, desc=f"{label} Betti curves {s}",
+        )
         for s in splits
     }
     frac = {s: float(masks[s].mean()) for s in splits}
@@ -183,15 +208,16 @@ def _splits(report_test: bool) -> tuple[str, ...]:
     return SPLITS if report_test else ("train", "val")
 
 
-def topocam_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> Features:
+def topocam_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
     splits = _splits(report_test)
-    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in splits}, splits)
+    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in splits}, splits, progress, "TopoCAM")
 
 
-def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> Features:
+def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
     """Topo-Original: the same phi on the whole image (an all-ones mask)."""
     splits = _splits(report_test)
-    return features_from_masks(ctx, cfg, {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in splits}, splits)
+    ones = {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in splits}
+    return features_from_masks(ctx, cfg, ones, splits, progress, "Topo-Original")
 
 
 # ---------------------------------------------------------------- classifier
@@ -224,12 +250,12 @@ class TrialOutcome:
     timings_s: dict[str, float]
 
 
-def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False) -> TrialOutcome:
+def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> TrialOutcome:
     cfg = cfg.validated()
     t0 = time.perf_counter()
     ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
     t1 = time.perf_counter()
-    feats = topocam_features(ctx, cfg, report_test)
+    feats = topocam_features(ctx, cfg, report_test, progress)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     t3 = time.perf_counter()
@@ -261,9 +287,9 @@ def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) 
     baselines, validation and test metrics, stage timings."""
     ctx = prepare(cfg, progress=progress, data=data)
     cfg = ctx.config
-    out = evaluate(ctx, cfg, report_test=True)
+    out = evaluate(ctx, cfg, report_test=True, progress=ctx.progress)
     t0 = time.perf_counter()
-    orig = original_features(ctx, cfg, report_test=True)
+    orig = original_features(ctx, cfg, report_test=True, progress=ctx.progress)
     orig_fit = fit_and_score(ctx, cfg, orig, report_test=True)
     t_orig = time.perf_counter() - t0
     task = ctx.data.task

@@ -8,7 +8,10 @@ pointing game).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +19,9 @@ import torch.nn.functional as F
 
 from .backbone import CAM_LAYERS
 from .errors import TopoCAMError
+
+UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
+DEFAULT_UPSAMPLED_CACHE_MB = 2048  # AdrenalMNIST3D 28^3: 417 MB per CAM variant (all splits)
 
 
 def fusion_weights(raw: Sequence[float]) -> np.ndarray:
@@ -36,25 +42,111 @@ def check_tau(tau: float) -> float:
     return float(tau)
 
 
+def upsample_normalised(maps: np.ndarray, shape: tuple[int, ...], chunk: int = 256) -> np.ndarray:
+    """H_l of one layer: its maps (n, *native) upsampled (bilinear / trilinear,
+    ``align_corners=False``) to ``shape`` and min-max normalised to [0, 1] per
+    image (a constant map becomes zeros); (n, *shape) float32.
+
+    Done in chunks of images (each output voxel depends on its own image only,
+    so chunking and the thread count do not change a single bit)."""
+    n = len(maps)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    out = np.empty((n, *shape), dtype=np.float32)
+    flat_out = out.reshape(n, -1)
+    for i in range(0, n, chunk):
+        # np.array copies: the in-place normalisation below never touches the caller's maps
+        h = torch.from_numpy(np.array(maps[i : i + chunk], dtype=np.float32)).unsqueeze(1)
+        if tuple(h.shape[2:]) != tuple(shape):
+            h = F.interpolate(h, size=shape, mode=mode, align_corners=False)
+        flat = h.reshape(h.shape[0], -1)
+        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
+        span = hi - lo
+        # = where(span > 0, (flat - lo) / span.clamp_min(1e-12), 0), in place, same bits
+        flat.sub_(lo).div_(span.clamp_min(1e-12))
+        flat[~(span > 0).reshape(-1)] = 0.0
+        flat_out[i : i + chunk] = flat.numpy()
+    return out
+
+
+def fuse_upsampled(layers: Sequence[np.ndarray | None], weights: np.ndarray) -> np.ndarray:
+    """M = sum_l w_l H_l from the layers' upsampled, normalised maps (in
+    CAM_LAYERS order; None where the weight is 0), (n, *shape) float32.
+    The same arithmetic as summing ``float32(w_l) * H_l`` in layer order into
+    zeros, bit for bit (the first term needs no addition: 0 + x == x)."""
+    out = tmp = None
+    for h, w in zip(layers, weights):
+        if w == 0:
+            continue
+        if out is None:
+            out = np.multiply(h, np.float32(w), dtype=np.float32)
+        else:
+            tmp = np.multiply(h, np.float32(w), out=tmp, dtype=np.float32)
+            out += tmp
+    if out is None:
+        raise TopoCAMError("fusion weights are all zero; at least one layer needs a positive weight")
+    return out
+
+
 def fuse(maps: Mapping[str, np.ndarray], weights: np.ndarray, shape: tuple[int, ...], chunk: int = 256) -> np.ndarray:
     """Fused map M, (n, *shape) float32 in [0, 1]. Layers with weight 0 are
     not even read (their maps may stay on disk)."""
-    n = len(maps[CAM_LAYERS[0]])
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    out = np.zeros((n, *shape), dtype=np.float32)
-    for layer, w in zip(CAM_LAYERS, weights):
-        if w == 0:
-            continue
-        for i in range(0, n, chunk):
-            h = torch.from_numpy(np.array(maps[layer][i : i + chunk], dtype=np.float32)).unsqueeze(1)
-            if tuple(h.shape[2:]) != tuple(shape):
-                h = F.interpolate(h, size=shape, mode=mode, align_corners=False)
-            flat = h.reshape(h.shape[0], -1)
-            lo = flat.min(dim=1, keepdim=True).values
-            span = flat.max(dim=1, keepdim=True).values - lo
-            flat = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
-            out[i : i + chunk] += float(w) * flat.reshape(h.shape[0], *shape).numpy()
-    return out
+    if not np.any(np.asarray(weights) != 0):
+        return np.zeros((len(maps[CAM_LAYERS[0]]), *shape), dtype=np.float32)
+    layers = [upsample_normalised(maps[layer], shape, chunk) if w != 0 else None for layer, w in zip(CAM_LAYERS, weights)]
+    return fuse_upsampled(layers, weights)
+
+
+class UpsampledCache:
+    """Memory-bounded LRU of upsampled, normalised per-layer maps H_l.
+
+    H_l depends on the CAM variant, the split and the layer, never on w or
+    tau; so after the first trial with a variant, a trial only sums and
+    thresholds. Values are stored read-only and returned as they were
+    computed, so the cache can save time but never change a result. Entries
+    larger than the budget are not kept (64^3 volumes under the default
+    budget: 1.35 GB per layer of AdrenalMNIST3D's train+val). The budget is
+    ``TOPOCAM_ROI_CACHE_MB`` (MiB, default 2048; 0 turns the cache off).
+    Thread-safe (two threads missing the same key both compute it)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get(UPSAMPLED_CACHE_ENV, DEFAULT_UPSAMPLED_CACHE_MB)) * 2**20)
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        value = compute()
+        if value.nbytes <= self.max_bytes:
+            value.setflags(write=False)  # shared by trials: nobody may change it in place
+            with self._lock:
+                self._items.pop(key, None)  # another thread may have stored it meanwhile
+                used = sum(a.nbytes for a in self._items.values())
+                while self._items and used + value.nbytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    used -= old.nbytes
+                self._items[key] = value
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
 
 def roi_masks(fused: np.ndarray, tau: float) -> np.ndarray:
