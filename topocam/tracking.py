@@ -6,7 +6,9 @@ Structure of one study in MLflow (one experiment per study):
 * ``kind=sampler``: a parent run per (sampler, seed), with its artifacts
   (study file, optimisation history, parallel-coordinate and importance plots);
 * ``kind=trial``: a nested run per trial: parameters, validation metrics, duration;
-* ``kind=best``: nested under its sampler run, the best trial's test metrics;
+* ``kind=best``: nested under its sampler run, the best trial's test metrics
+  (tag ``trial``); when a resumed search finds a better trial, the earlier one
+  is re-tagged ``kind=best_superseded``, so ``kind=best`` is the current choice;
 * ``kind=comparison``: the sampler comparison table and plot.
 
 Every run carries the tags ``study``, ``dataset``, ``kind`` and, where they
@@ -15,13 +17,17 @@ apply, ``sampler`` and ``seed``, so runs can be filtered in the UI.
 Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
 artifacts beside it (``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
-several threads or workers cannot cross wires.
+several threads or workers cannot cross wires; find-or-create steps (baselines,
+sampler run, best run) hold a file lock beside a local store, so workers
+starting or finishing together do not log them twice. Metric and parameter
+names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,62 @@ DEFAULT_RUNS_DIR = Path("mlruns")
 
 def default_tracking_uri(runs_dir: Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
+
+
+def metric_key(name: str) -> str:
+    """A metric/param name MLflow accepts (alphanumerics, ``_ - . / : space``):
+    ``best_val_auc@25%`` becomes ``best_val_auc_at25pct``."""
+    return _BAD_KEY_CHARS.sub("_", name.replace("@", "_at").replace("%", "pct"))
+
+
+def lock_path_for(url: str) -> Path | None:
+    """A lock file beside a local store (``sqlite:///file`` or ``journal:file``), else None."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+    elif url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+    else:
+        return None
+    return path.with_name(f".{path.name}.topocam.lock")
+
+
+class FileLock:
+    """Exclusive ``flock`` on a file beside a local store, between processes and between
+    threads (each acquisition opens the file anew); a no-op for ``None``. ``release``
+    may be called early (the runner releases its claim once the trial exists)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fh = None
+
+    def acquire(self) -> "FileLock":
+        if self.path is None or self._fh is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
+            return self
+        fh = open(self.path, "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Tracker:
@@ -47,6 +109,13 @@ class Tracker:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             tracking_uri = default_tracking_uri(self.runs_dir)
         self.uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            folder = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).parent
+            if not folder.is_dir():
+                raise TopoCAMError(
+                    f"cannot open the MLflow tracking store {tracking_uri!r}: folder {folder} does not exist; "
+                    "create it or check --tracking-uri"
+                )
         try:
             self.client = MlflowClient(tracking_uri)
             self.client.search_experiments(max_results=1)
@@ -58,9 +127,19 @@ class Tracker:
             ) from None
 
     # -- experiments and runs -------------------------------------------------
+    @property
+    def lock_path(self) -> Path | None:
+        """Serialises find-or-create of runs between workers sharing a local store."""
+        return lock_path_for(self.uri)
+
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise TopoCAMError(
+                    f"MLflow experiment {name!r} in {self.uri} is deleted; restore it (mlflow experiments restore "
+                    f"--experiment-id {exp.experiment_id}), purge it (mlflow gc), or rename the study"
+                )
             return exp.experiment_id
         artifacts = None
         if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
@@ -73,9 +152,15 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def find_runs(self, experiment_id: str, tags: dict[str, Any], max_results: int = 1000, status: str | None = None) -> list:
+        """Active runs carrying all these tags (and this status), newest first."""
+        flt = " and ".join([f"tags.`{k}` = '{_quote(v)}'" for k, v in tags.items()]
+                           + ([f"attributes.status = '{status}'"] if status else []))
+        return list(self.client.search_runs([experiment_id], filter_string=flt, max_results=max_results,
+                                            order_by=["attributes.start_time DESC"]))
+
     def find_run(self, experiment_id: str, tags: dict[str, Any]) -> str | None:
-        flt = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
+        runs = self.find_runs(experiment_id, tags, max_results=1)
         return runs[0].info.run_id if runs else None
 
     def start_run(
@@ -93,7 +178,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(metric_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
@@ -101,7 +186,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        items = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
         if items:
             self.client.log_batch(run_id, metrics=items)
 
@@ -117,6 +202,11 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
+
+
+def _quote(v: Any) -> str:
+    """A value inside a single-quoted MLflow filter string."""
+    return str(v).replace("\\", "\\\\").replace("'", "\\'")
 
 
 def flat_metrics(prefix: str, metrics: dict[str, float] | None) -> dict[str, float]:

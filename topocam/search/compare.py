@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import TopoCAMError
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
 
@@ -76,6 +77,19 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n\nCells: median [min, max] over seeds.\n"
 
 
+def _json_safe(obj):
+    """NaN and infinities become null: the file is strict JSON (jq, JavaScript)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -84,6 +98,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials: int, out_dir: Path) -> Comparison:
     spec = runner.spec
+    samplers, seeds = list(dict.fromkeys(samplers)), list(dict.fromkeys(seeds))  # a repeated name would count twice
+    if not samplers or not seeds or n_trials < 1:
+        raise TopoCAMError(f"compare needs samplers, seeds and a budget >= 1; got {samplers}, {seeds}, {n_trials}")
     runner.log_baselines()
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
     rows, curves = summarise(runs, n_trials, spec.metric)
@@ -103,7 +120,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
             if isinstance(v, dict):
                 d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max")})
         flat.append(d)
-    tmp = files["table_csv"].with_name(".comparison.csv.tmp")
+    tmp = files["table_csv"].with_name(f".comparison.csv.tmp{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(flat[0]))
         w.writeheader()
@@ -113,9 +130,9 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "study": spec.name, "objective": spec.objective, "n_trials": n_trials, "seeds": list(seeds), "rows": rows,
         "runs": [{"sampler": r.sampler, "seed": r.seed, "best_value": r.best_value, "best_trial": r.best_trial,
                   "best_params": r.best_params, "val": r.val, "test": r.test, "values": r.values,
-                  "durations_s": r.durations_s} for r in runs],
+                  "trial_numbers": r.numbers, "n_failed": r.n_failed, "durations_s": r.durations_s} for r in runs],
     }
-    _atomic_write(files["json"], json.dumps(detail, indent=2, default=float))
+    _atomic_write(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far validation {spec.metric.upper()}", f"best val {spec.metric.upper()}")
     if runner.tracker is not None:
         t = runner.tracker

@@ -6,30 +6,56 @@ CAM cache are built once (``pipeline.prepare``); a trial only fuses,
 thresholds, computes Betti curves and fits the MLP, on train and val. Test
 metrics are computed for the best trial of each (sampler, seed) only, after
 the search, and never feed back into it.
+
+Budget. ``n_trials`` counts every trial of the (sampler, seed) study, failed
+ones included, whichever worker ran it. A worker creates a trial only while the
+study holds fewer than ``n_trials`` trials; with a local storage (SQLite or
+journal file) the check and the creation happen under a file lock, so any
+number of workers (processes or threads) together finish exactly the budget.
+With a database server there is no such lock: two workers that claim the last
+slot within the same few milliseconds can overshoot by one.
+
+Resume. A study that already exists is continued (same name in the same
+storage) provided it was defined the same way: the objective, the fixed
+configuration and the search space are recorded with the study, and a
+mismatch is an error rather than a silent mix of incomparable trials.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
+import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
 
 from ..errors import TopoCAMError
-from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..metrics import evaluate as score
-from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
+from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
+from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
 from .samplers import SAMPLERS, make_sampler
 from .space import apply_params, suggest
 from .studyfile import StudySpec
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+S = optuna.trial.TrialState
+FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
+ATTR_DEFINITION = "topocam_definition"
+
+
+@contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    """Heartbeats and ``fail_stale_trials`` are marked experimental by Optuna: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
@@ -39,30 +65,31 @@ def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL, or a clear error within seconds."""
     try:
-        if url.startswith("sqlite:///"):
-            folder = Path(url.removeprefix("sqlite:///")).parent
-            if not folder.is_dir():
-                raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
-            )
-        if url.startswith(("postgresql", "mysql")):
-            key = "connect_timeout"
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {key: 5}, "pool_pre_ping": True}, heartbeat_interval=60, grace_period=180
-            )
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
+        with _quiet_experimental():
+            if url.startswith("sqlite:///"):
+                folder = Path(url.removeprefix("sqlite:///").split("?")[0]).parent
+                if not folder.is_dir():
+                    raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
+                )
+            if url.startswith(("postgresql", "mysql")):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True},
+                    heartbeat_interval=60, grace_period=180,
+                )
+            if url.startswith("journal:"):
+                from optuna.storages.journal import JournalFileBackend
 
-            path = Path(url.removeprefix("journal:"))
-            if not path.parent.is_dir():
-                raise TopoCAMError(f"storage {url!r}: folder {path.parent} does not exist")
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+                path = Path(url.removeprefix("journal:"))
+                if not path.parent.is_dir():
+                    raise TopoCAMError(f"storage {url!r}: folder {path.parent} does not exist")
+                return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except TopoCAMError:
         raise
     except Exception as exc:  # sqlalchemy/driver errors: all mean "cannot open this storage"
-        msg = str(exc).splitlines()[0][:300]
-        raise TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg})") from None
+        msg = (str(exc).splitlines() or [""])[0][:300]
+        raise TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg}); check --storage") from None
     raise TopoCAMError(
         f"unsupported storage URL {url!r}; use sqlite:///path.db, postgresql://user:pw@host/db, mysql://... or journal:/path.log"
     )
@@ -70,6 +97,25 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 def optuna_name(spec: StudySpec, sampler: str, seed: int) -> str:
     return f"{spec.name}.{sampler}.s{seed}"
+
+
+def definition(spec: StudySpec) -> dict[str, Any]:
+    """What makes trials comparable: objective, fixed configuration and search space
+    (not where the data lives, the cache folder or the number of CPU jobs)."""
+    base = spec.base.as_dict()
+    for k in ("data_dir", "cache_dir", "n_jobs"):
+        base.pop(k, None)
+    space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
+    return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: d}
 
 
 @dataclass
@@ -85,6 +131,7 @@ class SamplerRun:
     val: dict[str, float] | None
     n_failed: int
     run_id: str | None = None
+    numbers: list[int] = field(default_factory=list)  # trial number of each entry of ``values``
 
     def best_so_far(self) -> np.ndarray:
         v = np.array([x if math.isfinite(x) else -np.inf for x in self.values], dtype=float)
@@ -129,29 +176,32 @@ class StudyRunner:
     def _tags(self, **extra) -> dict[str, Any]:
         return {"study": self.spec.name, "dataset": self.spec.base.dataset, **extra}
 
+    def _tracking_lock(self) -> FileLock:
+        return FileLock(self.tracker.lock_path if self.tracker is not None else None)
+
     # ------------------------------------------------------------ baselines
     def log_baselines(self) -> dict[str, dict]:
         """CNN and Topo-Original, once per study (skipped if already logged)."""
-        ctx = self.ctx
-        cfg = self.spec.base
         out: dict[str, dict] = {}
-        for name in ("cnn", "topo_original"):
-            if self.tracker is not None and self.tracker.find_run(self.experiment, {"kind": "baseline", "baseline": name, "study": self.spec.name}):
-                continue
-            if name == "cnn":
-                res = {s: score(ctx.data.y[s], ctx.cnn_probs[s], ctx.data.task) for s in ("val", "test")}
-            else:
-                fit = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True)
-                res = {"val": fit.val, "test": fit.test}
-            out[name] = res
-            if self.tracker is not None:
-                rid = self.tracker.start_run(
-                    self.experiment, f"baseline-{name}", self._tags(kind="baseline", baseline=name),
-                    params={"backbone": ctx.backbone.arch, "backbone_init": ctx.backbone.init, "bins": cfg.bins, "outside": cfg.outside,
-                            "mlp": cfg.mlp, "backbone_seed": cfg.seed},
-                )
-                self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"])})
-                self.tracker.finish(rid)
+        with self._tracking_lock():  # two workers starting together log them once
+            for name in ("cnn", "topo_original"):
+                if self.tracker is not None and self.tracker.find_run(self.experiment, {"kind": "baseline", "baseline": name, "study": self.spec.name}):
+                    continue
+                ctx, cfg = self.ctx, self.spec.base
+                if name == "cnn":
+                    res = {s: score(ctx.data.y[s], ctx.cnn_probs[s], ctx.data.task) for s in ("val", "test")}
+                else:
+                    fit = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True)
+                    res = {"val": fit.val, "test": fit.test}
+                out[name] = res
+                if self.tracker is not None:
+                    rid = self.tracker.start_run(
+                        self.experiment, f"baseline-{name}", self._tags(kind="baseline", baseline=name),
+                        params={"backbone": ctx.backbone.arch, "backbone_init": ctx.backbone.init, "bins": cfg.bins, "outside": cfg.outside,
+                                "mlp": cfg.mlp, "backbone_seed": cfg.seed},
+                    )
+                    self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"])})
+                    self.tracker.finish(rid)
         return out
 
     # ------------------------------------------------------------ one sampler
@@ -159,42 +209,47 @@ class StudyRunner:
         if self.tracker is None:
             return None
         tags = self._tags(kind="sampler", sampler=sampler, seed=seed)
-        rid = self.tracker.find_run(self.experiment, tags)
-        if rid is None:
-            base = self.spec.base
-            rid = self.tracker.start_run(
-                self.experiment, f"{sampler}-seed{seed}", tags,
-                params={"sampler": sampler, "seed": seed, "n_trials": n_trials, "objective": self.spec.objective,
-                        "backbone": base.backbone, "backbone_epochs": base.epochs, "backbone_seed": base.seed,
-                        "bins": base.bins, "outside": base.outside, "betti_backend": base.betti_backend,
-                        "search_space": json.dumps({k: vars(p) for k, p in self.spec.space.items()}, default=str)},
-            )
-            self.tracker.log_text(rid, self.spec.text, f"study/{self.spec.path.name}")
-        else:
-            self.tracker.client.update_run(rid, status="RUNNING")
+        with self._tracking_lock():  # one parent per (sampler, seed), however many workers
+            rid = self.tracker.find_run(self.experiment, tags)
+            if rid is None:
+                base = self.spec.base
+                rid = self.tracker.start_run(
+                    self.experiment, f"{sampler}-seed{seed}", tags,
+                    params={"sampler": sampler, "seed": seed, "n_trials": n_trials, "objective": self.spec.objective,
+                            "backbone": base.backbone, "backbone_epochs": base.epochs, "backbone_seed": base.seed,
+                            "bins": base.bins, "outside": base.outside, "betti_backend": base.betti_backend,
+                            "search_space": json.dumps({k: vars(p) for k, p in self.spec.space.items()}, default=str)},
+                )
+                self.tracker.log_text(rid, self.spec.text, f"study/{self.spec.path.name}")
+            else:
+                self.tracker.client.update_run(rid, status="RUNNING")
+            self.tracker.set_tags(rid, {"budget": n_trials})  # params are immutable: the latest budget is a tag
         return rid
 
-    def _objective(self, parent: str | None, sampler: str, seed: int):
+    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | None = None):
         ctx = self.ctx
         spec = self.spec
 
         def objective(trial: optuna.Trial) -> float:
+            if claim is not None:
+                claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
             params = suggest(trial, spec.space)
             rid = None
             if self.tracker is not None:
                 rid = self.tracker.start_run(
                     self.experiment, f"{sampler}-s{seed}-t{trial.number}",
-                    self._tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number), parent=parent, params=params,
+                    self._tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
+                    parent=parent, params=params,
                 )
             try:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False)
-            except Exception as exc:
+            except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
                 if rid is not None:
                     self.tracker.set_tags(rid, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
-                    self.tracker.finish(rid, "FAILED")
+                    self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
                 raise
             value = out.val[spec.metric]
             duration = time.perf_counter() - t0
@@ -205,108 +260,209 @@ class StudyRunner:
                 self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), "duration_s": duration,
                                                **{f"time_{k}_s": v for k, v in out.timings_s.items()},
                                                "roi_fraction_train": out.features.roi_fraction["train"]})
+                if not math.isfinite(value):  # Optuna fails a NaN objective: say why in MLflow too
+                    self.tracker.set_tags(rid, {"error": f"objective val_{spec.metric} is {value} (e.g. one class only in val)"})
                 self.tracker.finish(rid, "FINISHED" if math.isfinite(value) else "FAILED")
             return value
 
         return objective
 
+    def _check_definition(self, study: optuna.Study, sampler: str, seed: int) -> None:
+        """Resume only a study defined the same way; record the definition of a new one."""
+        attrs = study.user_attrs
+        for k, want in (("topocam_study", self.spec.name), ("sampler", sampler), ("seed", seed)):
+            if k in attrs and attrs[k] != want:
+                raise TopoCAMError(
+                    f"Optuna study {study.study_name!r} in {self.storage_url} belongs to {k} {attrs[k]!r}, not {want!r}; "
+                    "rename [study] name or use another --storage"
+                )
+        mine = definition(self.spec)
+        stored = attrs.get(ATTR_DEFINITION)
+        if stored is None:
+            for k, v in {"topocam_study": self.spec.name, "sampler": sampler, "seed": seed, "objective": self.spec.objective,
+                         ATTR_DEFINITION: mine,
+                         "topocam_definition_sha": hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]}.items():
+                study.set_user_attr(k, v)
+            return
+        if stored != mine:
+            a, b = _flatten(stored), _flatten(mine)
+            changed = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            raise TopoCAMError(
+                f"{self.spec.path}: study {study.study_name!r} in {self.storage_url} was run with a different definition "
+                f"({'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); its trials would not be comparable. "
+                "Rename [study] name for the new definition, or use another --storage"
+            )
+
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
         """Run (or resume) one (sampler, seed) up to the budget; return its history."""
         if sampler not in SAMPLERS:
             raise TopoCAMError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        n_trials = n_trials or self.spec.n_trials
-        study = optuna.create_study(
-            study_name=optuna_name(self.spec, sampler, seed), storage=self.storage, load_if_exists=True,
-            sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(sampler)), direction="maximize",
-        )
-        for k, v in {"topocam_study": self.spec.name, "sampler": sampler, "seed": seed, "objective": self.spec.objective}.items():
-            study.set_user_attr(k, v)
-        optuna.storages.fail_stale_trials(study)
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        parent = self._parent_run(sampler, seed, n_trials)
-        remaining = max(0, n_trials - done)
-        if remaining:
-            _ = self.ctx  # build backbone and data before the trial bar starts
-            bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
-            study.optimize(
-                self._objective(parent, sampler, seed), n_trials=remaining, catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), bar],
+        if n_trials is not None and (isinstance(n_trials, bool) or n_trials < 1):
+            raise TopoCAMError(f"the budget (n_trials) must be >= 1, got {n_trials}")
+        n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
+        with _quiet_experimental():
+            study = optuna.create_study(
+                study_name=optuna_name(self.spec, sampler, seed), storage=self.storage, load_if_exists=True,
+                sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(sampler)), direction="maximize",
             )
-            bar.close()
-        result = self._summarise(study, sampler, seed, parent)
-        if parent is not None:
-            self._log_sampler_artifacts(study, parent, result)
-            self.tracker.finish(parent)
-        return result
+            self._check_definition(study, sampler, seed)
+            optuna.storages.fail_stale_trials(study)
+        parent = self._parent_run(sampler, seed, n_trials)
+        status = "FAILED"
+        try:
+            self._sync_failed_trials(study, sampler, seed)
+            if len(study.get_trials(deepcopy=False)) < n_trials:
+                _ = self.ctx  # build backbone and data before the trial bar starts
+                done = len(study.get_trials(deepcopy=False, states=FINISHED))
+                bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
+                try:
+                    self._optimize(study, parent, sampler, seed, n_trials, bar)
+                finally:
+                    bar.close()
+                self._sync_failed_trials(study, sampler, seed)
+            result = self._summarise(study, sampler, seed, parent, n_trials)
+            if parent is not None:
+                self._log_sampler_artifacts(study, parent, result)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if parent is not None:
+                self.tracker.finish(parent, status)
 
-    def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None) -> SamplerRun:
+    def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
+        """One trial at a time, each claimed under the storage lock while the study holds fewer
+        than ``n_trials`` trials (of any state): the budget holds across workers."""
+        claim = FileLock(lock_path_for(self.storage_url))
+        objective = self._objective(parent, sampler, seed, claim)
+        while True:
+            claim.acquire()
+            try:
+                if len(study.get_trials(deepcopy=False)) >= n_trials:
+                    return
+                with _quiet_experimental():  # the lock is released by the objective once the trial exists
+                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
+            finally:
+                claim.release()
+
+    def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
+        """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
+        failed by Optuna's heartbeat check) are marked KILLED, with the reason."""
+        if self.tracker is None:
+            return
+        runs = self.tracker.find_runs(self.experiment, self._tags(kind="trial", sampler=sampler, seed=seed), status="RUNNING")
+        if not runs:
+            return
+        state = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        for r in runs:
+            n = r.data.tags.get("trial")
+            if n is not None and state.get(int(n)) == S.FAIL:
+                self.tracker.set_tags(r.info.run_id, {"error": "worker stopped during the trial (Optuna marked it FAIL: stale heartbeat)"})
+                self.tracker.finish(r.info.run_id, "KILLED")
+
+    def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
+        """History of the first ``budget`` finished trials (all by default): a study that
+        holds more (run earlier with a larger budget) is summarised on the budget asked for."""
         trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
-        values = [float(t.value) if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None else float("nan") for t in trials]
+        if budget is not None and len(trials) > budget:
+            self.log(f"{study.study_name}: {len(trials)} finished trials; reporting the first {budget} (the budget asked for)")
+            trials = trials[:budget]
+        values = [float(t.value) if t.state == S.COMPLETE and t.value is not None else float("nan") for t in trials]
         durations = [float(t.user_attrs.get("duration_s", (t.duration.total_seconds() if t.duration else float("nan")))) for t in trials]
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        numbers = [t.number for t in trials]
+        complete = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
         n_failed = len(trials) - len(complete)
         if not complete:
-            return SamplerRun(sampler, seed, values, durations, float("nan"), {}, -1, None, None, n_failed, parent)
+            return SamplerRun(sampler, seed, values, durations, float("nan"), {}, -1, None, None, n_failed, parent, numbers)
         best = max(complete, key=lambda t: (t.value, -t.number))
+        busy = [t.number for t in study.get_trials(deepcopy=False, states=(S.RUNNING, S.WAITING))]
+        if busy and (budget is None or len(trials) < budget):
+            # other workers are still searching: the last one to finish reports the test metrics
+            self.log(f"{study.study_name}: trial(s) {busy} still running elsewhere; test metrics of the best "
+                     "are reported when the search is over (by the last worker, or the next run)")
+            val = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("val_")}
+            return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, None, val,
+                              n_failed, parent, numbers)
         val, test = self._best_test(best, sampler, seed, parent)
-        return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, test, val, n_failed, parent)
+        return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, test, val,
+                          n_failed, parent, numbers)
 
     def _best_test(self, best: optuna.trial.FrozenTrial, sampler: str, seed: int, parent: str | None):
-        """Test metrics of the chosen configuration: computed after the choice, logged once."""
+        """Test metrics of the chosen configuration: computed after the choice, logged once.
+        An earlier best run of this (sampler, seed) for another trial is re-tagged
+        ``kind=best_superseded``, so ``kind=best`` names the current choice only."""
         params = {**{k: p.value for k, p in self.spec.space.items() if p.kind == "fixed"}, **best.params}
-        if self.tracker is not None:
-            rid = self.tracker.find_run(self.experiment, self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number))
-            if rid is not None:
-                run = self.tracker.client.get_run(rid)
-                m = run.data.metrics
+        if self.tracker is None:
+            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
+            return out.val, out.test
+        with self._tracking_lock():  # two workers finishing together log the best once
+            t = self.tracker
+            mine = None
+            for kind in ("best", "best_superseded"):
+                runs = t.find_runs(self.experiment, self._tags(kind=kind, sampler=sampler, seed=seed))
+                for r in runs:
+                    if r.data.tags.get("trial") == str(best.number) and r.info.status == "FINISHED" and mine is None:
+                        mine = r
+                    elif kind == "best":
+                        t.set_tags(r.info.run_id, {"kind": "best_superseded"})
+            if mine is not None:
+                if mine.data.tags.get("kind") != "best":
+                    t.set_tags(mine.info.run_id, {"kind": "best"})
+                m = mine.data.metrics
                 return ({k[4:]: v for k, v in m.items() if k.startswith("val_")}, {k[5:]: v for k, v in m.items() if k.startswith("test_")})
-        out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
-        if self.tracker is not None:
-            rid = self.tracker.start_run(
+            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
+            rid = t.start_run(
                 self.experiment, f"{sampler}-s{seed}-best", self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number),
                 parent=parent, params=params,
             )
-            self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})
-            self.tracker.finish(rid)
-            self.tracker.log_metrics(parent, {"best_val_" + self.spec.metric: best.value, **flat_metrics("best_test", out.test)})
+            t.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})
+            t.finish(rid)
+            if parent is not None:
+                t.log_metrics(parent, {"best_val_" + self.spec.metric: best.value, "best_trial": best.number,
+                                       **flat_metrics("best_test", out.test)})
         return out.val, out.test
 
     def _log_sampler_artifacts(self, study: optuna.Study, run_id: str, result: SamplerRun) -> None:
+        """Plots and the trial history on the sampler run; redrawn only when trials were added."""
         from .plots import study_plots
 
-        folder = self.runs_dir.resolve() / "tmp" / f"{study.study_name}-{os.getpid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
+        n_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if self.tracker.client.get_run(run_id).data.tags.get("plotted_trials") == str(n_finished):
+            return  # what is logged already shows these trials
+        with tempfile.TemporaryDirectory(prefix=f"topocam-{study.study_name}-") as tmp:
+            folder = Path(tmp)
             for path in study_plots(study, folder):
                 self.tracker.log_artifact(run_id, path, "plots")
-            df = study.trials_dataframe()
             hist = folder / "history.csv"
-            df.to_csv(hist, index=False)
+            study.trials_dataframe().to_csv(hist, index=False)
             self.tracker.log_artifact(run_id, hist, "history")
-        finally:
-            for p in folder.glob("*"):
-                p.unlink()
-            folder.rmdir()
+        self.tracker.set_tags(run_id, {"plotted_trials": n_finished})
 
 
 class _TrialBar:
-    """tqdm bar over the budget with the best value so far (ETA from tqdm)."""
+    """tqdm bar over the budget with the best value so far and the failures (ETA from tqdm)."""
 
     def __init__(self, total: int, done: int, desc: str, enabled: bool, study: optuna.Study):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", disable=not enabled, leave=True)
-        try:
-            self.bar.set_postfix(best=f"{study.best_value:.4f}")
-        except ValueError:
-            pass  # no completed trial yet: nothing to show
+        self.bar = tqdm(total=total, initial=min(done, total), desc=desc, unit="trial", disable=not enabled, leave=True)
+        self._postfix(study)
+
+    def _postfix(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        good = [t.value for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        post = {"best": f"{max(good):.4f}" if good else "—"}
+        failed = sum(t.state == S.FAIL for t in trials)
+        if failed:
+            post["failed"] = failed
+        self.bar.set_postfix(post)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.bar.update(1)
-        try:
-            self.bar.set_postfix(best=f"{study.best_value:.4f}", failed=sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False)))
-        except ValueError:
-            pass  # every trial so far failed: no best value
+        if self.bar.n < self.bar.total:
+            self.bar.update(1)
+        self._postfix(study)
 
     def close(self) -> None:
         self.bar.close()
@@ -315,21 +471,34 @@ class _TrialBar:
 def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
     """One row per (sampler, seed) study of ``name``: trial counts and best value."""
     storage = open_storage(storage_url)
-    names = optuna.get_all_study_names(storage)
-    mine = sorted(n for n in names if n == name or n.startswith(name + "."))
+    with _quiet_experimental():
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}
+    mine = sorted(n for n, o in owner.items() if o == name)
     if not mine:
-        known = sorted({n.split(".")[0] for n in names})
+        known = sorted(set(owner.values()))
         raise TopoCAMError(f"no study named {name!r} in {storage_url}; studies there: {', '.join(known) or 'none'}")
-    return [_status_row(optuna.load_study(study_name=n, storage=storage)) for n in mine]
+    rows = [_status_row(optuna.load_study(study_name=n, storage=storage)) for n in mine]
+    return sorted(rows, key=lambda r: (str(r["sampler"]), r["seed"] if isinstance(r["seed"], int) else -1, r["study"]))
+
+
+def _owner_from_name(optuna_study: str) -> str:
+    """``<study>.<sampler>.s<seed>`` -> ``<study>`` (studies written before user attrs were recorded)."""
+    parts = optuna_study.rsplit(".", 2)
+    if len(parts) == 3 and parts[1] in SAMPLERS and parts[2][:1] == "s" and parts[2][1:].isdigit():
+        return parts[0]
+    return optuna_study
 
 
 def _status_row(study: optuna.Study) -> dict[str, Any]:
-    S = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     count = {st: sum(t.state == st for t in trials) for st in (S.COMPLETE, S.RUNNING, S.FAIL, S.PRUNED, S.WAITING)}
-    try:
-        best, best_n = study.best_value, study.best_trial.number
-    except ValueError:
-        best, best_n = float("nan"), -1
-    return {"study": study.study_name, "complete": count[S.COMPLETE], "running": count[S.RUNNING],
-            "failed": count[S.FAIL], "pruned": count[S.PRUNED], "best_value": best, "best_trial": best_n}
+    good = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    best = max(good, key=lambda t: (t.value, -t.number)) if good else None
+    parts = study.study_name.rsplit(".", 2)
+    sampler = study.user_attrs.get("sampler", parts[1] if len(parts) == 3 else "?")
+    seed = study.user_attrs.get("seed", int(parts[2][1:]) if len(parts) == 3 and parts[2][1:].isdigit() else "?")
+    return {"study": study.study_name, "sampler": sampler, "seed": seed, "trials": len(trials),
+            "complete": count[S.COMPLETE], "running": count[S.RUNNING], "failed": count[S.FAIL], "pruned": count[S.PRUNED],
+            "waiting": count[S.WAITING], "best_value": float(best.value) if best else float("nan"),
+            "best_trial": best.number if best else -1}

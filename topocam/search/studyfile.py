@@ -7,6 +7,9 @@
     [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
     [sampler.de] popsize_per_dim, strategy, mutation, recombination
 
+``[fixed]`` is the base configuration: what the baselines (CNN, Topo-Original)
+use and what every trial uses unless a ``[space.X]`` table searches or fixes X.
+
 The backbone seed is a property of the study, so every sampler and every
 sampler seed optimises the same objective: the comparison measures the
 optimisers, not the luck of the backbone.
@@ -15,6 +18,7 @@ optimisers, not the luck of the backbone.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +26,7 @@ from typing import Any
 
 from ..errors import TopoCAMError
 from ..pipeline import TopoCAMConfig
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, make_sampler
 from .space import Param, build_space
 
 OBJECTIVES = ("val_auc", "val_acc")
@@ -33,6 +37,7 @@ _SECTIONS: dict[str, dict[str, type | tuple]] = {
     "fixed": {"outside": str, "bins": int, "betti_backend": str, "mlp_lr": (float, int),
               "mlp_weight_decay": (float, int), "n_jobs": int},
 }
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 _DE_KEYS = {"popsize_per_dim": int, "popsize": int, "strategy": str, "mutation": (float, int, list), "recombination": (float, int)}
 
 
@@ -91,8 +96,10 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     st, data, bb, fixed = (_table(doc, s, where) for s in ("study", "data", "backbone", "fixed"))
 
     name = st.get("name", path.stem)
-    if not name or any(c in name for c in "/\\ "):
-        raise TopoCAMError(f"{where}: [study] name {name!r} must be non-empty, without spaces or slashes")
+    if not _NAME.fullmatch(name):
+        raise TopoCAMError(
+            f"{where}: [study] name {name!r} must start with a letter or digit and hold only letters, digits, '_', '-' and '.'"
+        )
     objective = st.get("objective", "val_auc")
     if objective not in OBJECTIVES:
         raise TopoCAMError(f"{where}: [study] objective {objective!r} not one of {list(OBJECTIVES)}")
@@ -107,6 +114,10 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise TopoCAMError(f"{where}: [study] seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
 
+    from ..backbone import BACKBONES
+
+    if "arch" in bb and bb["arch"] not in BACKBONES:
+        raise TopoCAMError(f"{where}: [backbone] arch {bb['arch']!r} unknown; choose from {list(BACKBONES)}")
     synthetic_n = data.get("synthetic_n", [120, 40, 40])
     if len(synthetic_n) != 3 or not all(isinstance(v, int) and v >= 2 for v in synthetic_n):
         raise TopoCAMError(f"{where}: [data] synthetic_n must be three integers >= 2 (train, val, test), got {synthetic_n}")
@@ -132,16 +143,24 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     space = build_space(space_doc, where)
 
     sampler_doc = doc.get("sampler", {})
+    if not isinstance(sampler_doc, dict):
+        raise TopoCAMError(f"{where}: [sampler] must hold tables like [sampler.de]")
     options: dict[str, dict[str, Any]] = {}
     for sname, opts in sampler_doc.items():
         if sname != "de":
             raise TopoCAMError(f"{where}: [sampler.{sname}] has no options to set; only [sampler.de] is configurable")
+        if not isinstance(opts, dict):
+            raise TopoCAMError(f"{where}: [sampler.de] must be a table of options, got {opts!r}")
         unknown = sorted(set(opts) - set(_DE_KEYS))
         if unknown:
             raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [sampler.de]; allowed: {sorted(_DE_KEYS)}")
         options["de"] = {k: _typed("sampler.de", k, v, _DE_KEYS[k], where) for k, v in opts.items()}
         if isinstance(options["de"].get("mutation"), list):
             options["de"]["mutation"] = tuple(options["de"]["mutation"])
+        try:  # the sampler checks its options: fail now, not after the backbone has trained
+            make_sampler("de", 0, options["de"])
+        except TopoCAMError as exc:
+            raise TopoCAMError(f"{where}: {exc}") from None
     return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""), options)
 
 
