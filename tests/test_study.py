@@ -298,6 +298,19 @@ def test_narrowed_fixed_and_extended_space_are_what_trials_use(env, warm, tmp_pa
         assert run.data.params["tau"] == "0.55" and run.data.params["outside"] == "exclude"
 
 
+def test_every_cam_variant_is_built_before_the_first_trial(env, tmp_path, monkeypatch):
+    """A comparison's wall times measure trials: no sampler pays for CAMs another would reuse."""
+    monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached yet
+    path = write_study(tmp_path, "warmup", space={"cam": {"choices": ["gradcam", "gradcampp"]}})
+    runner = make_runner(path, sqlite(tmp_path), None)
+    assert runner.cam_variants() == ("gradcam", "gradcampp")
+    runner.run("random", 0, 1)  # one trial can use only one variant
+    assert all(runner.ctx.store.has(v) for v in ("gradcam", "gradcampp"))
+    assert not runner.ctx.store.has("scorecam")
+    fixed = make_runner(write_study(tmp_path, "warmfixed", space={"cam": {"fixed": "gradcampp"}}), sqlite(tmp_path), None)
+    assert fixed.cam_variants() == ("gradcampp",)
+
+
 def test_changed_definition_is_not_resumed(env, warm, tmp_path):
     storage = sqlite(tmp_path)
     path = write_study(tmp_path, "edited")
@@ -706,6 +719,7 @@ def test_cli_study_commands(env, warm, tmp_path):
                          "--runs-dir", runs, "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     assert (out / "comparison.json").is_file() and "| de |" in r.output
+    assert "median [min, max] over seeds" in r.output  # printed as text, not eaten as console markup
     storage = f"sqlite:///{env.runs / 'optuna.db'}"
     assert len(trials_of(storage, "clistudy.de.s0")) == 3 and len(trials_of(storage, "clistudy.random.s0")) == 3
 

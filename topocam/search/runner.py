@@ -167,6 +167,22 @@ class StudyRunner:
             self.timings_s["prepare"] = time.perf_counter() - t0
         return self._ctx
 
+    def cam_variants(self) -> tuple[str, ...]:
+        """The CAM variants trials can ask for (searched, fixed, or the base's)."""
+        p = self.spec.space.get("cam")
+        if p is None:
+            return (self.spec.base.cam,)
+        return tuple(p.choices) if p.kind == "categorical" else (p.value,)
+
+    def warm_up(self) -> Context:
+        """Build the backbone and every CAM variant the space can ask for, once per
+        study: trial durations (and a sampler's wall time in a comparison) then
+        measure trials only, whichever sampler happens to draw a variant first."""
+        ctx = self.ctx
+        for variant in self.cam_variants():
+            ctx.cams(variant, "train")  # computes (or loads) every split of this variant
+        return ctx
+
     @property
     def experiment(self) -> str | None:
         if self.tracker is not None and self._exp is None:
@@ -312,7 +328,7 @@ class StudyRunner:
         try:
             self._sync_failed_trials(study, sampler, seed)
             if len(study.get_trials(deepcopy=False)) < n_trials:
-                _ = self.ctx  # build backbone and data before the trial bar starts
+                self.warm_up()  # backbone, data and CAMs before the trial bar starts
                 done = len(study.get_trials(deepcopy=False, states=FINISHED))
                 bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
                 try:
