@@ -93,6 +93,7 @@ def run(
     bins: int = typer.Option(50, help="number of Betti-curve thresholds"),
     betti_backend: str = typer.Option("fast", help="fast (exact, default) or giotto (reference)"),
     mlp: str = typer.Option("128,64", help="MLP hidden sizes"),
+    n_jobs: int = typer.Option(-1, help="worker threads for Betti curves (-1: all cores)"),
     seed: int = typer.Option(0, help="seed for data generation, training and the MLP"),
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
     leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
@@ -110,7 +111,7 @@ def run(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
             backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, cam=cam,
             weights=_floats(weights, "--weights"), tau=tau, outside=outside, bins=bins, betti_backend=betti_backend,
-            mlp=_ints(mlp, "--mlp"), cache_dir=str(cache_dir) if cache_dir else None,
+            mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
             cam_target="label" if leakage_audit else "predicted",
         ).validated()
         ensure_writable_dir(out)
@@ -237,7 +238,7 @@ def study_compare(
         result = compare(runner, names, seed_list, budget, out_dir)
     except TopoCAMError as exc:
         fail(str(exc))
-    console.print(result.files["table_md"].read_text())
+    console.print(result.files["table_md"].read_text(), markup=False, highlight=False)  # "[min, max]" is not markup
     console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
     console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r}, run kind=comparison)")
 

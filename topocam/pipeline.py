@@ -73,6 +73,8 @@ class TopoCAMConfig:
             raise TopoCAMError(f"bins must be >= 2, got {self.bins}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise TopoCAMError("epochs must be >= 1, batch size >= 2 and lr > 0")
+        if self.n_jobs < -1:
+            raise TopoCAMError(f"n_jobs must be -1 (all cores) or >= 1, got {self.n_jobs}")
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 

@@ -145,7 +145,8 @@ def betti_features(
     from tqdm.auto import tqdm
 
     chunk = 256 if progress else max(1, nonempty.size)
-    with tqdm(total=int(nonempty.size), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        bar.update(n - nonempty.size)  # empty ROIs: zeros and a count of 0, nothing to compute
         for start in range(0, nonempty.size, chunk):
             idx = nonempty[start : start + chunk]
             curves = betti_curves(filtrations[idx], grid.thresholds, backend=backend, n_jobs=n_jobs)
