@@ -152,6 +152,11 @@ def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Pa
     from topocam.search.studyfile import load_study
     from topocam.tracking import Tracker
 
+    import optuna
+
+    # one line per trial from Optuna's logger would bury the trial bar (trials, best, ETA);
+    # every trial's parameters and metrics are in MLflow and `topocam study status`
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(study_file, data_dir=str(data_dir) if data_dir else None)
     if storage is None:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -261,9 +266,10 @@ def study_status_cmd(
         rows = study_status(study_name, storage)
     except TopoCAMError as exc:
         fail(str(exc))
-    t = Table(title=f"{study_name} in {storage}", title_justify="left")
-    for c in ("study", "complete", "running", "failed", "best value", "best trial"):
-        t.add_column(c, justify="left" if c == "study" else "right")
+    t = Table(title=f"{study_name} in {storage}", title_justify="left",
+              caption="done: completed trials; best: best objective value so far; trial: its number", caption_justify="left")
+    for c in ("study", "done", "running", "failed", "best", "trial"):  # short headers: full study names fit 80 columns
+        t.add_column(c, justify="left" if c == "study" else "right", no_wrap=True)
     for r in rows:
         t.add_row(r["study"], str(r["complete"]), str(r["running"]), str(r["failed"]), _fmt(r["best_value"]), str(r["best_trial"]))
     console.print(t)
