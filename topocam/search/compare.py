@@ -74,7 +74,7 @@ def markdown_table(rows: list[dict], metric: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["sampler"], *[_fmt(r[c]) for c in cols], str(r["failed_trials"])]) + " |")
-    return "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per\n(sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
+    return "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per (sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
 
 
 def _json_safe(obj):
