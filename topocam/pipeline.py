@@ -27,7 +27,7 @@ from .data import SPLITS, Dataset, load_dataset
 from .errors import TopoCAMError
 from .metrics import evaluate as score
 from .roi import check_tau, dice, fuse, fusion_weights, pointing_game, random_masks_like, roi_masks
-from .topology import BettiGrid, check_backend, check_outside, betti_features, segment
+from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
 
 
 @dataclass(frozen=True)
@@ -192,16 +192,18 @@ def features_from_masks(
     ``progress`` shows a bar per split (a single run; study trials keep quiet)."""
     if "train" not in splits:
         raise ValueError("features need the training split: it is what the Betti grid is fitted on")
-    grid = BettiGrid.fit(segment(ctx.gray("train"), masks["train"], cfg.outside), cfg.bins)
+    filtrations = {s: segment(ctx.gray(s), masks[s], cfg.outside) for s in splits}  # once per split, also for the grid
+    counts = {s: roi_counts(masks[s]) for s in splits}
+    grid = BettiGrid.fit(filtrations["train"], cfg.bins)
     x = {
-        s: betti_features(
-            ctx.gray(s), masks[s], grid, cfg.outside, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
+        s: features_from_filtrations(
+            filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
             progress=progress, desc=f"{label} Betti curves {s}",
         )
         for s in splits
     }
-    frac = {s: float(masks[s].mean()) for s in splits}
-    empty = {s: int((masks[s].reshape(len(masks[s]), -1).sum(axis=1) == 0).sum()) for s in splits}
+    frac = {s: float(counts[s].sum() / masks[s].size) for s in splits}
+    empty = {s: int((counts[s] == 0).sum()) for s in splits}
     return Features(x, grid, frac, empty)
 
 

@@ -49,12 +49,13 @@ def check_backend(backend: str) -> None:
 def segment(images: np.ndarray, masks: np.ndarray, outside: Outside) -> np.ndarray:
     """Filtration values of X' = X (.) mask, float64, same shape as ``images``."""
     check_outside(outside)
-    images = np.asarray(images, dtype=np.float64)
+    images = np.asarray(images)
     masks = np.asarray(masks, dtype=bool)
     if images.shape != masks.shape:
         raise TopoCAMError(f"images {images.shape} and ROI masks {masks.shape} differ in shape")
-    fill = 0.0 if outside == "zero" else np.inf
-    return np.where(masks, images, fill)
+    out = np.full(images.shape, 0.0 if outside == "zero" else np.inf, dtype=np.float64)
+    np.copyto(out, images, where=masks)  # one float64 array, no float64 copy of the whole input first
+    return out
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,29 @@ def betti_features(
     """phi: Betti curves divided by the ROI voxel count, with the count
     appended: (n, d * n_bins + 1) float32. An empty ROI gives zeros and a
     count of 0 (its image is kept, never dropped)."""
-    filtrations = segment(images, masks, outside)
+    return features_from_filtrations(
+        segment(images, masks, outside), roi_counts(masks), grid, backend, n_jobs, progress, desc
+    )
+
+
+def roi_counts(masks: np.ndarray) -> np.ndarray:
+    """Voxels in each image's ROI, (n,) int64."""
+    masks = np.asarray(masks, dtype=bool)
+    return masks.reshape(len(masks), -1).sum(axis=1)
+
+
+def features_from_filtrations(
+    filtrations: np.ndarray,
+    counts: np.ndarray,
+    grid: BettiGrid,
+    backend: Backend = "fast",
+    n_jobs: int = 1,
+    progress: bool = False,
+    desc: str = "Betti curves",
+) -> np.ndarray:
+    """:func:`betti_features` from already segmented images (``segment``) and their
+    ROI counts, for callers that also fit the grid on the same filtrations."""
     n = filtrations.shape[0]
-    counts = np.asarray(masks, dtype=bool).reshape(n, -1).sum(axis=1)
     d = filtrations.ndim - 1
     feats = np.zeros((n, d * grid.n_bins + 1), dtype=np.float32)
     feats[:, -1] = counts
