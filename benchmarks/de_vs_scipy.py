@@ -38,32 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def sphere(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.sum(x * x))
+from benchmarks.functions import FUNCTIONS  # noqa: E402  (after the sys.path line above)
 
-
-def rosenbrock(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
-
-
-def ackley(x) -> float:
-    x = np.asarray(x, dtype=float)
-    d = len(x)
-    return float(
-        -20.0 * np.exp(-0.2 * np.sqrt(np.sum(x * x) / d))
-        - np.exp(np.sum(np.cos(2.0 * np.pi * x)) / d)
-        + 20.0
-        + np.e
-    )
-
-
-FUNCTIONS = {
-    "sphere": (sphere, (-5.12, 5.12)),
-    "rosenbrock": (rosenbrock, (-5.0, 10.0)),
-    "ackley": (ackley, (-32.768, 32.768)),
-}
 DIMS = (3, 6)
 METHODS = ("de_optuna", "scipy_de", "scipy_de_deferred", "tpe", "cmaes", "random")
 LABELS = {

@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from benchmarks.functions import FUNCTIONS, rosenbrock, sphere
 from topocam.search.de import (
     ATTR_POPULATION,
     ATTR_SEED,
@@ -58,37 +59,6 @@ def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     yield
     optuna.logging.set_verbosity(old)
-
-
-# --------------------------------------------------------------------------- test functions
-
-
-def sphere(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.sum(x * x))
-
-
-def rosenbrock(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
-
-
-def ackley(x) -> float:
-    x = np.asarray(x, dtype=float)
-    d = len(x)
-    return float(
-        -20.0 * np.exp(-0.2 * np.sqrt(np.sum(x * x) / d))
-        - np.exp(np.sum(np.cos(2.0 * np.pi * x)) / d)
-        + 20.0
-        + np.e
-    )
-
-
-FUNCTIONS = {
-    "sphere": (sphere, (-5.12, 5.12)),
-    "rosenbrock": (rosenbrock, (-5.0, 10.0)),
-    "ackley": (ackley, (-32.768, 32.768)),
-}
 
 
 def _box_objective(f, dim, lo, hi):
