@@ -226,7 +226,7 @@ def study_compare(
 ):
     """Every sampler on the same budget and seeds: table, plot, all in MLflow."""
     from topocam import TopoCAMError
-    from topocam.search.compare import compare, markdown_table
+    from topocam.search.compare import compare
 
     try:
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)

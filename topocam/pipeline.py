@@ -19,14 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
+from .backbone import CAM_LAYERS, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .classifier import MLPSettings, TopoMLP, fit_mlp
 from .data import SPLITS, Dataset, load_dataset
 from .errors import TopoCAMError
 from .metrics import evaluate as score
-from .roi import check_tau, dice, fuse, fusion_weights, pointing_game, random_masks_like, roi_masks
+from .roi import (
+    UpsampledCache, check_tau, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
+    upsample_normalised,
+)
 from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
 
 
@@ -167,9 +170,6 @@ def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, n
     the upsampled, normalised per-layer maps (they depend on the CAM variant,
     not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
     memory-bounded LRU, so later trials only sum and threshold."""
-    from .backbone import CAM_LAYERS
-    from .roi import UpsampledCache, fuse_upsampled, upsample_normalised
-
     w = fusion_weights(cfg.weights)
     cache = ctx.trial_cache.setdefault("upsampled", UpsampledCache())
     shape = tuple(ctx.data.shape)
