@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,9 @@ CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
 CACHE_ENV = "TOPOCAM_CACHE_DIR"
-_CODE_VERSION = "2"  # bump when training code changes what a cached checkpoint means
+_CODE_VERSION = "3"  # bump when training code changes what a cached checkpoint means (3: BatchNorm recalibration)
+SELECT_AUC = "val_auc (ties: lower val loss)"
+SELECT_LOSS = "val_loss (validation holds one class: AUC undefined)"
 
 
 def default_cache_dir() -> Path:
@@ -167,6 +170,8 @@ class BackboneInfo:
     init: str  # scratch / imagenet1k_v1 / kinetics400_v1 (+small-stem)
     best_epoch: int
     best_val_auc: float
+    best_val_loss: float = float("nan")
+    selected_by: str = SELECT_AUC
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     cache_key: str = ""
@@ -188,9 +193,58 @@ def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 128, device
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 128, device: torch.device | None = None) -> int:
+    """Replace every BatchNorm layer's running statistics by their exact average
+    over ``x`` (the training split), in the weights' current state.
+
+    Why: after few optimiser steps the running statistics are an exponential
+    average of batch statistics from *earlier* weights, so in eval mode the
+    network sees shifted activations; on the quickstart this made a backbone
+    with validation AUC 0.99 predict one class for every image. Averaging with
+    ``momentum=None`` over one pass (as ``torch.optim.swa_utils.update_bn``
+    does) gives the population statistics of the weights being evaluated.
+    Returns the number of BatchNorm layers recalibrated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(x) < 2:
+        return 0
+    device = device or next(model.parameters()).device
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    model.train()
+    try:
+        starts = list(range(0, len(x), batch_size))
+        if len(x) - starts[-1] < 2 and len(starts) > 1:  # a batch of one has no variance: fold it into the previous
+            starts.pop()
+        for k, i in enumerate(starts):
+            j = starts[k + 1] if k + 1 < len(starts) else len(x)
+            model(torch.from_numpy(np.ascontiguousarray(x[i:j])).to(device))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
+def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
+    """The checkpoint rule, in one place: highest validation AUC, ties broken by the
+    lower validation loss (the first epoch to reach the top AUC no longer wins by
+    default). Where the AUC is undefined (a validation split of one class) the
+    loss alone decides."""
+    return (val_auc if math.isfinite(val_auc) else -math.inf, -val_loss if math.isfinite(val_loss) else -math.inf)
+
+
 def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
     blob = json.dumps({"data": ds.fingerprint, "arch": arch, "settings": asdict(s), "code": _CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _val_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+    return float(-np.log(p).mean())
 
 
 def train_backbone(
@@ -200,9 +254,13 @@ def train_backbone(
     progress: bool = True,
     device: torch.device | None = None,
 ) -> tuple[Backbone, BackboneInfo]:
-    """Fine-tune on train, keep the epoch with the best validation AUC.
-    The test split is never read here. Cached on disk by everything that
-    determines the result; a second call with the same inputs loads it."""
+    """Fine-tune on train, keep the epoch chosen by :func:`selection_key` on validation.
+
+    After every epoch the BatchNorm statistics are recalibrated on the training
+    split (:func:`recalibrate_batchnorm`), so the network validated, selected,
+    cached and used for CAMs is the one that eval mode actually runs. The test
+    split is never read here. Cached on disk by everything that determines the
+    result; a second call with the same inputs loads it."""
     from .metrics import evaluate  # local: metrics is a leaf, keeps import order simple
 
     arch = resolve_backbone(settings.arch, ds.ndim)
@@ -226,8 +284,10 @@ def train_backbone(
     loss_fn = nn.CrossEntropyLoss()
     xtr = torch.from_numpy(ds.x["train"])
     ytr = torch.from_numpy(ds.y["train"])
+    yval = ds.y["val"]
+    one_class_val = np.unique(yval).size < 2
     gen = torch.Generator().manual_seed(settings.seed)
-    best = (-1.0, 0, None)
+    best_key, best_epoch, best_state, best_auc, best_loss = None, 0, None, float("nan"), float("nan")
     history = []
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
@@ -249,16 +309,22 @@ def train_backbone(
             opt.step()
             total += float(loss.detach()) * len(idx)
             bar.update(1)
-        val = evaluate(ds.y["val"], predict_proba(model, ds.x["val"], device=device), ds.task)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(xtr), "val_auc": val["auc"], "val_acc": val["acc"]})
-        bar.set_postfix(val_auc=f"{val['auc']:.3f}")
-        if val["auc"] > best[0]:
-            best = (val["auc"], epoch + 1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        recalibrate_batchnorm(model, ds.x["train"], device=device)
+        probs = predict_proba(model, ds.x["val"], device=device)
+        val = evaluate(yval, probs, ds.task)
+        vloss = _val_loss(yval, probs)
+        history.append({"epoch": epoch + 1, "train_loss": total / len(xtr), "val_loss": vloss, "val_auc": val["auc"], "val_acc": val["acc"]})
+        bar.set_postfix(val_auc=f"{val['auc']:.3f}", val_loss=f"{vloss:.3f}")
+        key_now = selection_key(val["auc"], vloss)
+        if best_key is None or key_now > best_key:
+            best_key, best_epoch, best_auc, best_loss = key_now, epoch + 1, val["auc"], vloss
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     bar.close()
-    model.load_state_dict(best[2])
+    model.load_state_dict(best_state)
     info = BackboneInfo(
-        arch=arch, settings=asdict(settings), dataset=ds.fingerprint, init=init, best_epoch=best[1],
-        best_val_auc=float(best[0]), history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
+        arch=arch, settings=asdict(settings), dataset=ds.fingerprint, init=init, best_epoch=best_epoch,
+        best_val_auc=float(best_auc), best_val_loss=float(best_loss), selected_by=SELECT_LOSS if one_class_val else SELECT_AUC,
+        history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
     )
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     tmp = ckpt.with_suffix(f".tmp{os.getpid()}")

@@ -270,37 +270,94 @@ def _ball(shape: tuple[int, ...], center: np.ndarray, radius: float) -> np.ndarr
     return d2 <= radius**2
 
 
+SYNTHETIC_VERSION = "2"  # recorded in the source text; the fingerprint hashes the images themselves
+LESION_RADIUS = (0.17, 0.21)  # fraction of the side: the lesion is the LARGEST object...
+CLUTTER_RADIUS = (0.10, 0.13)  # ...distractors are smaller: size, not topology or intensity, tells them apart
+BRIGHT = (0.7, 1.0)  # every object, lesion or clutter, draws its intensity from the same range
+DARK = (0.05, 0.2)  # and so does every hole
+
+
+def holed_objects(clutter: int) -> int:
+    """How many of the 1 + ``clutter`` objects have a hole, whatever the label."""
+    return max(1, (clutter + 1) // 2)
+
+
+def hole_halfwidth(size: int) -> int:
+    """Every hole is the same cube of (2k+1)^d pixels, whichever object holds it: the
+    hole a lesion has or lacks is the hole a distractor lacks or has, so both classes
+    have the same bright and dark areas."""
+    return max(0, int(0.05 * size))
+
+
+def _radii(rng: np.random.Generator, size: int, ndim: int, clutter: int) -> list[float]:
+    """Lesion radius first, then the distractors'. Any object can hold a hole, so its ball
+    must contain the (2k+3)^d cube around the hole: the hole is then closed in any
+    connectivity (26-connected voxels leak through the corners of a thinner ring)."""
+    floor = (hole_halfwidth(size) + 1) * np.sqrt(ndim) + 0.1
+    small = [max(rng.uniform(*CLUTTER_RADIUS) * size, floor) for _ in range(clutter)]
+    big = max(rng.uniform(*LESION_RADIUS) * size, floor + 1.0, max(small) + 1.0)
+    return [big, *small]
+
+
+def _layout(rng: np.random.Generator, size: int, ndim: int, clutter: int) -> tuple[list[float], list[np.ndarray]]:
+    """Radii (lesion first) and integer centres, inside the image and with background
+    between the objects (objects touching, even diagonally, would merge and change the
+    topology). Radii are redrawn with each attempt, so a crowded draw does not get stuck."""
+    for _ in range(500):  # cheap: a failed layout costs microseconds
+        radii = _radii(rng, size, ndim, clutter)
+        centres: list[np.ndarray] = []
+        for r in radii:
+            lo, hi = int(np.ceil(r + 1)), int(np.floor(size - 2 - r))
+            if hi < lo:
+                break
+            for _ in range(30):
+                c = rng.integers(lo, hi + 1, size=ndim).astype(float)
+                if all(np.linalg.norm(c - c2) > r + r2 + 1.5 for c2, r2 in zip(centres, radii)):
+                    centres.append(c)
+                    break
+            else:
+                break
+        if len(centres) == len(radii):
+            return radii, centres
+    raise TopoCAMError(
+        f"cannot place the lesion and {clutter} distractor(s) apart in a {size}-px image; lower clutter or raise size"
+    )
+
+
 def synthetic_image(
-    rng: np.random.Generator, ndim: int, size: int, label: int
+    rng: np.random.Generator, ndim: int, size: int, label: int, clutter: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its lesion mask. The lesion is the brightest structure;
-    label 1 has a dark hole (2D) / cavity (3D) inside it, label 0 is solid.
-    Clutter blobs are dimmer and, whatever the label, half of them have a hole
-    too: the whole image's topology carries little class signal, the lesion's
-    does (the premise of TopoCAM)."""
+    """One image and its lesion mask.
+
+    The premise of TopoCAM, by construction: the image holds the lesion (the
+    largest object) and ``clutter`` smaller distractors, all drawn from the same
+    intensity ranges, and the number of objects with a hole is the same for
+    both labels (:func:`holed_objects`), every hole the same size. Label 1: the
+    lesion has the hole (2D) or cavity (3D); label 0: the lesion is solid and one
+    more distractor has a hole. So the whole image's topology is the same in
+    distribution for both classes and only the lesion's topology tells them
+    apart; a CNN finds the lesion by its size. ``clutter`` is the difficulty knob."""
+    if clutter < 1:
+        raise TopoCAMError(f"synthetic clutter must be >= 1 (the distractors carry the hole a solid lesion lacks), got {clutter}")
     shape = (size,) * ndim
     img = 0.15 * _smooth_noise(rng, shape, sigma=size / 8)
-    radius = rng.uniform(0.17, 0.24) * size
-    margin = radius + 1
-    center = rng.uniform(margin, size - 1 - margin, size=ndim)
-    for _ in range(int(rng.integers(2, 5))):  # clutter, no class signal
-        c = rng.uniform(0, size - 1, size=ndim)
-        r = rng.uniform(0.1, 0.16) * size
-        img[_ball(shape, c, r)] = rng.uniform(0.35, 0.6)
-        if rng.random() < 0.5:
-            img[_ball(shape, c, r * 0.45)] = rng.uniform(0.05, 0.2)
-    lesion = _ball(shape, center, radius)
-    img[lesion] = rng.uniform(0.8, 1.0)
-    if label == 1:
-        img[_ball(shape, center, radius * 0.45)] = rng.uniform(0.05, 0.2)
+    radii, centres = _layout(rng, size, ndim, clutter)
+    n_holed_clutter = holed_objects(clutter) - (1 if label == 1 else 0)
+    holed = [label == 1] + list(rng.permutation([True] * n_holed_clutter + [False] * (clutter - n_holed_clutter)))
+    k = hole_halfwidth(size)
+    for c, r, hole in zip(centres, radii, holed):
+        img[_ball(shape, c, r)] = rng.uniform(*BRIGHT)
+        if hole:
+            img[tuple(slice(int(ci) - k, int(ci) + k + 1) for ci in c)] = rng.uniform(*DARK)
     img += rng.normal(0.0, 0.03, size=shape)
-    return np.clip(img, 0.0, 1.0).astype(np.float32), lesion
+    return np.clip(img, 0.0, 1.0).astype(np.float32), _ball(shape, centres[0], radii[0])
 
 
 def make_synthetic(
-    ndim: int, size: int = 28, n: tuple[int, int, int] = (120, 40, 40), seed: int = 0
+    ndim: int, size: int = 28, n: tuple[int, int, int] = (120, 40, 40), seed: int = 0, clutter: int = 2
 ) -> Dataset:
-    """Balanced, seeded synthetic dataset with ground-truth lesion masks."""
+    """Balanced, seeded synthetic dataset with ground-truth lesion masks.
+    ``seed`` is the DATA seed: models vary their own seeds on these fixed images."""
     if ndim not in (2, 3):
         raise TopoCAMError(f"synthetic data is 2D or 3D, not {ndim}D")
     if size < 12:
@@ -312,13 +369,14 @@ def make_synthetic(
     for split, count in zip(SPLITS, n):
         labels = np.arange(count) % 2
         rng.shuffle(labels)
-        pairs = [synthetic_image(rng, ndim, size, int(lab)) for lab in labels]
+        pairs = [synthetic_image(rng, ndim, size, int(lab), clutter) for lab in labels]
         xs[split] = np.stack([p[0] for p in pairs])[:, None]
         ms[split] = np.stack([p[1] for p in pairs])
         ys[split] = labels.astype(np.int64)
     name = f"synthetic{ndim}d"
-    src = f"{name}(size={size}, n={n}, seed={seed})"
-    fp = f"{name}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+    src = f"{name}(size={size}, n={n}, seed={seed}, clutter={clutter}, generator v{SYNTHETIC_VERSION})"
+    # by content: a change to the generator can never reuse checkpoints or CAMs of other images
+    fp = f"{name}-{_hash_arrays(xs, ys)}"
     return Dataset(name, "binary-class", 2, xs, ys, fingerprint=fp, source=src, lesion_masks=ms,
                    class_names=["solid lesion", "lesion with hole/cavity"])
 
@@ -329,11 +387,13 @@ def load_dataset(
     data_dir: str | Path | None = None,
     synthetic_n: tuple[int, int, int] = (120, 40, 40),
     seed: int = 0,
+    clutter: int = 2,
 ) -> Dataset:
-    """Resolve a dataset by name: synthetic2d/3d, a MedMNIST flag, or an .npz path."""
+    """Resolve a dataset by name: synthetic2d/3d, a MedMNIST flag, or an .npz path.
+    ``seed`` and ``clutter`` (the data seed and difficulty) apply to synthetic sets only."""
     key = name.lower()
     if key in SYNTHETIC:
-        return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed)
+        return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed, clutter=clutter)
     if key.endswith(".npz") or os.sep in name:
         return load_npz(name)
     return load_medmnist(key, size=size, data_dir=data_dir)

@@ -7,3 +7,8 @@ can catch it. Messages say what is wrong, where, and how to fix it.
 
 class TopoCAMError(Exception):
     """A problem the user can fix (bad input, missing file, bad option)."""
+
+
+class DegenerateBackboneWarning(UserWarning):
+    """The backbone predicts a single class on validation: its predicted-class CAMs
+    all explain that class. Reported, never silently used (DESIGN.md §2.10)."""

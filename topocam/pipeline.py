@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,10 @@ from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .classifier import MLPSettings, TopoMLP, fit_mlp
 from .data import SPLITS, Dataset, load_dataset
-from .errors import TopoCAMError
+from .stats import summarise_method
+from .errors import DegenerateBackboneWarning, TopoCAMError
 from .metrics import evaluate as score
+from .metrics import predicted_labels
 from .roi import (
     UpsampledCache, check_tau, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
     upsample_normalised,
@@ -40,6 +44,8 @@ class TopoCAMConfig:
     data_dir: str | None = None
     size: int = 28
     synthetic_n: tuple[int, int, int] = (120, 40, 40)
+    data_seed: int = 0  # synthetic sets only: the images stay fixed while model seeds vary
+    clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
     # backbone (f_theta)
     backbone: str = "auto"
     epochs: int = 10
@@ -76,6 +82,10 @@ class TopoCAMConfig:
             raise TopoCAMError(f"bins must be >= 2, got {self.bins}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
             raise TopoCAMError("epochs must be >= 1, batch size >= 2 and lr > 0")
+        if self.data_seed < 0 or self.seed < 0:
+            raise TopoCAMError(f"seeds must be >= 0, got data seed {self.data_seed} and model seed {self.seed}")
+        if self.clutter < 1:
+            raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
         if self.n_jobs < -1:
             raise TopoCAMError(f"n_jobs must be -1 (all cores) or >= 1, got {self.n_jobs}")
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
@@ -112,6 +122,9 @@ class Context:
     # configuration; "upsampled": roi.UpsampledCache of per-layer maps (see roi_for)
     trial_cache: dict[str, object] = field(default_factory=dict)
 
+    def health(self) -> BackboneHealth:
+        return backbone_health(self.cnn_probs, self.data.task, self.data.n_classes)
+
     def gray(self, split: str) -> np.ndarray:
         if split not in self._gray:
             self._gray[split] = self.data.gray(split)
@@ -138,9 +151,7 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     """Load data, fine-tune (or load) the backbone, predict every split."""
     config = config.validated()
     t0 = time.perf_counter()
-    ds = data if data is not None else load_dataset(
-        config.dataset, size=config.size, data_dir=config.data_dir, synthetic_n=config.synthetic_n, seed=config.seed
-    )
+    ds = data if data is not None else load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
     t_data = time.perf_counter() - t0
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -149,7 +160,47 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
     t_backbone = time.perf_counter() - t0
     store = CamStore(cache_dir, cam_cache_key(info.cache_key, ds.fingerprint, config.cam_target))
-    return Context(config, ds, model, info, probs, store, progress, {"data": t_data, "backbone": t_backbone})
+    ctx = Context(config, ds, model, info, probs, store, progress, {"data": t_data, "backbone": t_backbone})
+    health = ctx.health()
+    if health.degenerate:
+        warnings.warn(DegenerateBackboneWarning(health.message), stacklevel=2)
+    return ctx
+
+
+def load_data(config: TopoCAMConfig) -> Dataset:
+    """The dataset a configuration names (synthetic sets from the DATA seed, not the model seed)."""
+    return load_dataset(
+        config.dataset, size=config.size, data_dir=config.data_dir, synthetic_n=config.synthetic_n,
+        seed=config.data_seed, clutter=config.clutter,
+    )
+
+
+@dataclass(frozen=True)
+class BackboneHealth:
+    """Predicted-class counts per split: the CAM target is the predicted class, so a
+    backbone that predicts one class on validation explains one class only."""
+
+    predicted_counts: dict[str, list[int]]
+    degenerate: bool
+    message: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def backbone_health(cnn_probs: dict[str, np.ndarray], task: str, n_classes: int) -> BackboneHealth:
+    counts = {
+        s: np.bincount(predicted_labels(p, task), minlength=n_classes).astype(int).tolist() for s, p in cnn_probs.items()
+    }
+    val = counts.get("val", [])
+    used = [c for c, k in enumerate(val) if k > 0]
+    degenerate = len(used) < 2
+    message = (
+        f"DEGENERATE BACKBONE: it predicts class {used[0] if used else '?'} for all {sum(val)} validation images "
+        f"(predicted-class counts per split: {counts}); every predicted-class CAM explains that one class. "
+        "Train longer, change lr or batch size, or check the data before trusting these numbers"
+    ) if degenerate else None
+    return BackboneHealth(counts, degenerate, message)
 
 
 # ------------------------------------------------------------------ features
@@ -232,15 +283,17 @@ class FitResult:
     val: dict[str, float]
     test: dict[str, float] | None
     model: TopoMLP
+    probs: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (n, k), the splits scored
 
 
 def fit_and_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, report_test: bool) -> FitResult:
     """Fit g_psi on train (early stopping on val). Test metrics only if asked."""
     y = ctx.data.y
     mlp = fit_mlp(feats.x["train"], y["train"], feats.x["val"], y["val"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
-    val = score(y["val"], mlp.predict_proba(feats.x["val"]), ctx.data.task)
-    test = score(y["test"], mlp.predict_proba(feats.x["test"]), ctx.data.task) if report_test else None
-    return FitResult(val, test, mlp)
+    probs = {s: mlp.predict_proba(feats.x[s]) for s in (("val", "test") if report_test else ("val",))}
+    val = score(y["val"], probs["val"], ctx.data.task)
+    test = score(y["test"], probs["test"], ctx.data.task) if report_test else None
+    return FitResult(val, test, mlp, probs)
 
 
 @dataclass
@@ -252,6 +305,7 @@ class TrialOutcome:
     features: Features
     model: TopoMLP
     timings_s: dict[str, float]
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> TrialOutcome:
@@ -263,7 +317,7 @@ def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progre
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     t3 = time.perf_counter()
-    return TrialOutcome(fit.val, fit.test, feats, fit.model, {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2})
+    return TrialOutcome(fit.val, fit.test, feats, fit.model, {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2}, fit.probs)
 
 
 # --------------------------------------------------------------------- a run
@@ -286,9 +340,13 @@ def roi_quality(ctx: Context, cfg: TopoCAMConfig, split: str = "test", seed: int
     }
 
 
-def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) -> dict:
-    """The full ``topocam run``: TopoCAM plus the CNN and Topo-Original
-    baselines, validation and test metrics, stage timings."""
+METHODS: tuple[str, ...] = ("topocam", "cnn", "topo_original")
+
+
+def run_seed(cfg: TopoCAMConfig, data: Dataset, progress: bool = True) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """One seed of ``topocam run``: TopoCAM, the CNN and Topo-Original (the same
+    fixed MLP), validation and test metrics, backbone health, stage timings.
+    Returns the result and each method's probabilities per split (for intervals)."""
     ctx = prepare(cfg, progress=progress, data=data)
     cfg = ctx.config
     out = evaluate(ctx, cfg, report_test=True, progress=ctx.progress)
@@ -297,19 +355,21 @@ def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) 
     orig_fit = fit_and_score(ctx, cfg, orig, report_test=True)
     t_orig = time.perf_counter() - t0
     task = ctx.data.task
-    cnn = {s: score(ctx.data.y[s], ctx.cnn_probs[s], task) for s in ("val", "test")}
-    return {
-        "config": cfg.as_dict(),
-        "dataset": {
-            "name": ctx.data.name, "source": ctx.data.source, "task": task, "n_classes": ctx.data.n_classes,
-            "shape": list(ctx.data.shape), "n": {s: int(len(ctx.data.y[s])) for s in SPLITS},
-        },
-        "val": out.val,
-        "test": out.test,
-        "baselines": {"cnn": cnn, "topo_original": {"val": orig_fit.val, "test": orig_fit.test}},
+    probs = {
+        "topocam": out.probs,
+        "cnn": {s: ctx.cnn_probs[s] for s in ("val", "test")},
+        "topo_original": orig_fit.probs,
+    }
+    metrics = {m: {s: score(ctx.data.y[s], probs[m][s], task) for s in ("val", "test")} for m in METHODS}
+    health = ctx.health()
+    result = {
+        "seed": cfg.seed,
+        "metrics": metrics,
         "backbone": {
             "arch": ctx.backbone.arch, "init": ctx.backbone.init, "best_epoch": ctx.backbone.best_epoch,
-            "best_val_auc": ctx.backbone.best_val_auc, "cached": ctx.backbone.cached, "cache_key": ctx.backbone.cache_key,
+            "best_val_auc": ctx.backbone.best_val_auc, "best_val_loss": ctx.backbone.best_val_loss,
+            "selected_by": ctx.backbone.selected_by, "cached": ctx.backbone.cached, "cache_key": ctx.backbone.cache_key,
+            **health.as_dict(),
         },
         "roi": {
             "fraction": out.features.roi_fraction, "empty": out.features.empty_rois,
@@ -325,4 +385,49 @@ def run(cfg: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) 
             "classifier": out.timings_s["classifier"],
             "topo_original": t_orig,
         },
+    }
+    return result, probs
+
+
+def summarise_seeds(data: Dataset, runs: Sequence[dict], probs: Sequence[dict[str, dict[str, np.ndarray]]]) -> dict:
+    """``summary[method][split][metric] = {"mean", "sd", "n"[, "ci95"]}`` over the seeds' runs,
+    plus the ROI quality (synthetic sets) as mean and sd."""
+    out: dict = {
+        m: {
+            s: summarise_method([r["metrics"][m][s] for r in runs], data.y[s], [p[m][s] for p in probs], data.task)
+            for s in ("val", "test")
+        }
+        for m in METHODS
+    }
+    quality = [r["roi"]["quality"] for r in runs if r["roi"]["quality"]]
+    if quality:
+        from .stats import mean_sd
+
+        out["roi_quality"] = {k: mean_sd([q[k] for q in quality]) for k in quality[0]}
+    out["degenerate_backbones"] = [r["seed"] for r in runs if r["backbone"]["degenerate"]]
+    return out
+
+
+def run(cfg: TopoCAMConfig, seeds: Sequence[int] | None = None, progress: bool = True, data: Dataset | None = None) -> dict:
+    """The full ``topocam run``: every seed (backbone and MLP seeds; the data stay
+    fixed) and the summary over seeds with bootstrap intervals."""
+    cfg = cfg.validated()
+    seeds = list(dict.fromkeys(seeds)) if seeds else [cfg.seed]
+    if any(s < 0 for s in seeds):
+        raise TopoCAMError(f"seeds must be >= 0, got {seeds}")
+    ds = data if data is not None else load_data(cfg)
+    runs, probs = [], []
+    for seed in seeds:
+        r, p = run_seed(replace(cfg, seed=seed), ds, progress)
+        runs.append(r)
+        probs.append(p)
+    return {
+        "config": {**cfg.as_dict(), "seed": None},
+        "seeds": seeds,
+        "dataset": {
+            "name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint, "task": ds.task, "n_classes": ds.n_classes,
+            "shape": list(ds.shape), "n": {s: int(len(ds.y[s])) for s in SPLITS},
+        },
+        "runs": runs,
+        "summary": summarise_seeds(ds, runs, probs),
     }
