@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
-console = Console()
+# piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -62,17 +63,37 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
 
 
+def _pm(stat: dict) -> str:
+    """``mean ± sd`` of a summary cell (sd omitted for one seed)."""
+    if stat["n"] == 0:
+        return "—"
+    return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["n"] > 1 else "")
+
+
+METHOD_NAMES = {"topocam": "TopoCAM", "cnn": "CNN", "topo_original": "Topo-Original"}
+
+
 def metrics_table(result: dict) -> Table:
-    t = Table(title=f"{result['dataset']['name']}: validation and test metrics", title_justify="left")
+    seeds = result["seeds"]
+    t = Table(title=f"{result['dataset']['name']}: mean ± sd over seeds {seeds}", title_justify="left",
+              caption="CI: stratified bootstrap 95 % interval of the seed-mean test AUC", caption_justify="left")
     t.add_column("method", no_wrap=True)
-    cols = [("val", "auc"), ("val", "acc"), ("test", "auc"), ("test", "acc"), ("test", "sensitivity"), ("test", "specificity"), ("test", "f1")]
-    short = {"auc": "AUC", "acc": "ACC", "sensitivity": "sens", "specificity": "spec", "f1": "F1"}
+    cols = [("val", "auc"), ("val", "acc"), ("test", "auc"), ("test", "acc")]
     for split, m in cols:
-        t.add_column(f"{split}\n{short[m]}", justify="right", no_wrap=True)
-    rows = [("TopoCAM", result), ("CNN", result["baselines"]["cnn"]), ("Topo-Original", result["baselines"]["topo_original"])]
-    for name, r in rows:
-        t.add_row(name, *[_fmt(r[split][m]) for split, m in cols])
+        t.add_column(f"{split} {m.upper()}", justify="right", no_wrap=True)
+    t.add_column("test AUC CI", justify="right", no_wrap=True)
+    for key, name in METHOD_NAMES.items():
+        summ = result["summary"][key]
+        lo, hi = summ["test"]["auc"]["ci95"]
+        t.add_row(name, *[_pm(summ[split][m]) for split, m in cols], f"[{_fmt(lo)}, {_fmt(hi)}]")
     return t
+
+
+def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> str:
+    from topocam.tracking import Tracker, log_topocam_run
+
+    tracker = Tracker(tracking_uri, runs_dir)
+    return f"{tracker.uri} (experiment {log_topocam_run(tracker, result)!r})"
 
 
 @app.command()
@@ -82,6 +103,8 @@ def run(
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
     size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
     synthetic_n: str = typer.Option("120,40,40", help="synthetic train,val,test counts"),
+    data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
+    clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
     backbone: str = typer.Option("auto", help="auto (resnet18 in 2D, r3d18 in 3D), resnet18, r3d18 or small"),
     epochs: int = typer.Option(10, help="backbone fine-tuning epochs"),
     batch_size: int = typer.Option(32, help="backbone batch size"),
@@ -94,51 +117,74 @@ def run(
     betti_backend: str = typer.Option("fast", help="fast (exact, default) or giotto (reference)"),
     mlp: str = typer.Option("128,64", help="MLP hidden sizes"),
     n_jobs: int = typer.Option(-1, help="worker threads for Betti curves (-1: all cores)"),
-    seed: int = typer.Option(0, help="seed for data generation, training and the MLP"),
+    seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
+    no_tracking: bool = typer.Option(False, "--no-tracking", help="do not log to MLflow"),
     leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
-    """Run TopoCAM once and compare it with the CNN and Topo-Original baselines."""
+    """Run TopoCAM over one or more seeds and compare it with the CNN and Topo-Original baselines."""
+    import warnings
+
     from topocam import TopoCAMError
+    from topocam.errors import DegenerateBackboneWarning
     from topocam.pipeline import TopoCAMConfig, run as run_pipeline
 
     n = _ints(synthetic_n, "--synthetic-n")
     if len(n) != 3:
         fail(f"--synthetic-n needs three counts train,val,test, got {synthetic_n!r}")
+    seed_list = list(dict.fromkeys(_ints(seeds, "--seeds")))
+    if not seed_list or min(seed_list) < 0:
+        fail(f"--seeds needs one or more integers >= 0, e.g. 0,1,2,3,4; got {seeds!r}")
     try:
         cfg = TopoCAMConfig(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
-            backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, cam=cam,
+            data_seed=data_seed, clutter=clutter,
+            backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed_list[0], cam=cam,
             weights=_floats(weights, "--weights"), tau=tau, outside=outside, bins=bins, betti_backend=betti_backend,
             mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
             cam_target="label" if leakage_audit else "predicted",
         ).validated()
         ensure_writable_dir(out)
-        result = run_pipeline(cfg, progress=not quiet)
+        if not no_tracking:  # open the store now: a bad URI fails before any training
+            from topocam.tracking import Tracker
+
+            Tracker(tracking_uri, runs_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
+            result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
     except TopoCAMError as exc:
         fail(str(exc))
     if leakage_audit:
         result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
     write_json_atomic(out / "metrics.json", result)
     console.print(metrics_table(result))
-    tm = result["timings_s"]
-    console.print(
-        "backbone: {arch} ({init}{c}), best epoch {e}; stage times: ".format(
-            arch=result["backbone"]["arch"], init=result["backbone"]["init"],
-            c=", cached" if result["backbone"]["cached"] else "", e=result["backbone"]["best_epoch"],
+    for r in result["runs"]:
+        tm, bb = r["timings_s"], r["backbone"]
+        console.print(
+            f"seed {r['seed']}: backbone {bb['arch']} ({bb['init']}{', cached' if bb['cached'] else ''}), "
+            f"best epoch {bb['best_epoch']} by {bb['selected_by']}; predicted classes {bb['predicted_counts']}; "
+            "stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()),
+            markup=False, highlight=False,
         )
-        + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items())
-    )
-    q = result["roi"]["quality"]
+        if bb["degenerate"]:
+            err.print(f"warning: seed {r['seed']}: {bb['message']}", markup=False, highlight=False, style="bold yellow", soft_wrap=True)
+    q = result["summary"].get("roi_quality")
     if q:
         console.print(
-            f"ROI vs true lesion (test): Dice {q['dice']:.3f} (random mask of same size {q['dice_random_same_size']:.3f}), "
-            f"pointing game {q['pointing_game']:.3f} (chance {q['pointing_game_random']:.3f})"
+            f"ROI vs true lesion (test): Dice {_pm(q['dice'])} (random mask of same size {_pm(q['dice_random_same_size'])}), "
+            f"pointing game {_pm(q['pointing_game'])} (chance {_pm(q['pointing_game_random'])})", markup=False, highlight=False,
         )
     if leakage_audit:
         console.print("[bold yellow]leakage audit: CAMs targeted the true label; not a valid result[/]")
-    console.print(f"wrote {out / 'metrics.json'}")
+    console.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
+    if not no_tracking:
+        try:
+            console.print(f"MLflow: {_log_run(result, tracking_uri, runs_dir)}", markup=False, highlight=False)
+        except TopoCAMError as exc:
+            fail(f"results are in {out / 'metrics.json'}, but MLflow logging failed: {exc}")
 
 
 study_app = typer.Typer(no_args_is_help=True, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
@@ -243,7 +289,7 @@ def study_compare(
         result = compare(runner, names, seed_list, budget, out_dir)
     except TopoCAMError as exc:
         fail(str(exc))
-    console.print(result.files["table_md"].read_text(), markup=False, highlight=False)  # "[min, max]" is not markup
+    console.print(result.files["table_md"].read_text(), markup=False, highlight=False, soft_wrap=True)  # "[min, max]" is not markup
     console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
     console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r}, run kind=comparison)")
 

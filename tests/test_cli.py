@@ -17,21 +17,63 @@ FAST = ["--size", "20", "--synthetic-n", "40,16,16", "--backbone", "small", "--e
 
 
 def _run(args, tmp_path):
-    return runner.invoke(app, ["run", *args, "--cache-dir", str(tmp_path / "cache")])
+    return runner.invoke(app, ["run", *args, "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "mlruns")])
 
 
-def test_run_synthetic_writes_metrics_json(tmp_path):
+def _mlflow_runs(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_run_synthetic_over_seeds_writes_metrics_json_and_mlflow(tmp_path):
+    out = tmp_path / "out"
+    r = _run(["--dataset", "synthetic2d", *FAST, "--seeds", "0,1", "--out", str(out)], tmp_path)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["seeds"] == [0, 1] and [run["seed"] for run in m["runs"]] == [0, 1]
+    for run in m["runs"]:
+        for method in ("topocam", "cnn", "topo_original"):
+            for split in ("val", "test"):
+                assert set(run["metrics"][method][split]) >= {"auc", "acc", "sensitivity", "specificity", "f1"}
+        assert set(run["timings_s"]) >= {"backbone", "cams", "features", "classifier"}
+        assert set(run["backbone"]["predicted_counts"]) == {"train", "val", "test"}
+        assert sum(run["backbone"]["predicted_counts"]["val"]) == 16
+        assert run["n_features"] == 2 * 8 + 1
+    a0, a1 = (run["metrics"]["topocam"]["test"]["auc"] for run in m["runs"])
+    cell = m["summary"]["topocam"]["test"]["auc"]
+    assert cell["mean"] == pytest.approx((a0 + a1) / 2) and cell["sd"] == pytest.approx(abs(a0 - a1) / np.sqrt(2))
+    for method in ("topocam", "cnn", "topo_original"):
+        for split in ("val", "test"):
+            for metric in ("auc", "acc"):
+                lo, hi = m["summary"][method][split][metric]["ci95"]
+                assert 0 <= lo <= hi <= 1
+    assert m["config"]["cam_target"] == "predicted"
+    assert "TopoCAM" in r.output and "Topo-Original" in r.output and "±" in r.output
+    assert not [p for p in out.iterdir() if p.name != "metrics.json"]  # no temp files left
+    runs = _mlflow_runs(tmp_path)
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(x.data.tags["seed"] for x in children) == ["0", "1"]
+    assert all(x.data.tags["kind"] == "run" and x.data.tags["leakage_audit"] == "false" for x in runs)
+    assert parents[0].data.metrics["topocam_test_auc_mean"] == pytest.approx(cell["mean"])
+    assert children[0].data.metrics["cnn_pred_val_class0"] + children[0].data.metrics["cnn_pred_val_class1"] == 16
+
+
+def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
+    """A backbone that predicts one class is never used silently: a warning in the run output,
+    a flag in metrics.json, a tag in MLflow."""
+    import topocam.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "predict_proba", lambda model, x: np.tile(np.float32([0.9, 0.1]), (len(x), 1)))
     out = tmp_path / "out"
     r = _run(["--dataset", "synthetic2d", *FAST, "--out", str(out)], tmp_path)
     assert r.exit_code == 0, r.output
+    assert "DEGENERATE BACKBONE" in r.output and "predicts class 0 for all 16 validation images" in r.output
     m = json.loads((out / "metrics.json").read_text())
-    for part in (m, m["baselines"]["cnn"], m["baselines"]["topo_original"]):
-        for split in ("val", "test"):
-            assert set(part[split]) >= {"auc", "acc", "sensitivity", "specificity", "f1"}
-    assert set(m["timings_s"]) >= {"backbone", "cams", "features", "classifier"}
-    assert m["config"]["cam_target"] == "predicted" and m["n_features"] == 2 * 8 + 1
-    assert "TopoCAM" in r.output and "Topo-Original" in r.output
-    assert not [p for p in out.iterdir() if p.name != "metrics.json"]  # no temp files left
+    assert m["runs"][0]["backbone"]["degenerate"] and m["summary"]["degenerate_backbones"] == [0]
+    assert {x.data.tags["degenerate_backbone"] for x in _mlflow_runs(tmp_path)} == {"true"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +89,9 @@ def test_run_synthetic_writes_metrics_json(tmp_path):
         (["--dataset", "synthetic2d", "--outside", "inside"], "outside mode"),
         (["--dataset", "synthetic2d", "--backbone", "r3d18"], "r3d18 is 3D"),
         (["--dataset", "missing/file.npz"], "does not exist"),
+        (["--dataset", "synthetic2d", "--seeds", "0,-1"], "--seeds needs one or more integers >= 0"),
+        (["--dataset", "synthetic2d", "--clutter", "0"], "clutter"),
+        (["--dataset", "synthetic2d", "--tracking-uri", "nosuchscheme://x"], "cannot open the MLflow tracking store"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_and_writes_nothing(tmp_path, args, message):
@@ -74,6 +119,7 @@ def test_leakage_audit_is_labelled(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["cam_target"] == "label" and "leak" in m["leakage_audit"]
+    assert {x.data.tags["leakage_audit"] for x in _mlflow_runs(tmp_path)} == {"true"}
 
 
 def test_console_script_entry_point(tmp_path):
@@ -93,4 +139,5 @@ def test_breastmnist_real_data_smoke(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"]["n"] == {"train": 546, "val": 78, "test": 156}
-    assert 0.5 < m["val"]["auc"] <= 1.0 and np.isfinite(m["test"]["auc"])
+    topocam = m["runs"][0]["metrics"]["topocam"]
+    assert 0.5 < topocam["val"]["auc"] <= 1.0 and np.isfinite(topocam["test"]["auc"])

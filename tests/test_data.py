@@ -1,4 +1,5 @@
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,16 +90,77 @@ def test_synthetic_is_seeded_balanced_and_has_lesions(ndim):
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert a.ndim == ndim and a.x["train"].shape == (10, 1) + (16,) * ndim
     assert np.bincount(a.y["train"]).tolist() == [5, 5]
-    # the lesion is the brightest structure: its mean intensity beats the rest of the image
     for img, m in zip(a.gray("train"), a.lesion_masks["train"]):
         assert m.any() and img[m].mean() > img[~m].mean() + 0.2
 
 
-def test_synthetic_class_difference_is_a_hole():
-    ds = make_synthetic(2, size=24, n=(20, 2, 2), seed=0)
-    for img, m, y in zip(ds.gray("train"), ds.lesion_masks["train"], ds.y["train"]):
-        dark_inside = (img[m] < 0.4).mean()
-        assert (dark_inside > 0.05) == bool(y)
+def _objects(img: np.ndarray) -> list[tuple[int, bool]]:
+    """(size, has a hole) of each bright object of an image (8/26-connected)."""
+    from scipy import ndimage
+
+    full = np.ones((3,) * img.ndim, dtype=bool)
+    lab, n = ndimage.label(img > 0.5, structure=full)
+    out = []
+    for i in range(1, n + 1):
+        obj = lab == i
+        filled = ndimage.binary_fill_holes(obj)
+        out.append((int(filled.sum()), bool((filled & ~obj).any())))
+    return out
+
+
+@pytest.mark.parametrize("ndim,size", [(2, 24), (3, 20)])
+def test_synthetic_lesion_is_the_largest_object_and_holes_are_label_independent(ndim, size):
+    """By construction: 1 + clutter separate objects; the same number of holes whatever the
+    label; the label says only whether the LARGEST object (the lesion) holds one."""
+    clutter = 2
+    ds = make_synthetic(ndim, size=size, n=(16, 2, 2), seed=0, clutter=clutter)
+    for img, mask, y in zip(ds.gray("train"), ds.lesion_masks["train"], ds.y["train"]):
+        objs = sorted(_objects(img), reverse=True)
+        assert len(objs) == 1 + clutter, objs
+        assert sum(h for _, h in objs) == 1, objs  # holed_objects(2) == 1, for both labels
+        assert objs[0][1] == bool(y), (objs, y)  # the lesion has the hole iff label 1
+        assert abs(objs[0][0] - int(mask.sum())) <= 0.1 * mask.sum()  # ... and it is the masked object
+
+
+def test_synthetic_premise_holds_whole_image_topology_carries_no_class_signal():
+    """The premise of TopoCAM, measured: a classifier on the whole image's Betti curves is
+    near chance, the same features restricted to the lesion separate the classes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from topocam.topology import BettiGrid, features_from_filtrations, roi_counts, segment
+
+    ds = make_synthetic(2, size=24, n=(240, 2, 2), seed=5)
+    x, y, lesion = ds.gray("train"), ds.y["train"], ds.lesion_masks["train"]
+    auc = {}
+    for name, mask in (("whole", np.ones_like(lesion)), ("lesion", lesion)):
+        f = segment(x, mask, "zero")
+        feats = features_from_filtrations(f, roi_counts(mask), BettiGrid.fit(f, 30), backend="fast", n_jobs=1)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        auc[name] = cross_val_score(clf, feats, y, cv=5, scoring="roc_auc").mean()
+    assert auc["whole"] < 0.68 and auc["lesion"] > 0.95, auc
+
+
+def test_synthetic_fingerprint_is_the_content_and_data_seed_is_not_the_model_seed():
+    from topocam.data import _hash_arrays
+    from topocam.pipeline import TopoCAMConfig, load_data
+
+    a = make_synthetic(2, size=16, n=(6, 2, 2), seed=0, clutter=1)
+    assert a.fingerprint.endswith(_hash_arrays(a.x, a.y))
+    assert make_synthetic(2, size=16, n=(6, 2, 2), seed=0, clutter=2).fingerprint != a.fingerprint
+    cfg = TopoCAMConfig(dataset="synthetic2d", size=16, synthetic_n=(6, 2, 2), clutter=1)
+    same = [load_data(replace(cfg, seed=s)) for s in (0, 7)]  # model seeds differ, the images do not
+    assert same[0].fingerprint == same[1].fingerprint == a.fingerprint
+    assert load_data(replace(cfg, data_seed=1)).fingerprint != a.fingerprint
+
+
+def test_synthetic_clutter_and_crowding_errors_are_clear():
+    with pytest.raises(TopoCAMError, match="clutter must be >= 1"):
+        make_synthetic(2, size=24, n=(4, 2, 2), clutter=0)
+    with pytest.raises(TopoCAMError, match="lower clutter or raise size"):
+        make_synthetic(2, size=12, n=(4, 2, 2), clutter=6)
 
 
 def test_breastmnist_official_file_loads_with_md5():

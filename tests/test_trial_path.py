@@ -106,7 +106,7 @@ def random_maps(rng, n: int, ndim: int, dtype=np.float32) -> dict[str, np.ndarra
 @pytest.fixture(scope="module")
 def fake_ctx(tmp_path_factory):
     """A 3D context whose CAM cache holds random maps (no backbone needed)."""
-    data = make_synthetic(3, size=12, n=(40, 20, 20), seed=2)
+    data = make_synthetic(3, size=12, n=(40, 20, 20), seed=2, clutter=1)
     store = CamStore(tmp_path_factory.mktemp("cams"), "k")
     rng = np.random.default_rng(7)
     for variant in ("gradcam", "gradcampp"):

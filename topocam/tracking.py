@@ -117,8 +117,11 @@ class Tracker:
                     "create it or check --tracking-uri"
                 )
         try:
-            self.client = MlflowClient(tracking_uri)
-            self.client.search_experiments(max_results=1)
+            # the first call creates or migrates a database store, which is not safe between
+            # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
+            with FileLock(lock_path_for(tracking_uri)):
+                self.client = MlflowClient(tracking_uri)
+                self.client.search_experiments(max_results=1)
         except Exception as exc:  # mlflow raises many types for a bad URI; all mean "cannot track here"
             msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise TopoCAMError(
@@ -211,3 +214,57 @@ def _quote(v: Any) -> str:
 
 def flat_metrics(prefix: str, metrics: dict[str, float] | None) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in (metrics or {}).items()}
+
+
+def run_experiment_name(dataset: str) -> str:
+    """``topocam run`` results go to one experiment per dataset (studies have their own)."""
+    return f"run-{dataset}"
+
+
+def log_topocam_run(tracker: Tracker, result: dict) -> str:
+    """Log a ``topocam run`` result: a parent run (``kind=run``) holding the summary over
+    seeds and metrics.json, and one nested run per seed with its metrics, predicted-class
+    counts and timings. A degenerate backbone is tagged ``degenerate_backbone=true``, a
+    leakage audit ``leakage_audit=true`` (its numbers are not a valid result).
+    Returns the experiment name."""
+    import json
+
+    name = run_experiment_name(result["dataset"]["name"])
+    exp = tracker.experiment(name)
+    audit = "leakage_audit" in result
+    degenerate = result["summary"]["degenerate_backbones"]
+    base_tags = {"kind": "run", "dataset": result["dataset"]["name"], "leakage_audit": str(audit).lower()}
+    cfg = {k: v for k, v in result["config"].items() if k not in ("seed", "data_dir", "cache_dir")}
+    parent = tracker.start_run(
+        exp, f"{result['dataset']['name']}-seeds{'_'.join(map(str, result['seeds']))}",
+        {**base_tags, "seeds": ",".join(map(str, result["seeds"])), "degenerate_backbone": str(bool(degenerate)).lower()},
+        params={**cfg, "seeds": result["seeds"], "data_fingerprint": result["dataset"]["fingerprint"]},
+    )
+    summary = {}
+    for method in ("topocam", "cnn", "topo_original"):
+        for split, per_metric in result["summary"][method].items():
+            for metric, stat in per_metric.items():
+                key = f"{method}_{split}_{metric}"
+                summary[f"{key}_mean"], summary[f"{key}_sd"] = stat["mean"], stat["sd"]
+                if "ci95" in stat:
+                    summary[f"{key}_ci95_lo"], summary[f"{key}_ci95_hi"] = stat["ci95"]
+    tracker.log_metrics(parent, summary)
+    tracker.log_text(parent, json.dumps(result, indent=2, default=float, allow_nan=True), "metrics.json")
+    for r in result["runs"]:
+        bb = r["backbone"]
+        child = tracker.start_run(
+            exp, f"{result['dataset']['name']}-seed{r['seed']}",
+            {**base_tags, "seed": r["seed"], "degenerate_backbone": str(bb["degenerate"]).lower(),
+             "backbone_selected_by": bb["selected_by"]},
+            parent=parent, params={"seed": r["seed"], "backbone_init": bb["init"], "backbone_best_epoch": bb["best_epoch"]},
+        )
+        metrics = {f"{m}_{s}_{k}": v for m, by_split in r["metrics"].items() for s, d in by_split.items() for k, v in d.items()}
+        metrics.update({f"cnn_pred_{s}_class{c}": n for s, counts in bb["predicted_counts"].items() for c, n in enumerate(counts)})
+        metrics.update({f"roi_fraction_{s}": v for s, v in r["roi"]["fraction"].items()})
+        metrics.update({f"roi_empty_{s}": v for s, v in r["roi"]["empty"].items()})
+        metrics.update({f"roi_{k}": v for k, v in (r["roi"]["quality"] or {}).items()})
+        metrics.update({f"time_{k}_s": v for k, v in r["timings_s"].items()})
+        tracker.log_metrics(child, metrics)
+        tracker.finish(child)
+    tracker.finish(parent)
+    return name

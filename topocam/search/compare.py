@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TopoCAMError
+from ..stats import mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
 
@@ -30,6 +31,7 @@ class Comparison:
     rows: list[dict]
     runs: list[SamplerRun]
     files: dict[str, Path]
+    replication: dict | None = None
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -68,13 +70,53 @@ def summarise(runs: list[SamplerRun], n_trials: int, metric: str) -> tuple[list[
     return rows, curves
 
 
-def markdown_table(rows: list[dict], metric: str) -> str:
+def _fmt_pm(s: dict[str, float]) -> str:
+    return "—" if not s or not math.isfinite(s["mean"]) else f"{s['mean']:.3f} ± {s['sd']:.3f} (n={s['n']})"
+
+
+def markdown_table(rows: list[dict], metric: str, replication: dict | None = None) -> str:
     cols = [f"best_val_{metric}@25%", f"best_val_{metric}@50%", f"best_val_{metric}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
-    head = ["sampler", *cols, "failed"]
+    rep = f"test_{metric}_replicated"
+    head = ["sampler", *cols, *([rep] if replication else []), "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["sampler"], *[_fmt(r[c]) for c in cols], str(r["failed_trials"])]) + " |")
-    return "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per (sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
+        cells = [r["sampler"], *[_fmt(r[c]) for c in cols], *([_fmt_pm(r.get(rep))] if replication else []), str(r["failed_trials"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per (sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
+    if replication:
+        seeds = replication["seeds"]
+        base = replication["baselines"]
+        text += (
+            f"\n{rep}: each (sampler, seed)'s best configuration re-trained and tested under model seeds {seeds} "
+            f"(backbone and MLP), mean ± sd over all of them. Baselines under the same seeds: "
+            f"CNN {_fmt_pm(base['cnn'])}, Topo-Original (base configuration) {_fmt_pm(base['topo_original'])}.\n"
+        )
+        if replication["degenerate_seeds"]:
+            text += f"\nWARNING: the backbone of model seed(s) {replication['degenerate_seeds']} predicts one class on validation.\n"
+    return text
+
+
+def replicate(runner: StudyRunner, runs: list[SamplerRun], rows: list[dict], seeds: list[int]) -> dict:
+    """Re-evaluate each (sampler, seed)'s best configuration under every replication
+    seed, after all searches are over; adds ``test_<metric>_replicated`` to the rows."""
+    metric = runner.spec.metric
+    per_run: dict[str, dict] = {}
+    for r in runs:
+        if r.best_trial < 0:
+            continue
+        params = {**{k: p.value for k, p in runner.spec.space.items() if p.kind == "fixed"}, **r.best_params}
+        per_run[f"{r.sampler}.s{r.seed}"] = runner.replicate(params, seeds)
+    for row in rows:
+        values = [res["test"][metric] for key, reps in per_run.items() if key.rsplit(".s", 1)[0] == row["sampler"]
+                  for res in reps.values()]
+        row[f"test_{metric}_replicated"] = mean_sd(values)
+    base = runner.replicate_baselines(seeds)
+    degenerate = sorted({s for reps in per_run.values() for s, res in reps.items() if res["degenerate_backbone"]})
+    return {
+        "seeds": seeds, "per_run": per_run, "degenerate_seeds": degenerate,
+        "baselines": {name: mean_sd([m[metric] for m in by_seed.values()]) for name, by_seed in base.items()},
+        "baselines_per_seed": base,
+    }
 
 
 def _json_safe(obj):
@@ -104,6 +146,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     runner.log_baselines()
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
     rows, curves = summarise(runs, n_trials, spec.metric)
+    replication = replicate(runner, runs, rows, list(spec.replicate_seeds)) if spec.replicate_seeds else None
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "table_md": out_dir / "comparison.md",
@@ -111,14 +154,14 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "json": out_dir / "comparison.json",
         "plot": out_dir / "best_so_far.png",
     }
-    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric)
+    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication)
     _atomic_write(files["table_md"], md)
     flat = []
     for r in rows:
         d = {"sampler": r["sampler"], "failed_trials": r["failed_trials"]}
         for k, v in r.items():
             if isinstance(v, dict):
-                d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max")})
+                d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max", "mean", "sd", "n") if s in v})
         flat.append(d)
     tmp = files["table_csv"].with_name(f".comparison.csv.tmp{os.getpid()}")
     with open(tmp, "w", newline="") as f:
@@ -128,6 +171,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     os.replace(tmp, files["table_csv"])
     detail = {
         "study": spec.name, "objective": spec.objective, "n_trials": n_trials, "seeds": list(seeds), "rows": rows,
+        "replication": replication,
         "runs": [{"sampler": r.sampler, "seed": r.seed, "best_value": r.best_value, "best_trial": r.best_trial,
                   "best_params": r.best_params, "val": r.val, "test": r.test, "values": r.values,
                   "trial_numbers": r.numbers, "n_failed": r.n_failed, "durations_s": r.durations_s} for r in runs],
@@ -139,9 +183,22 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner._tags(kind="comparison"),
                           params={"samplers": ",".join(samplers), "seeds": ",".join(map(str, seeds)), "n_trials": n_trials})
         for r in rows:
-            t.log_metrics(rid, {f"{r['sampler']}_{k}_median": v["median"] for k, v in r.items() if isinstance(v, dict)})
+            t.log_metrics(rid, {f"{r['sampler']}_{k}_{stat}": v[stat] for k, v in r.items() if isinstance(v, dict)
+                                for stat in ("median", "mean", "sd") if stat in v})
+        if replication is not None:
+            for name, st in replication["baselines"].items():
+                t.log_metrics(rid, {f"{name}_test_{spec.metric}_replicated_mean": st["mean"],
+                                    f"{name}_test_{spec.metric}_replicated_sd": st["sd"]})
+            t.set_tags(rid, {"replicate_seeds": ",".join(map(str, replication["seeds"])),
+                             "degenerate_backbone": str(bool(replication["degenerate_seeds"])).lower()})
+            for r in runs:
+                reps = replication["per_run"].get(f"{r.sampler}.s{r.seed}")
+                if reps and r.run_id:
+                    st = mean_sd([res["test"][spec.metric] for res in reps.values()])
+                    t.log_metrics(r.run_id, {f"replicated_test_{spec.metric}_mean": st["mean"],
+                                             f"replicated_test_{spec.metric}_sd": st["sd"]})
         for p in files.values():
             t.log_artifact(rid, p, "comparison")
         t.log_text(rid, spec.text, f"study/{spec.path.name}")
         t.finish(rid)
-    return Comparison(rows, runs, files)
+    return Comparison(rows, runs, files, replication)

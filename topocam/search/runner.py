@@ -29,15 +29,16 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
 
-from ..errors import TopoCAMError
+from ..errors import DegenerateBackboneWarning, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
@@ -70,9 +71,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 folder = Path(url.removeprefix("sqlite:///").split("?")[0]).parent
                 if not folder.is_dir():
                     raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
-                )
+                # schema creation is not safe between processes (two workers on a fresh file:
+                # "table study_directions already exists"): create or check it under the store's lock
+                with FileLock(lock_path_for(url)):
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
+                    )
             if url.startswith(("postgresql", "mysql")):
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs={"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True},
@@ -152,6 +156,7 @@ class StudyRunner:
     _exp: str | None = None
     log: Callable[[str], None] = print
     timings_s: dict[str, float] = field(default_factory=dict)
+    _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
 
     @property
     def storage(self):
@@ -163,9 +168,52 @@ class StudyRunner:
     def ctx(self) -> Context:
         if self._ctx is None:
             t0 = time.perf_counter()
-            self._ctx = prepare(self.spec.base, progress=self.progress)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported by log_baselines, once
+                self._ctx = prepare(self.spec.base, progress=self.progress)
             self.timings_s["prepare"] = time.perf_counter() - t0
+            health = self._ctx.health()
+            if health.degenerate:
+                self.log(f"warning: {self.spec.name}: {health.message}")
         return self._ctx
+
+    def seed_context(self, seed: int) -> Context:
+        """The study's data and backbone recipe with another model seed (its own
+        backbone, CAMs and MLP seed): what replication re-evaluates a choice on."""
+        if seed == self.spec.base.seed:
+            return self.ctx
+        if seed not in self._seed_ctx:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateBackboneWarning)
+                ctx = prepare(replace(self.spec.base, seed=seed), progress=self.progress, data=self.ctx.data)
+            health = ctx.health()
+            if health.degenerate:
+                self.log(f"warning: {self.spec.name}, replication seed {seed}: {health.message}")
+            self._seed_ctx[seed] = ctx
+        return self._seed_ctx[seed]
+
+    def replicate(self, params: dict[str, Any], seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Test (and validation) metrics of one chosen configuration under each model
+        seed. Runs after the search, so nothing here feeds back into a choice."""
+        out: dict[int, dict[str, Any]] = {}
+        for seed in seeds:
+            ctx = self.seed_context(seed)
+            for variant in self.cam_variants():
+                ctx.cams(variant, "train")
+            cfg = replace(apply_params(self.spec.base, params), seed=seed)
+            res = evaluate(ctx, cfg, report_test=True)
+            out[seed] = {"val": res.val, "test": res.test, "degenerate_backbone": ctx.health().degenerate}
+        return out
+
+    def replicate_baselines(self, seeds: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
+        """CNN and Topo-Original test metrics under each model seed (base configuration)."""
+        out: dict[str, dict[int, dict[str, float]]] = {"cnn": {}, "topo_original": {}}
+        for seed in seeds:
+            ctx = self.seed_context(seed)
+            cfg = replace(self.spec.base, seed=seed)
+            out["cnn"][seed] = score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)
+            out["topo_original"][seed] = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True).test
+        return out
 
     def cam_variants(self) -> tuple[str, ...]:
         """The CAM variants trials can ask for (searched, fixed, or the base's)."""
@@ -211,12 +259,15 @@ class StudyRunner:
                     res = {"val": fit.val, "test": fit.test}
                 out[name] = res
                 if self.tracker is not None:
+                    health = ctx.health()
                     rid = self.tracker.start_run(
-                        self.experiment, f"baseline-{name}", self._tags(kind="baseline", baseline=name),
+                        self.experiment, f"baseline-{name}",
+                        self._tags(kind="baseline", baseline=name, degenerate_backbone=str(health.degenerate).lower()),
                         params={"backbone": ctx.backbone.arch, "backbone_init": ctx.backbone.init, "bins": cfg.bins, "outside": cfg.outside,
-                                "mlp": cfg.mlp, "backbone_seed": cfg.seed},
+                                "mlp": cfg.mlp, "backbone_seed": cfg.seed, "backbone_selected_by": ctx.backbone.selected_by},
                     )
-                    self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"])})
+                    counts = {f"cnn_pred_{s}_class{c}": n for s, cs in health.predicted_counts.items() for c, n in enumerate(cs)}
+                    self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"]), **counts})
                     self.tracker.finish(rid)
         return out
 
@@ -239,7 +290,8 @@ class StudyRunner:
                 self.tracker.log_text(rid, self.spec.text, f"study/{self.spec.path.name}")
             else:
                 self.tracker.client.update_run(rid, status="RUNNING")
-            self.tracker.set_tags(rid, {"budget": n_trials})  # params are immutable: the latest budget is a tag
+            # params are immutable: the latest budget is a tag; so is the backbone's health (DESIGN.md §2.10)
+            self.tracker.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(self.ctx.health().degenerate).lower()})
         return rid
 
     def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | None = None):

@@ -1,7 +1,7 @@
 """Study definitions (``studies/*.toml``): parsed strictly, errors name the key and the file.
 
-    [study]     name, objective (val_auc | val_acc), n_trials, samplers, seeds, description
-    [data]      dataset, data_dir, size, synthetic_n
+    [study]     name, objective (val_auc | val_acc), n_trials, samplers, seeds, replicate_seeds, description
+    [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
     [backbone]  arch, epochs, batch_size, lr, seed
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
     [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
@@ -31,8 +31,9 @@ from .space import Param, build_space
 
 OBJECTIVES = ("val_auc", "val_acc")
 _SECTIONS: dict[str, dict[str, type | tuple]] = {
-    "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list, "description": str},
-    "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list},
+    "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
+              "replicate_seeds": list, "description": str},
+    "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list, "seed": int, "clutter": int},
     "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int},
     "fixed": {"outside": str, "bins": int, "betti_backend": str, "mlp_lr": (float, int),
               "mlp_weight_decay": (float, int), "n_jobs": int},
@@ -53,6 +54,9 @@ class StudySpec:
     samplers: tuple[str, ...] = ("de", "tpe", "cmaes", "random")
     seeds: tuple[int, ...] = (0, 1, 2)
     description: str = ""
+    # model seeds (backbone + MLP) over which each sampler's best configuration is
+    # re-evaluated on test after the search: the reported number is mean ± sd over them
+    replicate_seeds: tuple[int, ...] = ()
     sampler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -113,6 +117,11 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     seeds = tuple(st.get("seeds", [0, 1, 2]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise TopoCAMError(f"{where}: [study] seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
+    replicate_seeds = tuple(dict.fromkeys(st.get("replicate_seeds", [])))
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in replicate_seeds):
+        raise TopoCAMError(
+            f"{where}: [study] replicate_seeds must be a list of non-negative integers (model seeds), got {list(replicate_seeds)}"
+        )
 
     from ..backbone import BACKBONES
 
@@ -126,6 +135,8 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
         data_dir=data_dir or data.get("data_dir"),
         size=data.get("size", 28),
         synthetic_n=tuple(synthetic_n),
+        data_seed=data.get("seed", 0),
+        clutter=data.get("clutter", 2),
         backbone=bb.get("arch", "auto"),
         epochs=bb.get("epochs", 10),
         batch_size=bb.get("batch_size", 32),
@@ -161,7 +172,8 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
             make_sampler("de", 0, options["de"])
         except TopoCAMError as exc:
             raise TopoCAMError(f"{where}: {exc}") from None
-    return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""), options)
+    return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""),
+                     sampler_options=options, replicate_seeds=replicate_seeds)
 
 
 def with_overrides(spec: StudySpec, **changes: Any) -> StudySpec:

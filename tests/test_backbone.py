@@ -1,0 +1,89 @@
+"""f_theta: BatchNorm recalibration, checkpoint selection, health (small real models)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from topocam import backbone as bb
+from topocam.backbone import SELECT_LOSS, TrainSettings, predict_proba, recalibrate_batchnorm, selection_key, train_backbone
+from topocam.data import make_synthetic
+from topocam.metrics import evaluate, predicted_labels
+from topocam.pipeline import backbone_health
+
+QUICKSTART = TrainSettings(arch="small", epochs=2, batch_size=16, lr=1e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def quickstart_data():
+    return make_synthetic(2, size=24, n=(120, 40, 40), seed=0)
+
+
+def test_quickstart_collapse_reproduced_without_recalibration_and_fixed_by_it(quickstart_data, tmp_path, monkeypatch):
+    """The README's main job: 2 epochs, batch 16. Without recalibration (the old code) the
+    eval-mode network predicts one class for every validation image although its AUC is
+    high; recalibrating the same weights' BatchNorm statistics on train fixes it."""
+    ds = quickstart_data
+    monkeypatch.setattr(bb, "recalibrate_batchnorm", lambda *a, **k: 0)
+    stale, _ = train_backbone(ds, QUICKSTART, cache_dir=tmp_path / "old", progress=False)
+    before = predict_proba(stale, ds.x["val"])
+    assert np.unique(predicted_labels(before, ds.task)).size == 1, "precondition: the old recipe collapses"
+    monkeypatch.undo()
+    assert recalibrate_batchnorm(stale, ds.x["train"]) > 0
+    after = predict_proba(stale, ds.x["val"])
+    assert np.unique(predicted_labels(after, ds.task)).size == 2
+    assert evaluate(ds.y["val"], after, ds.task)["acc"] >= 0.75
+
+
+def test_trained_backbone_is_healthy_on_the_quickstart_recipe(quickstart_data, tmp_path):
+    ds = quickstart_data
+    model, info = train_backbone(ds, QUICKSTART, cache_dir=tmp_path, progress=False)
+    probs = {s: predict_proba(model, ds.x[s]) for s in ("train", "val", "test")}
+    health = backbone_health(probs, ds.task, ds.n_classes)
+    assert not health.degenerate and min(health.predicted_counts["val"]) > 5
+    assert evaluate(ds.y["val"], probs["val"], ds.task)["acc"] >= 0.75
+    assert all("val_loss" in h for h in info.history)
+    best = max(info.history, key=lambda h: selection_key(h["val_auc"], h["val_loss"]))
+    assert info.best_epoch == best["epoch"]
+
+
+def test_recalibrated_statistics_are_the_training_population_statistics():
+    torch.manual_seed(0)
+    model = bb.SmallCNN(2, 2, width=4)
+    first_bn = model.layer1.body[1]
+    for n, tol in ((36, 1e-5), (37, 1e-3)):  # 37: the last batch of one is folded into the previous (unequal weights)
+        x = np.random.default_rng(n).random((n, 3, 12, 12), dtype=np.float32)
+        first_bn.running_mean.fill_(5.0)
+        recalibrate_batchnorm(model, x, batch_size=12)
+        with torch.no_grad():
+            conv_out = model.layer1.body[0](torch.from_numpy(x))
+        torch.testing.assert_close(first_bn.running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=tol, atol=tol)
+    assert first_bn.momentum == 0.1 and model.training  # settings restored
+
+
+def test_selection_key_breaks_auc_ties_by_loss_and_falls_back_to_loss():
+    assert selection_key(0.9, 0.3) > selection_key(0.9, 0.5)
+    assert selection_key(0.91, 0.9) > selection_key(0.9, 0.1)
+    assert selection_key(float("nan"), 0.2) > selection_key(float("nan"), 0.4)
+
+
+def test_one_class_validation_is_a_defined_selection_not_a_crash(tmp_path):
+    """It used to raise a raw TypeError: no epoch ever beat an AUC of NaN."""
+    ds = make_synthetic(2, size=16, n=(24, 6, 6), seed=0, clutter=1)
+    ds = replace(ds, y={**ds.y, "val": np.zeros_like(ds.y["val"])}, fingerprint=ds.fingerprint + "-oneclass")
+    _, info = train_backbone(ds, replace(QUICKSTART, epochs=3), cache_dir=tmp_path, progress=False)
+    assert info.selected_by == SELECT_LOSS and math.isnan(info.best_val_auc)
+    assert info.best_epoch == min(info.history, key=lambda h: h["val_loss"])["epoch"]
+
+
+def test_health_flags_a_single_predicted_class():
+    one = {"val": np.tile([0.3, 0.7], (10, 1)), "test": np.tile([0.8, 0.2], (4, 1))}
+    h = backbone_health(one, "binary-class", 2)
+    assert h.degenerate and h.predicted_counts == {"val": [0, 10], "test": [4, 0]}
+    assert "predicts class 1 for all 10 validation images" in h.message
+    ok = backbone_health({"val": np.array([[0.3, 0.7], [0.6, 0.4]])}, "binary-class", 2)
+    assert not ok.degenerate and ok.message is None
