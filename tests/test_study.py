@@ -605,6 +605,46 @@ def test_compare_equal_budgets_and_consistent_summary(env, warm, tmp_path):
     assert "| random |" in (out / "comparison.md").read_text()
 
 
+def test_compare_replicates_each_best_configuration_over_model_seeds(env, warm, tmp_path):
+    """replicate_seeds: every (sampler, seed)'s best configuration is re-tested under each
+    model seed (its own backbone, CAMs and MLP seed); the row reports mean ± sd over all."""
+    from dataclasses import replace
+
+    from topocam.pipeline import evaluate, prepare
+    from topocam.search.space import apply_params
+
+    path = write_study(tmp_path, "rep", study={"replicate_seeds": [0, 3]})
+    runner = make_runner(path, sqlite(tmp_path), env.tracker)
+    out = tmp_path / "out"
+    comp = compare(runner, ["random"], [0, 1], n_trials=3, out_dir=out)
+    rep = comp.replication
+    assert rep["seeds"] == [0, 3] and set(rep["per_run"]) == {"random.s0", "random.s1"}
+    values = [res["test"]["auc"] for reps in rep["per_run"].values() for res in reps.values()]
+    cell = comp.rows[0]["test_auc_replicated"]
+    assert cell["n"] == 4 and cell["mean"] == pytest.approx(np.mean(values)) and cell["sd"] == pytest.approx(np.std(values, ddof=1))
+    # seed 3 is a different backbone, and its number is what that backbone gives the chosen configuration
+    r0 = next(r for r in comp.runs if r.seed == 0)
+    ctx3 = prepare(replace(runner.spec.base, seed=3), progress=False, data=runner.ctx.data)
+    assert ctx3.backbone.cache_key != runner.ctx.backbone.cache_key
+    direct = evaluate(ctx3, replace(apply_params(runner.spec.base, r0.best_params), seed=3), report_test=True)
+    assert rep["per_run"]["random.s0"][3]["test"]["auc"] == pytest.approx(direct.test["auc"])
+    assert set(rep["baselines"]) == {"cnn", "topo_original"} and rep["baselines"]["cnn"]["n"] == 2
+    md = (out / "comparison.md").read_text()
+    assert "test_auc_replicated" in md and "model seeds [0, 3]" in md
+    detail = json.loads((out / "comparison.json").read_text())
+    assert detail["replication"]["seeds"] == [0, 3]
+    (parent,) = mlflow_runs(env.tracker, "rep", kind="sampler", sampler="random", seed="0")
+    assert parent.data.metrics["replicated_test_auc_mean"] == pytest.approx(
+        np.mean([res["test"]["auc"] for res in rep["per_run"]["random.s0"].values()]))
+
+
+def test_study_file_data_seed_clutter_and_replicate_seeds(tmp_path):
+    spec = load_study(write_study(tmp_path, "ds", data={"seed": 4, "clutter": 1}, study={"replicate_seeds": [1, 2, 1]}))
+    assert spec.base.data_seed == 4 and spec.base.clutter == 1 and spec.replicate_seeds == (1, 2)
+    with pytest.raises(TopoCAMError, match="replicate_seeds must be a list of non-negative integers"):
+        load_study(write_study(tmp_path, "bad", study={"replicate_seeds": [-1]}))
+
+
 # ------------------------------------------------------------------- 7. status
 
 
