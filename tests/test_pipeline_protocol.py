@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 
 from topocam import pipeline
@@ -123,3 +124,36 @@ def test_roi_finds_the_lesion_far_better_than_chance(ctx2d, base_config, cam, di
     q = roi_quality(ctx2d, dataclasses.replace(base_config, cam=cam, weights=(1.0, 0.0, 0.0), tau=0.6))
     assert q["dice"] > dice_ratio * q["dice_random_same_size"], q
     assert q["pointing_game"] > pointing_ratio * q["pointing_game_random"], q
+
+
+def test_validation_is_used_once_the_mlp_never_sees_it(ctx2d, base_config):
+    """DESIGN.md §2.8: the MLP's early stopping uses an inner split of train, so the
+    fitted classifier (and any K-fold objective) does not change when validation does."""
+    from topocam.pipeline import cv_score, fit_and_score, topocam_features
+
+    feats = topocam_features(ctx2d, base_config)
+    a = fit_and_score(ctx2d, base_config, feats, report_test=False)
+    shuffled = dataclasses.replace(feats, x={**feats.x, "val": feats.x["val"][::-1] * 3.0 + 1.0})
+    saved = ctx2d.data.y["val"]
+    ctx2d.data.y["val"] = 1 - saved  # flipped labels: early stopping on val would move
+    try:
+        b = fit_and_score(ctx2d, base_config, shuffled, report_test=False)
+        cv_b = cv_score(ctx2d, base_config, shuffled)
+    finally:
+        ctx2d.data.y["val"] = saved
+    for (k, va), vb in zip(a.model.net.state_dict().items(), b.model.net.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert cv_score(ctx2d, base_config, feats) == cv_b
+
+
+def test_inner_split_is_stratified_seeded_and_disjoint():
+    from topocam.classifier import inner_split
+    from topocam.errors import TopoCAMError
+
+    y = np.array([0] * 30 + [1] * 10)
+    fit, stop = inner_split(y, seed=3)
+    assert len(stop) == 8 and np.bincount(y[stop]).tolist() == [6, 2]
+    assert not set(fit) & set(stop) and len(fit) + len(stop) == 40
+    assert np.array_equal(stop, inner_split(y, seed=3)[1]) and not np.array_equal(stop, inner_split(y, seed=4)[1])
+    with pytest.raises(TopoCAMError, match="too small to hold out an early-stopping split"):
+        inner_split(np.array([0, 0, 0, 1]), seed=0)

@@ -275,7 +275,7 @@ def test_narrowed_fixed_and_extended_space_are_what_trials_use(env, warm, tmp_pa
     assert spec.space["tau"].kind == "fixed" and spec.space["w_layer2"].high == 0.2 and "mlp_lr" in spec.space
     seen = []
     real = runner_mod.evaluate
-    monkeypatch.setattr(runner_mod, "evaluate", lambda ctx, cfg, report_test=False: seen.append(cfg) or real(ctx, cfg, report_test))
+    monkeypatch.setattr(runner_mod, "evaluate", lambda ctx, cfg, report_test=False, **kw: seen.append(cfg) or real(ctx, cfg, report_test, **kw))
     storage = sqlite(tmp_path)
     result = make_runner(path, storage, env.tracker).run("random", 0, 4)
     trials = trials_of(storage, "narrow.random.s0")
@@ -414,12 +414,12 @@ def _failing_on(calls: set[int], exc_type=RuntimeError):
     real = runner_mod.evaluate
     count = {"n": 0}
 
-    def fake(ctx, cfg, report_test=False):
+    def fake(ctx, cfg, report_test=False, **kw):
         if not report_test:
             count["n"] += 1
             if count["n"] in calls:
                 raise exc_type(f"boom on purpose (call {count['n']})")
-        return real(ctx, cfg, report_test)
+        return real(ctx, cfg, report_test, **kw)
 
     return fake
 
@@ -496,8 +496,8 @@ def test_a_better_trial_supersedes_the_best_run(env, warm, tmp_path, monkeypatch
     (old,) = mlflow_runs(env.tracker, "supersede", kind="best")
     real = runner_mod.evaluate
 
-    def boosted(ctx, cfg, report_test=False):
-        out = real(ctx, cfg, report_test)
+    def boosted(ctx, cfg, report_test=False, **kw):
+        out = real(ctx, cfg, report_test, **kw)
         if not report_test:
             out.val["auc"] = 2.0  # the next trial wins
         return out
@@ -527,12 +527,12 @@ def test_test_metrics_only_after_the_search(env, warm, tmp_path, monkeypatch):
     real = runner_mod.evaluate
     phase = {"in_eval": None}
 
-    def spy(ctx, cfg, report_test=False):
+    def spy(ctx, cfg, report_test=False, **kw):
         n_done = sum(len(trials_of(storage, f"choose.random.s{s}")) for s in (0, 1) if _exists(storage, f"choose.random.s{s}"))
         events.append(("evaluate", report_test, n_done, cfg))
         phase["in_eval"] = report_test
         try:
-            return real(ctx, cfg, report_test)
+            return real(ctx, cfg, report_test, **kw)
         finally:
             phase["in_eval"] = None
 
@@ -636,6 +636,20 @@ def test_compare_replicates_each_best_configuration_over_model_seeds(env, warm, 
     (parent,) = mlflow_runs(env.tracker, "rep", kind="sampler", sampler="random", seed="0")
     assert parent.data.metrics["replicated_test_auc_mean"] == pytest.approx(
         np.mean([res["test"]["auc"] for res in rep["per_run"]["random.s0"].values()]))
+
+
+def test_cv_objective_is_the_k_fold_training_estimate(env, warm, tmp_path):
+    """objective = "cv_auc": each trial's value is the 5-fold AUC on the training split,
+    not the validation AUC; the comparison names its columns after the objective."""
+    storage = sqlite(tmp_path)
+    path = write_study(tmp_path, "cv", study={"objective": "cv_auc"})
+    runner = make_runner(path, storage, None)
+    out = tmp_path / "out"
+    comp = compare(runner, ["random"], [0], n_trials=2, out_dir=out)
+    trials = [t for t in trials_of(storage, "cv.random.s0") if t.state == S.COMPLETE]
+    assert trials and all(t.value == t.user_attrs["cv_auc"] for t in trials)
+    assert any(t.value != t.user_attrs["val_auc"] for t in trials)
+    assert "best_cv_auc@100%" in comp.rows[0] and "best_cv_auc@100%" in (out / "comparison.md").read_text()
 
 
 def test_study_file_data_seed_clutter_and_replicate_seeds(tmp_path):

@@ -1,9 +1,11 @@
 """g_psi: a small MLP on the Betti-curve features.
 
 Hidden sizes configurable (paper: 128, 64), ReLU, Adam, cross-entropy.
-Features are standardised with statistics of the training split only.
-Early stopping on the validation loss (patience), keeping the best epoch.
-The test split never enters fitting.
+Features are standardised with statistics of the fitting data only.
+Early stopping (patience, keeping the best epoch) on an inner split carved from
+the TRAINING split (:func:`fit_on_train`: stratified, seeded), so validation is
+used once, for choices (DESIGN.md §2.8). Neither validation nor test data
+enter fitting.
 """
 
 from __future__ import annotations
@@ -80,12 +82,41 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+EARLY_STOP_FRACTION = 0.2  # share of the training split held out for the MLP's early stopping
+
+
+def inner_split(y: np.ndarray, seed: int, fraction: float = EARLY_STOP_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, stop) of a stratified, seeded split of the training split: the
+    early-stopping data of the MLP (the one owner of that rule)."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(y).reshape(-1)
+    classes, counts = np.unique(y, return_counts=True)
+    n_stop = max(len(classes), int(round(fraction * len(y))))
+    if counts.min() < 2 or len(y) - n_stop < len(classes):
+        raise TopoCAMError(
+            f"the training split ({len(y)} images, class counts {dict(zip(classes.tolist(), counts.tolist()))}) is too "
+            "small to hold out an early-stopping split with every class on both sides; use more training images"
+        )
+    idx = np.arange(len(y))
+    fit, stop = train_test_split(idx, test_size=n_stop, stratify=y, random_state=seed % (2**32))
+    return np.sort(fit), np.sort(stop)
+
+
+def fit_on_train(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, settings: MLPSettings, seed: int) -> TopoMLP:
+    """g_psi fitted on the training split alone: early stopping on its inner split."""
+    fit, stop = inner_split(y_train, seed)
+    return fit_mlp(x_train[fit], y_train[fit], x_train[stop], y_train[stop], n_classes, settings, seed)
+
+
 def fit_mlp(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    x_fit: np.ndarray, y_fit: np.ndarray, x_stop: np.ndarray, y_stop: np.ndarray,
     n_classes: int, settings: MLPSettings, seed: int,
 ) -> TopoMLP:
+    """Fit on ``x_fit``, stop early on the loss of ``x_stop`` (callers pass an inner
+    split of train: :func:`fit_on_train`)."""
     with one_thread():
-        return _fit_mlp(x_train, y_train, x_val, y_val, n_classes, settings, seed)
+        return _fit_mlp(x_fit, y_fit, x_stop, y_stop, n_classes, settings, seed)
 
 
 def _fit_mlp(

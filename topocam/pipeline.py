@@ -24,7 +24,7 @@ import numpy as np
 from .backbone import CAM_LAYERS, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
-from .classifier import MLPSettings, TopoMLP, fit_mlp
+from .classifier import MLPSettings, TopoMLP, fit_on_train
 from .data import SPLITS, Dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
@@ -287,13 +287,35 @@ class FitResult:
 
 
 def fit_and_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, report_test: bool) -> FitResult:
-    """Fit g_psi on train (early stopping on val). Test metrics only if asked."""
+    """Fit g_psi on train (early stopping on an inner split of train); score it on
+    val, and on test only if asked."""
     y = ctx.data.y
-    mlp = fit_mlp(feats.x["train"], y["train"], feats.x["val"], y["val"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
+    mlp = fit_on_train(feats.x["train"], y["train"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
     probs = {s: mlp.predict_proba(feats.x[s]) for s in (("val", "test") if report_test else ("val",))}
     val = score(y["val"], probs["val"], ctx.data.task)
     test = score(y["test"], probs["test"], ctx.data.task) if report_test else None
     return FitResult(val, test, mlp, probs)
+
+
+CV_FOLDS = 5
+
+
+def cv_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, folds: int = CV_FOLDS) -> dict[str, float]:
+    """Stratified K-fold estimate on the TRAINING split (``objective = "cv_auc"``): each
+    fold's MLP is fitted on the other folds (with its own inner early-stopping split)
+    and scored on the held-out fold; the mean over folds. Far less noisy than a small
+    validation split, and it keeps validation out of the search altogether. (The Betti
+    grid is the one fitted on the whole training split: unsupervised, label-free.)"""
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = feats.x["train"], ctx.data.y["train"]
+    if np.bincount(y).min() < folds:
+        raise TopoCAMError(f"cv objective: every class needs >= {folds} training images for {folds}-fold cross-validation")
+    per_fold = []
+    for k, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=cfg.seed % (2**32)).split(x, y)):
+        mlp = fit_on_train(x[tr], y[tr], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed + k)
+        per_fold.append(score(y[te], mlp.predict_proba(x[te]), ctx.data.task))
+    return {m: float(np.mean([f[m] for f in per_fold])) for m in per_fold[0]}
 
 
 @dataclass
@@ -306,9 +328,14 @@ class TrialOutcome:
     model: TopoMLP
     timings_s: dict[str, float]
     probs: dict[str, np.ndarray] = field(default_factory=dict)
+    cv: dict[str, float] | None = None  # K-fold metrics on train, when asked for
 
 
-def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> TrialOutcome:
+def evaluate(
+    ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False, cv_folds: int = 0,
+) -> TrialOutcome:
+    """One configuration: validation metrics, K-fold training metrics when ``cv_folds``,
+    test metrics only when ``report_test``."""
     cfg = cfg.validated()
     t0 = time.perf_counter()
     ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
@@ -316,8 +343,10 @@ def evaluate(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progre
     feats = topocam_features(ctx, cfg, report_test, progress)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
+    cv = cv_score(ctx, cfg, feats, cv_folds) if cv_folds else None
     t3 = time.perf_counter()
-    return TrialOutcome(fit.val, fit.test, feats, fit.model, {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2}, fit.probs)
+    timings = {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2}
+    return TrialOutcome(fit.val, fit.test, feats, fit.model, timings, fit.probs, cv)
 
 
 # --------------------------------------------------------------------- a run

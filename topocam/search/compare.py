@@ -47,7 +47,8 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
 
-def summarise(runs: list[SamplerRun], n_trials: int, metric: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+def summarise(runs: list[SamplerRun], n_trials: int, metric: str, objective: str | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    objective = objective or f"val_{metric}"
     rows, curves = [], {}
     for sampler in dict.fromkeys(r.sampler for r in runs):
         mine = [r for r in runs if r.sampler == sampler]
@@ -61,7 +62,7 @@ def summarise(runs: list[SamplerRun], n_trials: int, metric: str) -> tuple[list[
         row = {"sampler": sampler, "seeds": [r.seed for r in mine], "n_trials": n_trials}
         for f in FRACTIONS:
             k = max(1, math.ceil(f * n_trials))
-            row[f"best_val_{metric}@{int(f * 100)}%"] = _stat([float(c[k - 1]) if np.isfinite(c[k - 1]) else float("nan") for c in curve])
+            row[f"best_{objective}@{int(f * 100)}%"] = _stat([float(c[k - 1]) if np.isfinite(c[k - 1]) else float("nan") for c in curve])
         row[f"test_{metric}_of_best"] = _stat([(r.test or {}).get(metric, float("nan")) for r in mine])
         row["wall_s"] = _stat([float(np.nansum(r.durations_s)) for r in mine])
         row["s_per_trial"] = _stat([float(np.nanmean(r.durations_s)) if r.durations_s else float("nan") for r in mine])
@@ -74,8 +75,9 @@ def _fmt_pm(s: dict[str, float]) -> str:
     return "—" if not s or not math.isfinite(s["mean"]) else f"{s['mean']:.3f} ± {s['sd']:.3f} (n={s['n']})"
 
 
-def markdown_table(rows: list[dict], metric: str, replication: dict | None = None) -> str:
-    cols = [f"best_val_{metric}@25%", f"best_val_{metric}@50%", f"best_val_{metric}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
+def markdown_table(rows: list[dict], metric: str, replication: dict | None = None, objective: str | None = None) -> str:
+    objective = objective or f"val_{metric}"
+    cols = [f"best_{objective}@25%", f"best_{objective}@50%", f"best_{objective}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
     rep = f"test_{metric}_replicated"
     head = ["sampler", *cols, *([rep] if replication else []), "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -145,7 +147,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         raise TopoCAMError(f"compare needs samplers, seeds and a budget >= 1; got {samplers}, {seeds}, {n_trials}")
     runner.log_baselines()
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
-    rows, curves = summarise(runs, n_trials, spec.metric)
+    rows, curves = summarise(runs, n_trials, spec.metric, spec.objective)
     replication = replicate(runner, runs, rows, list(spec.replicate_seeds)) if spec.replicate_seeds else None
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -154,7 +156,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "json": out_dir / "comparison.json",
         "plot": out_dir / "best_so_far.png",
     }
-    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication)
+    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective)
     _atomic_write(files["table_md"], md)
     flat = []
     for r in rows:
@@ -177,7 +179,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
                   "trial_numbers": r.numbers, "n_failed": r.n_failed, "durations_s": r.durations_s} for r in runs],
     }
     _atomic_write(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
-    comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far validation {spec.metric.upper()}", f"best val {spec.metric.upper()}")
+    comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
     if runner.tracker is not None:
         t = runner.tracker
         rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner._tags(kind="comparison"),

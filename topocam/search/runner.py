@@ -312,24 +312,26 @@ class StudyRunner:
                 )
             try:
                 cfg = apply_params(spec.base, params)
-                out = evaluate(ctx, cfg, report_test=False)
+                out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
             except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
                 if rid is not None:
                     self.tracker.set_tags(rid, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
                     self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
                 raise
-            value = out.val[spec.metric]
+            value = (out.cv if spec.cv_folds else out.val)[spec.metric]
             duration = time.perf_counter() - t0
             for k, v in out.val.items():
                 trial.set_user_attr(f"val_{k}", v)
+            for k, v in (out.cv or {}).items():
+                trial.set_user_attr(f"cv_{k}", v)
             trial.set_user_attr("duration_s", duration)
             if rid is not None:
-                self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), "duration_s": duration,
+                self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("cv", out.cv), "duration_s": duration,
                                                **{f"time_{k}_s": v for k, v in out.timings_s.items()},
                                                "roi_fraction_train": out.features.roi_fraction["train"]})
                 if not math.isfinite(value):  # Optuna fails a NaN objective: say why in MLflow too
-                    self.tracker.set_tags(rid, {"error": f"objective val_{spec.metric} is {value} (e.g. one class only in val)"})
+                    self.tracker.set_tags(rid, {"error": f"objective {spec.objective} is {value} (e.g. one class only in val)"})
                 self.tracker.finish(rid, "FINISHED" if math.isfinite(value) else "FAILED")
             return value
 
@@ -493,7 +495,7 @@ class StudyRunner:
             t.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})
             t.finish(rid)
             if parent is not None:
-                t.log_metrics(parent, {"best_val_" + self.spec.metric: best.value, "best_trial": best.number,
+                t.log_metrics(parent, {"best_" + self.spec.objective: best.value, "best_trial": best.number,
                                        **flat_metrics("best_test", out.test)})
         return out.val, out.test
 

@@ -1,6 +1,6 @@
 """Study definitions (``studies/*.toml``): parsed strictly, errors name the key and the file.
 
-    [study]     name, objective (val_auc | val_acc), n_trials, samplers, seeds, replicate_seeds, description
+    [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds, description
     [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
     [backbone]  arch, epochs, batch_size, lr, seed
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
@@ -29,7 +29,7 @@ from ..pipeline import TopoCAMConfig
 from .samplers import SAMPLERS, make_sampler
 from .space import Param, build_space
 
-OBJECTIVES = ("val_auc", "val_acc")
+OBJECTIVES = ("val_auc", "val_acc", "cv_auc", "cv_acc")  # cv_*: 5-fold on the training split
 _SECTIONS: dict[str, dict[str, type | tuple]] = {
     "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
               "replicate_seeds": list, "description": str},
@@ -61,7 +61,15 @@ class StudySpec:
 
     @property
     def metric(self) -> str:
-        return self.objective.removeprefix("val_")
+        """The metric the objective is on (``auc``/``acc``): what test reports too."""
+        return self.objective.split("_", 1)[1]
+
+    @property
+    def cv_folds(self) -> int:
+        """Folds of the training split the objective is estimated on (0: validation)."""
+        from ..pipeline import CV_FOLDS
+
+        return CV_FOLDS if self.objective.startswith("cv_") else 0
 
 
 def _typed(section: str, key: str, value: Any, want, where: str) -> Any:
