@@ -63,19 +63,21 @@ parameter for parameter).
   drawn from ``(seed, "init")``. The very first trial(s), run before any trial has completed,
   cannot know the search space (Optuna only learns it from finished trials); they are sampled
   independently and simply take their slot of generation 0 with the point they evaluated.
-* The *members* of slot ``i`` are its finished trials; the slot's member is its best COMPLETE
-  trial (ties go to the later trial number, i.e. scipy's ``<=`` in trial order). FAILED,
-  PRUNED, still RUNNING and WAITING trials are losers (the member stays); a slot none of whose
-  trials has completed keeps its initial vector with value ``+inf``. Which trials count is the
-  only difference between the modes, for a trial of generation (sweep) ``g >= 1``:
+* Slot ``i``'s member (its vector in the population a trial mutates from) is the best COMPLETE
+  trial among slot ``i``'s trials that count (ties go to the later trial number, i.e. scipy's
+  ``<=`` in trial order). FAILED, PRUNED, still RUNNING and WAITING trials are losers (the
+  member stays); a slot none of whose counted trials has completed keeps its initial vector
+  with value ``+inf``. Which trials count is the only difference between the modes, for a
+  trial of generation (sweep) ``g >= 1``:
 
   - ``"deferred"``: slot ``i``'s trials of generations ``0 .. g-1``. Sequentially this is
     exactly scipy's deferred selection.
   - ``"immediate"``: all of slot ``i``'s trials that have finished when the trial starts,
     whatever their generation. Sequentially (one worker, slots ``0 .. N-1`` in turn within each
     sweep) this is exactly scipy's immediate loop: slots ``< i`` already hold this sweep's
-    selection, slots ``>= i`` the previous sweep's. scipy additionally swaps the best member to
-    index 0, which relabels members but does not change the algorithm.
+    selection, slots ``>= i`` the previous sweep's. scipy also swaps each new best into index
+    0; members here stay in their slots, which only changes which member a later index of the
+    sweep targets (same quality in ``benchmarks/de_vs_scipy.py``).
 
   In both modes ``best1bin``'s base vector is the best member of that population (the lowest
   slot on an exact tie; scipy keeps the earlier best, which differs only on exact ties).
