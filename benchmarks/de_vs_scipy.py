@@ -1,10 +1,11 @@
 """Best value reached on sphere / Rosenbrock / Ackley (3-D and 6-D) at equal evaluation budgets.
 
-Methods, side by side: our ``DifferentialEvolutionSampler`` in Optuna, scipy's
-``differential_evolution`` (default ``updating="immediate"`` and ``"deferred"``, the
-generational variant our sampler implements; ``polish=False``, ``tol=0`` so it spends the whole
-budget), Optuna's TPE, CMA-ES (``optuna.samplers.CmaEsSampler``, skipped with a note when the
-``cmaes`` package is missing) and random search. The budget of a ``d``-dimensional problem is
+Methods, side by side: our ``DifferentialEvolutionSampler`` in Optuna in both updating modes
+(``"deferred"``, its default, the generational variant, and ``"immediate"``), scipy's
+``differential_evolution`` in the same two modes (``"immediate"`` is scipy's default;
+``polish=False``, ``tol=0`` so it spends the whole budget), Optuna's TPE, CMA-ES
+(``optuna.samplers.CmaEsSampler``, skipped with a note when the ``cmaes`` package is missing)
+and random search. The budget of a ``d``-dimensional problem is
 ``15 * d * (generations + 1)`` evaluations, i.e. exactly scipy's ``nfev`` for ``popsize=15`` and
 ``maxiter=generations``. Each cell is the median over the seeds of the best value reached.
 
@@ -14,7 +15,7 @@ budget), Optuna's TPE, CMA-ES (``optuna.samplers.CmaEsSampler``, skipped with a 
 On 2 CPU cores the defaults (270 / 540 evaluations in 3-D / 6-D) take about 50 s on an idle
 machine and stayed under 3 minutes on a heavily loaded one. TPE dominates the cost (its time per
 trial grows with the history); for the larger budgets where DE is at its best, leave it out, e.g.
-``--generations 20 --methods de_optuna scipy_de scipy_de_deferred cmaes random``.
+``--generations 20 --methods de_optuna de_optuna_immediate scipy_de scipy_de_deferred cmaes random``.
 The results are also written as JSON (atomic write: temporary file + ``os.replace``).
 """
 
@@ -41,9 +42,11 @@ if str(ROOT) not in sys.path:
 from benchmarks.functions import FUNCTIONS  # noqa: E402  (after the sys.path line above)
 
 DIMS = (3, 6)
-METHODS = ("de_optuna", "scipy_de", "scipy_de_deferred", "tpe", "cmaes", "random")
+METHODS = ("de_optuna", "de_optuna_immediate", "scipy_de", "scipy_de_deferred", "tpe", "cmaes",
+           "random")
 LABELS = {
     "de_optuna": "DE (ours)",
+    "de_optuna_immediate": "DE (ours, immediate)",
     "scipy_de": "scipy DE",
     "scipy_de_deferred": "scipy DE defer",
     "tpe": "TPE",
@@ -51,8 +54,8 @@ LABELS = {
     "random": "Random",
 }
 # rough relative cost per evaluation, to start the slow jobs first
-COST = {"tpe": 20.0, "cmaes": 2.0, "de_optuna": 1.0, "random": 0.7, "scipy_de": 0.05,
-        "scipy_de_deferred": 0.05}
+COST = {"tpe": 20.0, "cmaes": 2.0, "de_optuna": 1.0, "de_optuna_immediate": 1.0, "random": 0.7,
+        "scipy_de": 0.05, "scipy_de_deferred": 0.05}
 
 
 def run_one(task: tuple[str, int, str, int, int]) -> tuple[tuple, float, float]:
@@ -77,6 +80,7 @@ def run_one(task: tuple[str, int, str, int, int]) -> tuple[tuple, float, float]:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         sampler = {
             "de_optuna": lambda: DifferentialEvolutionSampler(seed=seed),
+            "de_optuna_immediate": lambda: DifferentialEvolutionSampler(seed=seed, updating="immediate"),
             "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
             "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     table = {}
-    header = f"{'problem':<14}{'evals':>6}  " + "".join(f"{LABELS[m]:>15}" for m in methods)
+    width = max(15, 2 + max(len(LABELS[m]) for m in methods))  # columns fit the longest label
+    header = f"{'problem':<14}{'evals':>6}  " + "".join(f"{LABELS[m]:>{width}}" for m in methods)
     print(f"\nmedian best value over {args.seeds} seeds (lower is better)")
     print(header)
     print("-" * len(header))
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[m] = {"median": float(np.median(values)), "values": values}
             table[f"{name}-{dim}d"] = {"evaluations": budget, "methods": row}
             print(f"{f'{name} {dim}d':<14}{budget:>6}  "
-                  + "".join(f"{row[m]['median']:>15.4g}" for m in methods))
+                  + "".join(f"{row[m]['median']:>{width}.4g}" for m in methods))
     print("\nCPU seconds per method (all runs): "
           + ", ".join(f"{LABELS[m]} {seconds[m]:.1f}" for m in methods))
     print(f"wall time {wall:.1f} s with {args.workers} worker(s)")

@@ -11,9 +11,18 @@ polishing step) inside Optuna:
 * Latin hypercube initialisation (scipy's ``init="latinhypercube"`` construction) or uniform;
 * selection keeps a child when its value is ``<=`` the parent's (scipy's rule).
 
-Unlike scipy (whose default is ``updating="immediate"``) the evolution is *generational*
-(scipy's ``updating="deferred"``): every trial of generation ``g`` is built from the population
-as it stood after generation ``g - 1``. That is what makes the algorithm parallel and resumable.
+Two updating modes, as scipy's ``updating`` (the sampler's default is ``"deferred"``; scipy's is
+``"immediate"``):
+
+* ``"deferred"`` (*generational*): every trial of generation ``g`` is built from the population
+  as it stood after generation ``g - 1``; selection happens once per generation.
+* ``"immediate"``: a finished trial replaces its slot's member as soon as it is complete and
+  ``<=``, so later trials of the same sweep already mutate from it (and from a newer best).
+  Asynchronous: with several workers, trials that have not finished yet are simply not part of
+  the population; no worker waits.
+
+Both are resumable and run on several workers, because the population is never held in memory:
+it is recomputed from the stored trials (see "State in storage").
 
 Encoding
 --------
@@ -44,7 +53,8 @@ No algorithm state lives in the sampler object. Everything is in the study's sto
 * trial system attr ``"de"``: ``{"generation": g, "slot": i, "x": [u_1, ..., u_D] or None}``.
 
 Generations and slots are a function of the trial number: trial ``n`` is slot ``n % N`` of
-generation ``n // N``. Trial numbers are handed out atomically by the storage, so two workers
+generation ``n // N`` (in immediate mode a generation is one sweep over the slots, as
+in scipy's loop). Trial numbers are handed out atomically by the storage, so two workers
 can never build the same slot, and a restarted process continues exactly where the previous
 one stopped (with a fixed seed, a resumed sequential run reproduces an uninterrupted one
 parameter for parameter).
@@ -53,18 +63,34 @@ parameter for parameter).
   drawn from ``(seed, "init")``. The very first trial(s), run before any trial has completed,
   cannot know the search space (Optuna only learns it from finished trials); they are sampled
   independently and simply take their slot of generation 0 with the point they evaluated.
-* For generation ``g >= 1`` the parent population is, per slot ``i``, the best COMPLETE trial
-  among slot ``i``'s trials of generations ``0 .. g-1`` (ties go to the later one). Sequentially
-  this is exactly scipy's deferred selection. FAILED, PRUNED, still RUNNING and WAITING trials
-  are losers (the parent stays); a slot whose every trial failed keeps its initial vector with
-  value ``+inf``.
-* Asynchronous fallback: when a trial of generation ``g`` starts while some children of
-  generation ``g - 1`` are still running on other workers, it is built from what is complete,
-  the unfinished children counting as losers for that trial. Once they finish they do take
-  part in the selection used by later trials. No worker ever waits.
+* Slot ``i``'s member (its vector in the population a trial mutates from) is the best COMPLETE
+  trial among slot ``i``'s trials that count (ties go to the later trial number, i.e. scipy's
+  ``<=`` in trial order). FAILED, PRUNED, still RUNNING and WAITING trials are losers (the
+  member stays); a slot none of whose counted trials has completed keeps its initial vector
+  with value ``+inf``. Which trials count is the only difference between the modes, for a
+  trial of generation (sweep) ``g >= 1``:
+
+  - ``"deferred"``: slot ``i``'s trials of generations ``0 .. g-1``. Sequentially this is
+    exactly scipy's deferred selection.
+  - ``"immediate"``: all of slot ``i``'s trials that have finished when the trial starts,
+    whatever their generation. Sequentially (one worker, slots ``0 .. N-1`` in turn within each
+    sweep) this is exactly scipy's immediate loop: slots ``< i`` already hold this sweep's
+    selection, slots ``>= i`` the previous sweep's. scipy also swaps each new best into index
+    0; members here stay in their slots, which only changes which member a later index of the
+    sweep targets (same quality in ``benchmarks/de_vs_scipy.py``).
+
+  In both modes ``best1bin``'s base vector is the best member of that population (the lowest
+  slot on an exact tie; scipy keeps the earlier best, which differs only on exact ties).
+* Asynchronous fallback (deferred): when a trial of generation ``g`` starts while some
+  children of generation ``g - 1`` are still running on other workers, it is built from what
+  is complete, the unfinished children counting as losers for that trial. Once they finish
+  they do take part in the selection used by later trials. No worker ever waits. In immediate
+  mode this is the rule itself rather than a fallback, so with several workers its
+  trajectory depends on timing (which trials happened to be finished); sequentially, and on
+  resume, it is a function of the seed.
 * Randomness of slot ``i`` of generation ``g`` comes from ``(seed, g, i)`` and the mutation
-  factor of generation ``g`` from ``(seed, g)``; nothing depends on the order of calls, on the
-  process, or on restarts.
+  factor of generation ``g`` from ``(seed, g)`` in both modes; nothing depends on the order of
+  calls, on the process, or on restarts.
 
 Per-process caches (decoded search space, finished-trial vectors, populations of generations
 whose trials have all finished) only memoise functions of immutable stored data.
@@ -108,6 +134,7 @@ __all__ = [
     "ATTR_TRIAL",
     "DifferentialEvolutionSampler",
     "DifferentialEvolutionSamplerError",
+    "UPDATING_MODES",
     "decode_value",
     "encode_value",
 ]
@@ -117,6 +144,9 @@ _logger = logging.getLogger(__name__)
 ATTR_SEED = "de:seed"
 ATTR_POPULATION = "de:population"
 ATTR_TRIAL = "de"
+
+#: scipy's ``updating`` values, the sampler's default first.
+UPDATING_MODES: tuple[str, ...] = ("deferred", "immediate")
 
 # Domain-separation tags of the derived random streams.
 _TAG_INIT = 0
@@ -259,7 +289,7 @@ def _trials_by_number(study: optuna.Study) -> list[FrozenTrial]:
 
 
 class DifferentialEvolutionSampler(BaseSampler):
-    """Generational differential evolution whose whole state lives in the study storage.
+    """Differential evolution (deferred or immediate updating) whose whole state lives in storage.
 
     Args:
         popsize: Total population size ``N`` (at least 4). ``None``: ``popsize_per_dim * D``
@@ -272,6 +302,8 @@ class DifferentialEvolutionSampler(BaseSampler):
         seed: Population seed. ``None``: a random seed is drawn once per study and stored in
             the study, so resumed runs and other workers continue the same population.
         init: ``"latin"`` (Latin hypercube, default) or ``"random"`` initial population.
+        updating: ``"deferred"`` (default: generational selection) or ``"immediate"``
+            (scipy's default: a finished trial joins the population at once).
 
     See the module docstring for the encoding and the storage layout.
     """
@@ -286,6 +318,7 @@ class DifferentialEvolutionSampler(BaseSampler):
         recombination: float = 0.7,
         seed: int | None = None,
         init: Literal["latin", "random"] = "latin",
+        updating: Literal["deferred", "immediate"] = "deferred",
     ) -> None:
         if popsize is not None and (isinstance(popsize, bool) or int(popsize) != popsize or popsize < 4):
             raise DifferentialEvolutionSamplerError(
@@ -326,6 +359,10 @@ class DifferentialEvolutionSampler(BaseSampler):
             raise DifferentialEvolutionSamplerError(
                 f"init must be 'latin' or 'random', got {init!r}."
             )
+        if updating not in UPDATING_MODES:
+            raise DifferentialEvolutionSamplerError(
+                f"updating must be one of {', '.join(map(repr, UPDATING_MODES))}, got {updating!r}."
+            )
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed):
             raise DifferentialEvolutionSamplerError(f"seed must be an integer or None, got {seed!r}.")
 
@@ -335,11 +372,17 @@ class DifferentialEvolutionSampler(BaseSampler):
         self._recombination = float(recombination)
         self._seed = None if seed is None else int(seed)
         self._init = init
+        self._updating = updating
         # Salt mixed into the independent fallback after reseed_rng(); None = reproducible.
         self._independent_salt: int | None = None
         self._lock = threading.Lock()
         self._caches: dict[tuple[int, int], _StudyCache] = {}
         self._warned: set[str] = set()
+
+    @property
+    def updating(self) -> str:
+        """The updating mode (``"deferred"`` or ``"immediate"``), fixed at construction."""
+        return self._updating
 
     # ------------------------------------------------------------------ Optuna interface
 
@@ -597,7 +640,7 @@ class DifferentialEvolutionSampler(BaseSampler):
         assert cache.init_pop is not None
         if generation == 0:
             return cache.init_pop[slot].copy()
-        pop, scores = self._population(study, cache, generation - 1)
+        pop, scores = self._parents(study, cache, generation)
         n, d = pop.shape
         s = _seed_entropy(seed)
         if isinstance(self._mutation, tuple):
@@ -624,15 +667,40 @@ class DifferentialEvolutionSampler(BaseSampler):
             child[outside] = rng.uniform(size=int(outside.sum()))
         return child
 
-    def _population(
-        self, study: optuna.Study, cache: _StudyCache, upto: int
+    def _parents(
+        self, study: optuna.Study, cache: _StudyCache, generation: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Population after selection over generations ``0..upto`` (see module docstring)."""
+        """Population (vectors, scores) that a trial of ``generation >= 1`` mutates from.
+
+        The one place where the updating modes differ, and only in which trials count:
+        deferred selects over the earlier generations, immediate over every finished trial
+        (``upto=None``), so a child that finished a moment ago is already a member.
+        """
+        if self._updating == "deferred":
+            return self._population(study, cache, generation - 1)
+        return self._population(study, cache, None)
+
+    def _population(
+        self, study: optuna.Study, cache: _StudyCache, upto: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-slot best COMPLETE trial over generations ``0..upto`` (``None``: all stored).
+
+        Trials are folded in number order with scipy's ``<=``, so ties go to the later trial;
+        unfinished trials are skipped (see module docstring). Folds of generations whose trials
+        (and all earlier ones) have finished are immutable and memoised in ``cache.final``.
+        """
         assert cache.init_pop is not None
         with cache.lock:
-            if upto in cache.final:
+            if upto is not None and upto in cache.final:
                 pop, scores = cache.final[upto]
                 return pop.copy(), scores.copy()
+            by_number = _trials_by_number(study)
+            n_pop = cache.popsize
+            if upto is None:
+                upto = (len(by_number) - 1) // n_pop
+                if upto in cache.final:
+                    pop, scores = cache.final[upto]
+                    return pop.copy(), scores.copy()
             done = [k for k in cache.final if k < upto]
             start = max(done) if done else -1
             if start >= 0:
@@ -640,8 +708,6 @@ class DifferentialEvolutionSampler(BaseSampler):
             else:
                 pop = cache.init_pop.copy()
                 scores = np.full(cache.popsize, np.inf)
-            by_number = _trials_by_number(study)
-            n_pop = cache.popsize
             all_finished = True
             for gen in range(start + 1, upto + 1):
                 for slot in range(n_pop):

@@ -5,7 +5,7 @@
     [backbone]  arch, epochs, batch_size, lr, seed
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
     [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
-    [sampler.de] popsize_per_dim, strategy, mutation, recombination
+    [sampler.de] popsize_per_dim, strategy, mutation, recombination, updating (deferred | immediate)
 
 ``[fixed]`` is the base configuration: what the baselines (CNN, Topo-Original)
 use and what every trial uses unless a ``[space.X]`` table searches or fixes X.
@@ -39,7 +39,8 @@ _SECTIONS: dict[str, dict[str, type | tuple]] = {
               "mlp_weight_decay": (float, int), "n_jobs": int},
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
-_DE_KEYS = {"popsize_per_dim": int, "popsize": int, "strategy": str, "mutation": (float, int, list), "recombination": (float, int)}
+_DE_KEYS = {"popsize_per_dim": int, "popsize": int, "strategy": str, "mutation": (float, int, list), "recombination": (float, int),
+            "updating": str}  # values are checked by the sampler (make_sampler below)
 
 
 @dataclass(frozen=True)
