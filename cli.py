@@ -25,7 +25,11 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr and a non-zero exit. The message is plain text: square brackets in
+    it (a study file's [section], a user's path) are printed, never read as markup."""
+    from rich.text import Text
+
+    err.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -253,8 +257,12 @@ def study_run(
         f"best val {spec.metric.upper()} {_fmt(r.best_value)} at trial {r.best_trial}; "
         f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}"
     )
-    console.print(f"best parameters: {r.best_params}")
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})")
+    console.print(f"best parameters: {r.best_params}", markup=False, highlight=False)
+    if r.failures:
+        from topocam.search.compare import failures_text
+
+        err.print(failures_text([r]).strip(), markup=False, highlight=False, soft_wrap=True, style="yellow")
+    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})", markup=False, highlight=False)
 
 
 @study_app.command("compare")

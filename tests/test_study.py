@@ -652,6 +652,48 @@ def test_cv_objective_is_the_k_fold_training_estimate(env, warm, tmp_path):
     assert "best_cv_auc@100%" in comp.rows[0] and "best_cv_auc@100%" in (out / "comparison.md").read_text()
 
 
+def test_failures_are_grouped_by_error_with_the_parameters_they_share(env, warm, tmp_path, monkeypatch):
+    """A CAM variant that always fails must be obvious, not a count in a column."""
+    real = runner_mod.evaluate
+
+    def broken_gradcampp(ctx, cfg, report_test=False, **kw):
+        if cfg.cam == "gradcampp" and not report_test:
+            raise RuntimeError("gradcampp exploded on purpose")
+        return real(ctx, cfg, report_test, **kw)
+
+    monkeypatch.setattr(runner_mod, "evaluate", broken_gradcampp)
+    storage = sqlite(tmp_path)
+    path = write_study(tmp_path, "fails")
+    out = tmp_path / "out"
+    comp = compare(make_runner(path, storage, None), ["random"], [0], n_trials=8, out_dir=out)
+    trials = trials_of(storage, "fails.random.s0")
+    bad = [t.number for t in trials if t.params["cam"] == "gradcampp"]
+    assert len(bad) >= 2, "precondition: the sampler drew the broken variant at least twice"
+    (group,) = comp.runs[0].failures
+    assert group["count"] == len(bad) and group["trials"] == bad
+    assert group["error"] == "RuntimeError: gradcampp exploded on purpose" and group["shared_params"] == {"cam": "gradcampp"}
+    md = (out / "comparison.md").read_text()
+    assert "Failed trials, grouped by error" in md and "'cam': 'gradcampp'" in md and f"| {len(bad)} |" in md
+
+
+def test_sampler_statistics_mean_rank_and_paired_test():
+    from topocam.search.compare import sampler_statistics
+    from topocam.search.runner import SamplerRun
+
+    rng = np.random.default_rng(0)
+    base = rng.random((6, 4)).cumsum(axis=1)
+    curves = {"good": base + 1.0, "random": base, "same": base.copy()}
+    rows = [{"sampler": s} for s in curves]
+    runs = [SamplerRun(s, i, [], [], 0.0, {}, 0, {"auc": float(c[i, -1])}, None, 0) for s, c in curves.items() for i in range(6)]
+    text = sampler_statistics(rows, curves, runs, 4, "auc")
+    good, rand, same = rows
+    assert good["mean_rank"] == {"25%": 1.0, "50%": 1.0, "100%": 1.0}
+    assert rand["mean_rank"]["100%"] == same["mean_rank"]["100%"] == 2.5  # tied everywhere: averaged ranks
+    assert good["p_vs_random"] == pytest.approx(2 / 2**6)  # exact two-sided p of 6 positive differences
+    assert same["p_vs_random"] == 1.0 and rand["p_vs_random"] is None
+    assert "good (p = 0.031)" in text and "same" not in text.split("random search at alpha")[1]
+
+
 def test_study_file_data_seed_clutter_and_replicate_seeds(tmp_path):
     spec = load_study(write_study(tmp_path, "ds", data={"seed": 4, "clutter": 1}, study={"replicate_seeds": [1, 2, 1]}))
     assert spec.base.data_seed == 4 and spec.base.clutter == 1 and spec.replicate_seeds == (1, 2)

@@ -71,6 +71,80 @@ def summarise(runs: list[SamplerRun], n_trials: int, metric: str, objective: str
     return rows, curves
 
 
+ALPHA = 0.05
+
+
+def _wilcoxon(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (1.0 when every pair is equal)."""
+    from scipy.stats import wilcoxon
+
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = a[ok] - b[ok]
+    if d.size < 2 or not np.any(d != 0):
+        return 1.0
+    return float(wilcoxon(a[ok], b[ok], zero_method="zsplit", alternative="two-sided").pvalue)
+
+
+def sampler_statistics(rows: list[dict], curves: dict[str, np.ndarray], runs: list[SamplerRun], n_trials: int, metric: str) -> str:
+    """Adds ``mean_rank`` (at 25/50/100 % of the budget; 1 = best, ties averaged, seeds
+    paired) and ``p_vs_random`` (Wilcoxon signed-rank over seeds of the best objective at
+    100 % of the budget; ``p_vs_random_test``: of the chosen configuration's test metric)
+    to each row; returns a sentence that says what is and is not significant."""
+    from scipy.stats import rankdata
+
+    samplers = [r["sampler"] for r in rows]
+    n_seeds = min(c.shape[0] for c in curves.values())
+    for f in FRACTIONS:
+        k = max(1, math.ceil(f * n_trials))
+        values = np.array([curves[s][:n_seeds, k - 1] for s in samplers])  # (samplers, seeds)
+        ranks = rankdata(-values, axis=0)
+        for row, r in zip(rows, ranks):
+            row.setdefault("mean_rank", {})[f"{int(f * 100)}%"] = float(r.mean())
+    if "random" not in samplers or n_seeds < 2:
+        return "No significance test: it needs random search in the comparison and at least 2 seeds.\n"
+    test = {s: np.array([(r.test or {}).get(metric, np.nan) for r in runs if r.sampler == s][:n_seeds], dtype=float) for s in samplers}
+    significant = []
+    for row in rows:
+        s = row["sampler"]
+        if s == "random":
+            row["p_vs_random"] = row["p_vs_random_test"] = None
+            continue
+        row["p_vs_random"] = _wilcoxon(curves[s][:n_seeds, -1], curves["random"][:n_seeds, -1])
+        row["p_vs_random_test"] = _wilcoxon(test[s], test["random"])
+        if row["p_vs_random"] < ALPHA:
+            significant.append(f"{s} (p = {row['p_vs_random']:.3f})")
+    floor = 2.0 / 2**n_seeds
+    text = (f"\nStatistics over {n_seeds} paired seeds: mean rank (1 = best) at 25/50/100 % of the budget; "
+            f"p_vs_random: two-sided Wilcoxon signed-rank test against random search of the best objective at 100 %.\n")
+    if significant:
+        text += f"Significantly different from random search at alpha = {ALPHA}: {', '.join(significant)}.\n"
+    else:
+        text += (f"No sampler differs significantly from random search at alpha = {ALPHA}"
+                 + (f" (with {n_seeds} seeds the smallest attainable p is {floor:.3f}: use more seeds)" if floor >= ALPHA else "")
+                 + ".\n")
+    return text
+
+
+def failures_text(runs: list[SamplerRun]) -> str:
+    """Failed trials grouped by error message over all (sampler, seed) runs, with the
+    parameter values every trial of the group shares."""
+    groups: dict[str, dict] = {}
+    for r in runs:
+        for g in r.failures:
+            e = groups.setdefault(g["error"], {"count": 0, "where": [], "shared": None})
+            e["count"] += g["count"]
+            e["where"].append(f"{r.sampler}.s{r.seed}")
+            params = g["shared_params"] if g["count"] > 1 else {}
+            e["shared"] = params if e["shared"] is None else {k: v for k, v in e["shared"].items() if params.get(k) == v}
+    if not groups:
+        return ""
+    lines = ["", "Failed trials, grouped by error:"]
+    for msg, e in sorted(groups.items(), key=lambda kv: -kv[1]["count"]):
+        shared = f"; all with {e['shared']}" if e["shared"] else ""
+        lines.append(f"- {e['count']} trial(s) in {', '.join(e['where'])}{shared}: {msg}")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt_pm(s: dict[str, float]) -> str:
     return "—" if not s or not math.isfinite(s["mean"]) else f"{s['mean']:.3f} ± {s['sd']:.3f} (n={s['n']})"
 
@@ -79,10 +153,15 @@ def markdown_table(rows: list[dict], metric: str, replication: dict | None = Non
     objective = objective or f"val_{metric}"
     cols = [f"best_{objective}@25%", f"best_{objective}@50%", f"best_{objective}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
     rep = f"test_{metric}_replicated"
-    head = ["sampler", *cols, *([rep] if replication else []), "failed"]
+    stats = "mean_rank" in rows[0]
+    head = ["sampler", *cols, *([rep] if replication else []), *(["mean rank 25/50/100%", "p vs random"] if stats else []), "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["sampler"], *[_fmt(r[c]) for c in cols], *([_fmt_pm(r.get(rep))] if replication else []), str(r["failed_trials"])]
+        extra = []
+        if stats:
+            p = r.get("p_vs_random")
+            extra = ["/".join(f"{v:.2f}" for v in r["mean_rank"].values()), "—" if p is None else f"{p:.3f}"]
+        cells = [r["sampler"], *[_fmt(r[c]) for c in cols], *([_fmt_pm(r.get(rep))] if replication else []), *extra, str(r["failed_trials"])]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per (sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
     if replication:
@@ -149,6 +228,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
     rows, curves = summarise(runs, n_trials, spec.metric, spec.objective)
     replication = replicate(runner, runs, rows, list(spec.replicate_seeds)) if spec.replicate_seeds else None
+    verdict = sampler_statistics(rows, curves, runs, n_trials, spec.metric)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "table_md": out_dir / "comparison.md",
@@ -156,13 +236,17 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "json": out_dir / "comparison.json",
         "plot": out_dir / "best_so_far.png",
     }
-    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective)
+    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective) + verdict + failures_text(runs)
     _atomic_write(files["table_md"], md)
     flat = []
     for r in rows:
         d = {"sampler": r["sampler"], "failed_trials": r["failed_trials"]}
         for k, v in r.items():
-            if isinstance(v, dict):
+            if k == "mean_rank":
+                d.update({f"mean_rank@{pct}": rank for pct, rank in v.items()})
+            elif k.startswith("p_vs_random"):
+                d[k] = v
+            elif isinstance(v, dict):
                 d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max", "mean", "sd", "n") if s in v})
         flat.append(d)
     tmp = files["table_csv"].with_name(f".comparison.csv.tmp{os.getpid()}")
@@ -176,7 +260,8 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "replication": replication,
         "runs": [{"sampler": r.sampler, "seed": r.seed, "best_value": r.best_value, "best_trial": r.best_trial,
                   "best_params": r.best_params, "val": r.val, "test": r.test, "values": r.values,
-                  "trial_numbers": r.numbers, "n_failed": r.n_failed, "durations_s": r.durations_s} for r in runs],
+                  "trial_numbers": r.numbers, "n_failed": r.n_failed, "failures": r.failures,
+                  "durations_s": r.durations_s} for r in runs],
     }
     _atomic_write(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
@@ -187,6 +272,8 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         for r in rows:
             t.log_metrics(rid, {f"{r['sampler']}_{k}_{stat}": v[stat] for k, v in r.items() if isinstance(v, dict)
                                 for stat in ("median", "mean", "sd") if stat in v})
+            t.log_metrics(rid, {**{f"{r['sampler']}_mean_rank@{pct}": v for pct, v in r.get("mean_rank", {}).items()},
+                                **{f"{r['sampler']}_{k}": r[k] for k in ("p_vs_random", "p_vs_random_test") if r.get(k) is not None}})
         if replication is not None:
             for name, st in replication["baselines"].items():
                 t.log_metrics(rid, {f"{name}_test_{spec.metric}_replicated_mean": st["mean"],

@@ -42,13 +42,31 @@ from ..errors import DegenerateBackboneWarning, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
-from .samplers import SAMPLERS, make_sampler
+from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, suggest
 from .studyfile import StudySpec
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
 ATTR_DEFINITION = "topocam_definition"
+ATTR_ERROR = "error"  # user attr of a failed trial: what went wrong
+
+
+def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+    """Failed trials grouped by error message, each group with the parameter values
+    ALL its trials share: a CAM variant that always fails shows as ``{"cam": "scorecam"}``.
+    Largest groups first."""
+    groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in trials:
+        if t.state == S.FAIL:
+            groups.setdefault(str(t.user_attrs.get(ATTR_ERROR, "worker stopped during the trial (no error recorded)")), []).append(t)
+    out = []
+    for message, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        first = members[0].params
+        shared = {k: v for k, v in first.items() if all(k in m.params and m.params[k] == v for m in members)}
+        out.append({"error": message, "count": len(members), "trials": [m.number for m in members],
+                    "shared_params": shared if len(members) > 1 else {}})
+    return out
 
 
 @contextmanager
@@ -136,6 +154,7 @@ class SamplerRun:
     n_failed: int
     run_id: str | None = None
     numbers: list[int] = field(default_factory=list)  # trial number of each entry of ``values``
+    failures: list[dict[str, Any]] = field(default_factory=list)  # failed trials grouped by error (failure_groups)
 
     def best_so_far(self) -> np.ndarray:
         v = np.array([x if math.isfinite(x) else -np.inf for x in self.values], dtype=float)
@@ -314,12 +333,15 @@ class StudyRunner:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
             except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
+                trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
                 if rid is not None:
                     self.tracker.set_tags(rid, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
                     self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
                 raise
             value = (out.cv if spec.cv_folds else out.val)[spec.metric]
+            if not math.isfinite(value):
+                trial.set_user_attr(ATTR_ERROR, f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)")
             duration = time.perf_counter() - t0
             for k, v in out.val.items():
                 trial.set_user_attr(f"val_{k}", v)
@@ -373,7 +395,7 @@ class StudyRunner:
         with _quiet_experimental():
             study = optuna.create_study(
                 study_name=optuna_name(self.spec, sampler, seed), storage=self.storage, load_if_exists=True,
-                sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(sampler)), direction="maximize",
+                sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
             self._check_definition(study, sampler, seed)
             optuna.storages.fail_stale_trials(study)
@@ -449,8 +471,9 @@ class StudyRunner:
         numbers = [t.number for t in trials]
         complete = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
         n_failed = len(trials) - len(complete)
+        failures = failure_groups(trials)
         if not complete:
-            return SamplerRun(sampler, seed, values, durations, float("nan"), {}, -1, None, None, n_failed, parent, numbers)
+            return SamplerRun(sampler, seed, values, durations, float("nan"), {}, -1, None, None, n_failed, parent, numbers, failures)
         best = max(complete, key=lambda t: (t.value, -t.number))
         busy = [t.number for t in study.get_trials(deepcopy=False, states=(S.RUNNING, S.WAITING))]
         if busy and (budget is None or len(trials) < budget):
@@ -459,10 +482,10 @@ class StudyRunner:
                      "are reported when the search is over (by the last worker, or the next run)")
             val = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("val_")}
             return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, None, val,
-                              n_failed, parent, numbers)
+                              n_failed, parent, numbers, failures)
         val, test = self._best_test(best, sampler, seed, parent)
         return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, test, val,
-                          n_failed, parent, numbers)
+                          n_failed, parent, numbers, failures)
 
     def _best_test(self, best: optuna.trial.FrozenTrial, sampler: str, seed: int, parent: str | None):
         """Test metrics of the chosen configuration: computed after the choice, logged once.

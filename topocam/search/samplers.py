@@ -1,7 +1,11 @@
 """The samplers a study can compare, each built from (name, seed).
 
 * ``de``: differential evolution (the paper's optimiser), our Optuna sampler
-  with its population state in the study's storage (see ``de.py``);
+  with its population state in the study's storage (see ``de.py``), with the
+  ``[sampler.de]`` options (generational "deferred" updating by default);
+* ``de_immediate``: the same DE with scipy's default ``updating="immediate"``
+  (a finished trial replaces its target at once), so one comparison can hold
+  both modes;
 * ``tpe``: Optuna's TPE (its default sampler);
 * ``cmaes``: Optuna's CMA-ES on the continuous and integer parameters. CMA-ES
   has no categorical distribution: the CAM variant (and any other categorical)
@@ -34,7 +38,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import TopoCAMError
 
-SAMPLERS: tuple[str, ...] = ("de", "tpe", "cmaes", "random", "gp")
+SAMPLERS: tuple[str, ...] = ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
+OPTIONS_SECTION: dict[str, str] = {"de": "de", "de_immediate": "de"}  # sampler -> its [sampler.X] table
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -102,9 +107,11 @@ def _factory(name: str) -> Callable[[int], BaseSampler]:
 
 def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) -> BaseSampler:
     options = options or {}
-    if name == "de":
+    if name in ("de", "de_immediate"):
         from .de import DifferentialEvolutionSampler, DifferentialEvolutionSamplerError
 
+        if name == "de_immediate":
+            options = {**options, "updating": "immediate"}
         try:
             return DifferentialEvolutionSampler(seed=seed, **options)
         except DifferentialEvolutionSamplerError as exc:
