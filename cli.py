@@ -110,9 +110,10 @@ def run(
     data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
     clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
     backbone: str = typer.Option("auto", help="auto (resnet18 in 2D, r3d18 in 3D), resnet18, r3d18 or small"),
-    epochs: int = typer.Option(10, help="backbone fine-tuning epochs"),
-    batch_size: int = typer.Option(32, help="backbone batch size"),
-    lr: float = typer.Option(1e-3, help="backbone learning rate (Adam)"),
+    epochs: Optional[int] = typer.Option(None, help="backbone fine-tuning epochs [default: 10, or the preset's]"),
+    batch_size: Optional[int] = typer.Option(None, help="backbone batch size [default: 32, or the preset's]"),
+    lr: Optional[float] = typer.Option(None, help="backbone learning rate (Adam) [default: 0.001, or the preset's]"),
+    preset: Optional[str] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
     cam: str = typer.Option("gradcam", help="gradcam, gradcampp or scorecam"),
     weights: str = typer.Option("0.2,0.3,0.5", help="fusion weights of layer2,layer3,layer4 (normalised to sum 1)"),
     tau: float = typer.Option(0.6, help="ROI threshold on the fused map, in [0, 1]"),
@@ -143,10 +144,14 @@ def run(
     if not seed_list or min(seed_list) < 0:
         fail(f"--seeds needs one or more integers >= 0, e.g. 0,1,2,3,4; got {seeds!r}")
     try:
+        from topocam.backbone import training_recipe
+
+        recipe = training_recipe(preset, epochs=epochs, batch_size=batch_size, lr=lr)
         cfg = TopoCAMConfig(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
             data_seed=data_seed, clutter=clutter,
-            backbone=backbone, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed_list[0], cam=cam,
+            backbone=backbone, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+            lr_milestones=tuple(recipe["milestones"]), seed=seed_list[0], cam=cam,
             weights=_floats(weights, "--weights"), tau=tau, outside=outside, bins=bins, betti_backend=betti_backend,
             mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
             cam_target="label" if leakage_audit else "predicted",

@@ -87,3 +87,14 @@ def test_health_flags_a_single_predicted_class():
     assert "predicts class 1 for all 10 validation images" in h.message
     ok = backbone_health({"val": np.array([[0.3, 0.7], [0.6, 0.4]])}, "binary-class", 2)
     assert not ok.degenerate and ok.message is None
+
+
+def test_medmnist_v2_preset_and_milestones(tmp_path):
+    from topocam.backbone import training_recipe
+
+    r = training_recipe("medmnist_v2")
+    assert (r["epochs"], r["batch_size"], r["lr"], r["milestones"]) == (100, 128, 1e-3, (50, 75))
+    assert training_recipe("medmnist_v2", epochs=3)["epochs"] == 3 and training_recipe()["milestones"] == ()
+    ds = make_synthetic(2, size=16, n=(24, 6, 6), seed=0, clutter=1)
+    _, info = train_backbone(ds, replace(QUICKSTART, epochs=3, milestones=(1, 2)), cache_dir=tmp_path, progress=False)
+    assert [h["lr"] for h in info.history] == pytest.approx([1e-3, 1e-4, 1e-5])

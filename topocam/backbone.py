@@ -151,13 +151,41 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int) -> tup
     return Backbone(net, arch), origin
 
 
+# The backbone's training defaults, defined once (CLI, study files, TopoCAMConfig and TrainSettings read them).
+DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": ()}
+
+
 @dataclass
 class TrainSettings:
     arch: str = "auto"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    epochs: int = DEFAULT_RECIPE["epochs"]
+    batch_size: int = DEFAULT_RECIPE["batch_size"]
+    lr: float = DEFAULT_RECIPE["lr"]
     seed: int = 0
+    milestones: tuple[int, ...] = DEFAULT_RECIPE["milestones"]  # epochs after which lr is divided by 10 (MultiStepLR)
+
+
+# Named training recipes. "medmnist_v2": MedMNIST v2's ResNet baselines (Yang et al. 2023):
+# 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128, so our CNN
+# baseline can be set beside their published table.
+PRESETS: dict[str, dict] = {
+    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
+}
+
+
+def training_recipe(preset: str | None = None, **overrides) -> dict:
+    """epochs, batch_size, lr and milestones: the defaults, or a named preset's, with the
+    values a user set explicitly (not None) on top. The one place both the CLI and study
+    files get them from."""
+    if preset is not None and preset not in PRESETS:
+        raise TopoCAMError(f"unknown training preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    recipe = dict(PRESETS[preset] if preset is not None else DEFAULT_RECIPE)
+    unknown = set(overrides) - set(recipe)
+    if unknown:
+        raise TypeError(f"not a training setting: {sorted(unknown)}")
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    recipe["milestones"] = tuple(recipe["milestones"])
+    return recipe
 
 
 @dataclass
@@ -281,6 +309,9 @@ def train_backbone(
 
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    if any(m < 1 for m in settings.milestones):
+        raise TopoCAMError(f"lr milestones are epochs >= 1, got {list(settings.milestones)}")
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(settings.milestones), gamma=0.1)
     loss_fn = nn.CrossEntropyLoss()
     xtr = torch.from_numpy(ds.x["train"])
     ytr = torch.from_numpy(ds.y["train"])
@@ -296,6 +327,7 @@ def train_backbone(
     bar = tqdm(total=settings.epochs * n_batches, desc=f"train {arch}", unit="batch", disable=not progress, leave=False)
     for epoch in range(settings.epochs):
         model.train()
+        lr_now = opt.param_groups[0]["lr"]
         perm = torch.randperm(len(xtr), generator=gen)
         total = 0.0
         for i in range(0, len(xtr), settings.batch_size):
@@ -309,11 +341,12 @@ def train_backbone(
             opt.step()
             total += float(loss.detach()) * len(idx)
             bar.update(1)
+        schedule.step()
         recalibrate_batchnorm(model, ds.x["train"], device=device)
         probs = predict_proba(model, ds.x["val"], device=device)
         val = evaluate(yval, probs, ds.task)
         vloss = _val_loss(yval, probs)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(xtr), "val_loss": vloss, "val_auc": val["auc"], "val_acc": val["acc"]})
+        history.append({"epoch": epoch + 1, "lr": lr_now, "train_loss": total / len(xtr), "val_loss": vloss, "val_auc": val["auc"], "val_acc": val["acc"]})
         bar.set_postfix(val_auc=f"{val['auc']:.3f}", val_loss=f"{vloss:.3f}")
         key_now = selection_key(val["auc"], vloss)
         if best_key is None or key_now > best_key:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import CAM_LAYERS, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
+from .backbone import CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .classifier import MLPSettings, TopoMLP, fit_on_train
@@ -48,9 +48,10 @@ class TopoCAMConfig:
     clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
     # backbone (f_theta)
     backbone: str = "auto"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    epochs: int = DEFAULT_RECIPE["epochs"]
+    batch_size: int = DEFAULT_RECIPE["batch_size"]
+    lr: float = DEFAULT_RECIPE["lr"]
+    lr_milestones: tuple[int, ...] = ()  # backbone lr / 10 after these epochs (the medmnist_v2 preset: 50, 75)
     seed: int = 0
     # CAMs and ROI (A_{w,tau})
     cam: str = "gradcam"
@@ -92,7 +93,8 @@ class TopoCAMConfig:
         return self
 
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                             milestones=tuple(int(m) for m in self.lr_milestones))
 
     def mlp_settings(self) -> MLPSettings:
         return MLPSettings(hidden=tuple(int(h) for h in self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)

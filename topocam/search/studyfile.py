@@ -2,7 +2,7 @@
 
     [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds, description
     [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
-    [backbone]  arch, epochs, batch_size, lr, seed
+    [backbone]  arch, epochs, batch_size, lr, seed, milestones, preset (medmnist_v2; explicit keys win)
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
     [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
     [sampler.de] popsize_per_dim, strategy, mutation, recombination, updating (deferred | immediate)
@@ -34,7 +34,8 @@ _SECTIONS: dict[str, dict[str, type | tuple]] = {
     "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
               "replicate_seeds": list, "description": str},
     "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list, "seed": int, "clutter": int},
-    "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int},
+    "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int, "preset": str,
+                 "milestones": list},
     "fixed": {"outside": str, "bins": int, "betti_backend": str, "mlp_lr": (float, int),
               "mlp_weight_decay": (float, int), "n_jobs": int},
 }
@@ -136,6 +137,14 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
 
     if "arch" in bb and bb["arch"] not in BACKBONES:
         raise TopoCAMError(f"{where}: [backbone] arch {bb['arch']!r} unknown; choose from {list(BACKBONES)}")
+    from ..backbone import training_recipe
+
+    try:
+        recipe = training_recipe(bb.get("preset"), **{k: bb.get(k) for k in ("epochs", "batch_size", "lr", "milestones")})
+    except TopoCAMError as exc:
+        raise TopoCAMError(f"{where}: [backbone] preset: {exc}") from None
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in recipe["milestones"]):
+        raise TopoCAMError(f"{where}: [backbone] milestones must be epochs >= 1, got {list(recipe['milestones'])}")
     synthetic_n = data.get("synthetic_n", [120, 40, 40])
     if len(synthetic_n) != 3 or not all(isinstance(v, int) and v >= 2 for v in synthetic_n):
         raise TopoCAMError(f"{where}: [data] synthetic_n must be three integers >= 2 (train, val, test), got {synthetic_n}")
@@ -147,9 +156,10 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
         data_seed=data.get("seed", 0),
         clutter=data.get("clutter", 2),
         backbone=bb.get("arch", "auto"),
-        epochs=bb.get("epochs", 10),
-        batch_size=bb.get("batch_size", 32),
-        lr=float(bb.get("lr", 1e-3)),
+        epochs=recipe["epochs"],
+        batch_size=recipe["batch_size"],
+        lr=float(recipe["lr"]),
+        lr_milestones=tuple(recipe["milestones"]),
         seed=bb.get("seed", 0),
         **{k: (float(v) if k in ("mlp_lr", "mlp_weight_decay") else v) for k, v in fixed.items()},
     )
