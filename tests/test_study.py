@@ -25,7 +25,7 @@ from topocam.errors import TopoCAMError
 from topocam.search import runner as runner_mod
 from topocam.search.compare import compare
 from topocam.search.runner import StudyRunner, open_storage, study_status
-from topocam.search.samplers import SAMPLERS
+from topocam.search.samplers import SAMPLERS, make_sampler
 from topocam.search.studyfile import load_study
 from topocam.tracking import Tracker
 
@@ -190,6 +190,17 @@ def test_shipped_study_files_parse():
         assert spec.name and spec.n_trials >= 1 and spec.seeds
         assert set(spec.samplers) <= set(SAMPLERS)
         assert spec.space and spec.text == f.read_text()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "breastmnist", "adrenalmnist3d"])
+def test_shipped_studies_let_de_evolve_five_generations(name):
+    """A DE population that fills the budget compares Latin-hypercube sampling, not DE:
+    the shipped budgets hold at least 5 generations of the population the sampler builds."""
+    spec = load_study(REPO / "studies" / f"{name}.toml")
+    sampler = make_sampler("de", 0, spec.sampler_options.get("de"))
+    n_dims = sum(p.kind != "fixed" for p in spec.space.values())
+    popsize = sampler.population_size(n_dims)
+    assert spec.n_trials >= 5 * popsize, (spec.n_trials, popsize)
 
 
 BAD_FILES = [

@@ -534,7 +534,8 @@ class DifferentialEvolutionSampler(BaseSampler):
         cache.seed = int(attrs[ATTR_SEED])
         return cache.seed
 
-    def _configured_popsize(self, n_dims: int) -> int:
+    def population_size(self, n_dims: int) -> int:
+        """The population this sampler builds for ``n_dims`` DE parameters (scipy's rule)."""
         if self._popsize is not None:
             return self._popsize
         return max(5, self._popsize_per_dim * max(1, n_dims))
@@ -568,7 +569,7 @@ class DifferentialEvolutionSampler(BaseSampler):
             return False
         record = {
             "search_space": {n: distribution_to_json(d) for n, d in space.items()},
-            "popsize": self._configured_popsize(len(space)),
+            "popsize": self.population_size(len(space)),
         }
         storage, sid = study._storage, study._study_id
         if ATTR_POPULATION not in storage.get_study_system_attrs(sid):
@@ -583,7 +584,7 @@ class DifferentialEvolutionSampler(BaseSampler):
                 return
             space = {n: json_to_distribution(s) for n, s in record["search_space"].items()}
             popsize = int(record["popsize"])
-            wanted = self._configured_popsize(len(space))
+            wanted = self.population_size(len(space))
             if wanted != popsize:
                 _logger.warning(
                     "Study records a DE population of %d; this sampler is configured for %d. "
