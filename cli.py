@@ -233,7 +233,8 @@ def _check_samplers(names: list[str]) -> None:
 @study_app.command("run")
 def study_run(
     study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/quickstart.toml"),
-    sampler: Optional[str] = typer.Option(None, help="de, tpe, cmaes, random or gp (default: the file's first)"),
+    sampler: Optional[str] = typer.Option(None, help="de, de_immediate, tpe, cmaes, random or gp (default: the file's first)"),
+    arm: str = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
     n_trials: Optional[int] = typer.Option(None, help="budget (default: the file's n_trials); finished trials count"),
     seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
@@ -252,13 +253,18 @@ def study_run(
         seed = spec.seeds[0] if seed is None else seed
         if n_trials is not None and n_trials < 1:
             fail("--n-trials must be >= 1")
+        from topocam.pipeline import METHODS_TUNABLE
+
+        if arm not in METHODS_TUNABLE:
+            fail(f"unknown --arm {arm!r}; choose one of {', '.join(METHODS_TUNABLE)}")
         runner.log_baselines()
+        runner = runner.for_arm(arm)
         r = runner.run(sampler, seed, n_trials)
     except TopoCAMError as exc:
         fail(str(exc))
     test = r.test or {}
     console.print(
-        f"{spec.name} [{sampler}, seed {seed}]: {len(r.values)} trials ({r.n_failed} failed), "
+        f"{spec.name} ({arm}, {sampler}, seed {seed}): {len(r.values)} trials ({r.n_failed} failed), "
         f"best val {spec.metric.upper()} {_fmt(r.best_value)} at trial {r.best_trial}; "
         f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}"
     )

@@ -492,7 +492,7 @@ def test_killed_worker_trial_is_closed_in_mlflow(env, warm, tmp_path):
     st = optuna.load_study(study_name="killed.random.s0", storage=_storage(storage))
     orphan = st.ask()
     (parent,) = mlflow_runs(env.tracker, "killed", kind="sampler")
-    tags = {"study": "killed", "dataset": "synthetic2d", "kind": "trial", "sampler": "random", "seed": 0, "trial": orphan.number}
+    tags = {"study": "killed", "dataset": "synthetic2d", "arm": "topocam", "kind": "trial", "sampler": "random", "seed": 0, "trial": orphan.number}
     rid = env.tracker.start_run(env.tracker.experiment("killed"), "orphan", tags, parent=parent.info.run_id)
     st.tell(orphan, state=S.FAIL)  # what Optuna's heartbeat check does after the grace period
     make_runner(path, storage, env.tracker).run("random", 0, 3)
@@ -607,7 +607,7 @@ def test_compare_equal_budgets_and_consistent_summary(env, warm, tmp_path):
     for r in detail["runs"]:
         assert len(r["values"]) == 4
 
-    best = mlflow_runs(env.tracker, "cmp", kind="best", sampler="random", seed="0")
+    best = mlflow_runs(env.tracker, "cmp", kind="best", sampler="random", seed="0", arm="topocam")
     assert len(best) == 1 and best[0].data.tags["trial"] == str(rand0.best_trial)
     (run,) = mlflow_runs(env.tracker, "cmp", kind="comparison")
     arts = {a.path for a in env.tracker.client.list_artifacts(run.info.run_id, "comparison")}
@@ -644,7 +644,7 @@ def test_compare_replicates_each_best_configuration_over_model_seeds(env, warm, 
     assert "test_auc_replicated" in md and "model seeds [0, 3]" in md
     detail = json.loads((out / "comparison.json").read_text())
     assert detail["replication"]["seeds"] == [0, 3]
-    (parent,) = mlflow_runs(env.tracker, "rep", kind="sampler", sampler="random", seed="0")
+    (parent,) = mlflow_runs(env.tracker, "rep", kind="sampler", sampler="random", seed="0", arm="topocam")
     assert parent.data.metrics["replicated_test_auc_mean"] == pytest.approx(
         np.mean([res["test"]["auc"] for res in rep["per_run"]["random.s0"].values()]))
 
@@ -703,6 +703,34 @@ def test_sampler_statistics_mean_rank_and_paired_test():
     assert good["p_vs_random"] == pytest.approx(2 / 2**6)  # exact two-sided p of 6 positive differences
     assert same["p_vs_random"] == 1.0 and rand["p_vs_random"] is None
     assert "good (p = 0.031)" in text and "same" not in text.split("random search at alpha")[1]
+
+
+def test_topo_original_is_tuned_on_the_same_budget_and_sampler(env, warm, tmp_path):
+    """DESIGN.md §2.9: the whole-image baseline gets the same sampler, budget, seeds and MLP
+    search as TopoCAM (its space has no weights, tau or CAM), and sits beside it in the table."""
+    from topocam.pipeline import evaluate as pipeline_evaluate
+    from topocam.pipeline import fit_and_score, original_features
+    from topocam.search.space import apply_params
+
+    storage = sqlite(tmp_path)
+    path = write_study(tmp_path, "fair")
+    runner = make_runner(path, storage, env.tracker)
+    out = tmp_path / "out"
+    compare(runner, ["random"], [0], n_trials=3, out_dir=out)
+    mine, base = trials_of(storage, "fair.random.s0"), trials_of(storage, "fair-topo_original.random.s0")
+    assert len(mine) == len(base) == 3
+    assert set(base[0].params) == {"mlp_h1", "mlp_h2"} and {"cam", "w_layer2", "tau"} <= set(mine[0].params)
+    # a Topo-Original trial's value is the whole-image pipeline with that MLP
+    arm = runner.for_arm("topo_original")
+    cfg = apply_params(arm.spec.base, base[1].params)
+    assert cfg.method == "topo_original"
+    direct = fit_and_score(runner.ctx, cfg, original_features(runner.ctx, cfg), report_test=False)
+    assert base[1].value == pytest.approx(direct.val["auc"]) == pytest.approx(pipeline_evaluate(runner.ctx, cfg).val["auc"])
+    detail = json.loads((out / "comparison.json").read_text())
+    (row,) = detail["equal_budget"]["rows"]
+    assert row["sampler"] == "random" and row["topo_original"]["n"] == 1 and row["topocam"]["n"] == 1
+    assert "Topo-Original (tuned)" in (out / "comparison.md").read_text()
+    assert {r.data.tags["arm"] for r in mlflow_runs(env.tracker, "fair", kind="trial")} == {"topocam", "topo_original"}
 
 
 def test_study_file_data_seed_clutter_and_replicate_seeds(tmp_path):

@@ -37,6 +37,9 @@ from .roi import (
 from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
 
 
+METHODS_TUNABLE: tuple[str, ...] = ("topocam", "topo_original")
+
+
 @dataclass(frozen=True)
 class TopoCAMConfig:
     # data
@@ -53,6 +56,8 @@ class TopoCAMConfig:
     lr: float = DEFAULT_RECIPE["lr"]
     lr_milestones: tuple[int, ...] = ()  # backbone lr / 10 after these epochs (the medmnist_v2 preset: 50, 75)
     seed: int = 0
+    # method: "topocam" (ROI from the CAMs) or "topo_original" (the same phi and g on the whole image)
+    method: str = "topocam"
     # CAMs and ROI (A_{w,tau})
     cam: str = "gradcam"
     weights: tuple[float, float, float] = (0.2, 0.3, 0.5)
@@ -77,6 +82,8 @@ class TopoCAMConfig:
         fusion_weights(self.weights)
         check_outside(self.outside)
         check_backend(self.betti_backend)
+        if self.method not in METHODS_TUNABLE:
+            raise TopoCAMError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS_TUNABLE)}")
         if self.cam_target not in TARGET_RULES:
             raise TopoCAMError(f"unknown CAM target rule {self.cam_target!r}; choose one of {', '.join(TARGET_RULES)}")
         if self.bins < 2:
@@ -333,16 +340,30 @@ class TrialOutcome:
     cv: dict[str, float] | None = None  # K-fold metrics on train, when asked for
 
 
+def _original_features_memo(ctx: Context, cfg: TopoCAMConfig, report_test: bool) -> Features:
+    """Topo-Original's features depend on the outside mode, the bins and the backend only,
+    not on the MLP a trial tunes: computed once per study context."""
+    key = ("original", cfg.outside, cfg.bins, cfg.betti_backend, report_test)
+    if key not in ctx.trial_cache:
+        ctx.trial_cache[key] = original_features(ctx, cfg, report_test)
+    return ctx.trial_cache[key]
+
+
 def evaluate(
     ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False, cv_folds: int = 0,
 ) -> TrialOutcome:
-    """One configuration: validation metrics, K-fold training metrics when ``cv_folds``,
-    test metrics only when ``report_test``."""
+    """One configuration of ``cfg.method`` (TopoCAM, or Topo-Original on the whole image):
+    validation metrics, K-fold training metrics when ``cv_folds``, test metrics only
+    when ``report_test``."""
     cfg = cfg.validated()
     t0 = time.perf_counter()
-    ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
-    t1 = time.perf_counter()
-    feats = topocam_features(ctx, cfg, report_test, progress)
+    if cfg.method == "topo_original":
+        t1 = t0
+        feats = _original_features_memo(ctx, cfg, report_test)
+    else:
+        ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
+        t1 = time.perf_counter()
+        feats = topocam_features(ctx, cfg, report_test, progress)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     cv = cv_score(ctx, cfg, feats, cv_folds) if cv_folds else None

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TopoCAMError
+from ..metrics import evaluate as score
 from ..stats import mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
@@ -177,9 +178,10 @@ def markdown_table(rows: list[dict], metric: str, replication: dict | None = Non
     return text
 
 
-def replicate(runner: StudyRunner, runs: list[SamplerRun], rows: list[dict], seeds: list[int]) -> dict:
+def replicate(runner: StudyRunner, runs: list[SamplerRun], rows: list[dict], seeds: list[int], baselines: bool = True) -> dict:
     """Re-evaluate each (sampler, seed)'s best configuration under every replication
-    seed, after all searches are over; adds ``test_<metric>_replicated`` to the rows."""
+    seed, after all searches are over; adds ``test_<metric>_replicated`` to the rows
+    (and the CNN and untuned Topo-Original under the same seeds, if ``baselines``)."""
     metric = runner.spec.metric
     per_run: dict[str, dict] = {}
     for r in runs:
@@ -191,13 +193,42 @@ def replicate(runner: StudyRunner, runs: list[SamplerRun], rows: list[dict], see
         values = [res["test"][metric] for key, reps in per_run.items() if key.rsplit(".s", 1)[0] == row["sampler"]
                   for res in reps.values()]
         row[f"test_{metric}_replicated"] = mean_sd(values)
-    base = runner.replicate_baselines(seeds)
+    base = runner.replicate_baselines(seeds) if baselines else {}
     degenerate = sorted({s for reps in per_run.values() for s, res in reps.items() if res["degenerate_backbone"]})
     return {
         "seeds": seeds, "per_run": per_run, "degenerate_seeds": degenerate,
         "baselines": {name: mean_sd([m[metric] for m in by_seed.values()]) for name, by_seed in base.items()},
         "baselines_per_seed": base,
     }
+
+
+def equal_budget_table(rows: list[dict], base_rows: list[dict], metric: str, replication: dict | None,
+                       cnn: dict[str, float]) -> tuple[str, list[dict]]:
+    """CNN, tuned Topo-Original and tuned TopoCAM side by side on test, per sampler: each
+    method's best configuration under the same sampler, budget, seeds and MLP search.
+    Cells: mean ± sd over the replication seeds (all (sampler seed, model seed) pairs),
+    or over the sampler seeds' chosen configurations when there is no replication."""
+    key = f"test_{metric}_replicated" if replication else None
+
+    def cell(row: dict) -> dict[str, float]:
+        if key:
+            return row[key]
+        return mean_sd([v for v in row.get("_test_values", [])])
+
+    by_sampler = {r["sampler"]: r for r in base_rows}
+    out, lines = [], [
+        f"| sampler | CNN test {metric.upper()} | Topo-Original (tuned) | TopoCAM (tuned) |", "|---|---|---|---|",
+    ]
+    for r in rows:
+        b = by_sampler.get(r["sampler"])
+        entry = {"sampler": r["sampler"], "cnn": cnn, "topo_original": cell(b) if b else None, "topocam": cell(r)}
+        out.append(entry)
+        lines.append(f"| {r['sampler']} | {_fmt_pm(cnn)} | {_fmt_pm(entry['topo_original'])} | {_fmt_pm(entry['topocam'])} |")
+    how = (f"model seeds {replication['seeds']}" if replication else "the sampler seeds' chosen configurations (one backbone)")
+    text = ("\n## Equal budgets: CNN vs tuned Topo-Original vs tuned TopoCAM (test)\n\n" + "\n".join(lines)
+            + f"\n\nTopo-Original (Betti curves of the whole image) is searched with the same sampler, budget, seeds "
+            f"and MLP space as TopoCAM (no fusion weights, tau or CAM). Cells: mean ± sd over {how}.\n")
+    return text, out
 
 
 def _json_safe(obj):
@@ -229,6 +260,26 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     rows, curves = summarise(runs, n_trials, spec.metric, spec.objective)
     replication = replicate(runner, runs, rows, list(spec.replicate_seeds)) if spec.replicate_seeds else None
     verdict = sampler_statistics(rows, curves, runs, n_trials, spec.metric)
+    base_runs: list[SamplerRun] = []
+    base_rows: list[dict] = []
+    base_replication = None
+    if spec.tune_topo_original:  # the baseline gets the same sampler, budget, seeds and MLP search
+        arm = runner.for_arm("topo_original")
+        base_runs = [arm.run(s, seed, n_trials) for s in samplers for seed in seeds]
+        base_rows, _ = summarise(base_runs, n_trials, spec.metric, spec.objective)
+        if spec.replicate_seeds:
+            base_replication = replicate(arm, base_runs, base_rows, list(spec.replicate_seeds), baselines=False)
+    for rs, rr in ((rows, runs), (base_rows, base_runs)):
+        for row in rs:
+            row["_test_values"] = [(r.test or {}).get(spec.metric, float("nan")) for r in rr if r.sampler == row["sampler"]]
+    ctx = runner.ctx
+    cnn = {"mean": float(score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)[spec.metric]), "sd": 0.0, "n": 1}
+    if replication is not None:
+        cnn = replication["baselines"]["cnn"]
+    equal_md, equal = equal_budget_table(rows, base_rows, spec.metric, replication, cnn) if base_rows else ("", [])
+    for rs in (rows, base_rows):
+        for row in rs:
+            row.pop("_test_values", None)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "table_md": out_dir / "comparison.md",
@@ -236,7 +287,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "json": out_dir / "comparison.json",
         "plot": out_dir / "best_so_far.png",
     }
-    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective) + verdict + failures_text(runs)
+    md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective) + verdict + equal_md + failures_text(runs + base_runs)
     _atomic_write(files["table_md"], md)
     flat = []
     for r in rows:
@@ -258,6 +309,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     detail = {
         "study": spec.name, "objective": spec.objective, "n_trials": n_trials, "seeds": list(seeds), "rows": rows,
         "replication": replication,
+        "equal_budget": {"rows": equal, "topo_original_rows": base_rows, "topo_original_replication": base_replication},
         "runs": [{"sampler": r.sampler, "seed": r.seed, "best_value": r.best_value, "best_trial": r.best_trial,
                   "best_params": r.best_params, "val": r.val, "test": r.test, "values": r.values,
                   "trial_numbers": r.numbers, "n_failed": r.n_failed, "failures": r.failures,

@@ -43,7 +43,7 @@ from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
-from .space import apply_params, suggest
+from .space import apply_params, arm_space, suggest
 from .studyfile import StudySpec
 
 S = optuna.trial.TrialState
@@ -117,8 +117,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     )
 
 
-def optuna_name(spec: StudySpec, sampler: str, seed: int) -> str:
-    return f"{spec.name}.{sampler}.s{seed}"
+def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
+    """``<study>.<sampler>.s<seed>``; the tuned Topo-Original baseline is ``<study>-topo_original.<sampler>.s<seed>``."""
+    return f"{spec.name}{'' if arm == 'topocam' else '-' + arm}.{sampler}.s{seed}"
 
 
 def definition(spec: StudySpec) -> dict[str, Any]:
@@ -176,6 +177,17 @@ class StudyRunner:
     log: Callable[[str], None] = print
     timings_s: dict[str, float] = field(default_factory=dict)
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
+    arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
+
+    def for_arm(self, arm: str) -> "StudyRunner":
+        """The same study for another method: its part of the space (:func:`arm_space`), the
+        same sampler, budget, seeds and objective, sharing this runner's context, storage
+        and tracker. A Topo-Original arm is the baseline tuned on an equal budget."""
+        if arm == self.arm:
+            return self
+        self.ctx  # build once, share
+        spec = replace(self.spec, base=replace(self.spec.base, method=arm), space=arm_space(self.spec.space, arm))
+        return replace(self, spec=spec, arm=arm)
 
     @property
     def storage(self):
@@ -257,7 +269,11 @@ class StudyRunner:
         return self._exp
 
     def _tags(self, **extra) -> dict[str, Any]:
-        return {"study": self.spec.name, "dataset": self.spec.base.dataset, **extra}
+        return {"study": self.spec.name, "dataset": self.spec.base.dataset, "arm": self.arm, **extra}
+
+    def _prefix(self) -> str:
+        """Run names of the Topo-Original arm start with it; TopoCAM's keep their names."""
+        return "" if self.arm == "topocam" else f"{self.arm}-"
 
     def _tracking_lock(self) -> FileLock:
         return FileLock(self.tracker.lock_path if self.tracker is not None else None)
@@ -295,12 +311,12 @@ class StudyRunner:
         if self.tracker is None:
             return None
         tags = self._tags(kind="sampler", sampler=sampler, seed=seed)
-        with self._tracking_lock():  # one parent per (sampler, seed), however many workers
+        with self._tracking_lock():  # one parent per (arm, sampler, seed), however many workers
             rid = self.tracker.find_run(self.experiment, tags)
             if rid is None:
                 base = self.spec.base
                 rid = self.tracker.start_run(
-                    self.experiment, f"{sampler}-seed{seed}", tags,
+                    self.experiment, f"{self._prefix()}{sampler}-seed{seed}", tags,
                     params={"sampler": sampler, "seed": seed, "n_trials": n_trials, "objective": self.spec.objective,
                             "backbone": base.backbone, "backbone_epochs": base.epochs, "backbone_seed": base.seed,
                             "bins": base.bins, "outside": base.outside, "betti_backend": base.betti_backend,
@@ -325,7 +341,7 @@ class StudyRunner:
             rid = None
             if self.tracker is not None:
                 rid = self.tracker.start_run(
-                    self.experiment, f"{sampler}-s{seed}-t{trial.number}",
+                    self.experiment, f"{self._prefix()}{sampler}-s{seed}-t{trial.number}",
                     self._tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
                     parent=parent, params=params,
                 )
@@ -394,7 +410,7 @@ class StudyRunner:
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
         with _quiet_experimental():
             study = optuna.create_study(
-                study_name=optuna_name(self.spec, sampler, seed), storage=self.storage, load_if_exists=True,
+                study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
             self._check_definition(study, sampler, seed)
@@ -512,7 +528,7 @@ class StudyRunner:
                 return ({k[4:]: v for k, v in m.items() if k.startswith("val_")}, {k[5:]: v for k, v in m.items() if k.startswith("test_")})
             out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
             rid = t.start_run(
-                self.experiment, f"{sampler}-s{seed}-best", self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number),
+                self.experiment, f"{self._prefix()}{sampler}-s{seed}-best", self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number),
                 parent=parent, params=params,
             )
             t.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})

@@ -21,6 +21,7 @@ from ..pipeline import TopoCAMConfig
 from ..topology import OUTSIDE_MODES
 
 WEIGHT_PARAMS = ("w_layer2", "w_layer3", "w_layer4")
+ROI_PARAMS = (*WEIGHT_PARAMS, "tau", "cam")  # what only TopoCAM has: Topo-Original's space is the rest
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,24 @@ def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
 def apply_params(base: TopoCAMConfig, params: dict[str, Any]) -> TopoCAMConfig:
     """The configuration a set of parameters stands for. Raw weights that are
     all zero fall back to equal weights (a defined point, not a failed trial)."""
-    raw = [float(params[w]) for w in WEIGHT_PARAMS]
-    weights = tuple(raw) if sum(raw) > 0 else (1.0, 1.0, 1.0)
-    changes: dict[str, Any] = {"weights": weights, "tau": float(params["tau"]), "cam": params["cam"],
-                               "mlp": (int(params["mlp_h1"]), int(params["mlp_h2"]))}
+    changes: dict[str, Any] = {"mlp": (int(params["mlp_h1"]), int(params["mlp_h2"]))}
+    if all(w in params for w in WEIGHT_PARAMS):  # absent in Topo-Original's space: the base's stay
+        raw = [float(params[w]) for w in WEIGHT_PARAMS]
+        changes["weights"] = tuple(raw) if sum(raw) > 0 else (1.0, 1.0, 1.0)
+    if "tau" in params:
+        changes["tau"] = float(params["tau"])
+    if "cam" in params:
+        changes["cam"] = params["cam"]
     for opt in ("mlp_lr", "mlp_weight_decay", "outside", "bins"):
         if opt in params:
             changes[opt] = params[opt]
     return dataclasses.replace(base, **changes)
+
+
+def arm_space(space: dict[str, Param], method: str) -> dict[str, Param]:
+    """The part of a study's space a method has: TopoCAM all of it, Topo-Original (the
+    whole image, no CAM) everything but the fusion weights, tau and the CAM variant, so
+    the baseline gets the same sampler, budget and MLP search (DESIGN.md §2.9)."""
+    if method == "topocam":
+        return dict(space)
+    return {k: p for k, p in space.items() if k not in ROI_PARAMS}

@@ -1,6 +1,7 @@
 """Study definitions (``studies/*.toml``): parsed strictly, errors name the key and the file.
 
-    [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds, description
+    [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds,
+                tune_topo_original (default true), description
     [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
     [backbone]  arch, epochs, batch_size, lr, seed, milestones, preset (medmnist_v2; explicit keys win)
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
@@ -32,7 +33,7 @@ from .space import Param, build_space
 OBJECTIVES = ("val_auc", "val_acc", "cv_auc", "cv_acc")  # cv_*: 5-fold on the training split
 _SECTIONS: dict[str, dict[str, type | tuple]] = {
     "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
-              "replicate_seeds": list, "description": str},
+              "replicate_seeds": list, "tune_topo_original": bool, "description": str},
     "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list, "seed": int, "clutter": int},
     "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int, "preset": str,
                  "milestones": list},
@@ -59,6 +60,8 @@ class StudySpec:
     # model seeds (backbone + MLP) over which each sampler's best configuration is
     # re-evaluated on test after the search: the reported number is mean ± sd over them
     replicate_seeds: tuple[int, ...] = ()
+    # compare also searches Topo-Original (whole image) with the same sampler, budget and MLP space
+    tune_topo_original: bool = True
     sampler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -192,7 +195,8 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
         except TopoCAMError as exc:
             raise TopoCAMError(f"{where}: {exc}") from None
     return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""),
-                     sampler_options=options, replicate_seeds=replicate_seeds)
+                     sampler_options=options, replicate_seeds=replicate_seeds,
+                     tune_topo_original=st.get("tune_topo_original", True))
 
 
 def with_overrides(spec: StudySpec, **changes: Any) -> StudySpec:
