@@ -228,9 +228,7 @@ class StudyRunner:
         seed. Runs after the search, so nothing here feeds back into a choice."""
         out: dict[int, dict[str, Any]] = {}
         for seed in seeds:
-            ctx = self.seed_context(seed)
-            for variant in self.cam_variants():
-                ctx.cams(variant, "train")
+            ctx = self.seed_context(seed)  # CAMs of the variant the configuration uses only, on first use
             cfg = replace(apply_params(self.spec.base, params), seed=seed)
             res = evaluate(ctx, cfg, report_test=True)
             out[seed] = {"val": res.val, "test": res.test, "degenerate_backbone": ctx.health().degenerate}
