@@ -19,8 +19,18 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from topocam import __version__
+
+        console.print(f"topocam {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
     """TopoCAM: Betti curves of CAM-selected regions, studies and baselines."""
 
 
@@ -124,7 +134,7 @@ def run(
     n_jobs: int = typer.Option(-1, help="worker threads for Betti curves (-1: all cores)"),
     seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
     runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
     no_tracking: bool = typer.Option(False, "--no-tracking", help="do not log to MLflow"),
     leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
@@ -237,8 +247,8 @@ def study_run(
     arm: str = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
     n_trials: Optional[int] = typer.Option(None, help="budget (default: the file's n_trials); finished trials count"),
     seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
     runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -282,8 +292,8 @@ def study_compare(
     samplers: Optional[str] = typer.Option(None, help="comma-separated samplers (default: the file's)"),
     seeds: Optional[int] = typer.Option(None, help="number of seeds 0..N-1 (default: the file's seed list)"),
     n_trials: Optional[int] = typer.Option(None, help="budget per sampler and seed (default: the file's)"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
     runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="folder for the table and plot (default: RUNS_DIR/compare/STUDY)"),
@@ -316,7 +326,7 @@ def study_compare(
 @study_app.command("status")
 def study_status_cmd(
     study_name: str = typer.Argument(..., help="the [study] name of a study file"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
     runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
 ):
     """Trials done / running / failed and the best value, per sampler and seed."""

@@ -141,3 +141,23 @@ def test_breastmnist_real_data_smoke(tmp_path):
     assert m["dataset"]["n"] == {"train": 546, "val": 78, "test": 156}
     topocam = m["runs"][0]["metrics"]["topocam"]
     assert 0.5 < topocam["val"]["auc"] <= 1.0 and np.isfinite(topocam["test"]["auc"])
+
+
+def test_version_module_entry_and_tracking_uri_from_the_environment(tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"topocam {version('topocam')}"
+    m = subprocess.run([sys.executable, "-m", "topocam", "--version"], capture_output=True, text=True, timeout=120)
+    assert m.returncode == 0 and m.stdout.strip() == r.output.strip()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://x")
+    bad = _run(["--dataset", "synthetic2d", *FAST, "--out", str(tmp_path / "o")], tmp_path)
+    assert bad.exit_code != 0 and "nosuchscheme://x" in bad.output
+
+
+def test_error_text_in_square_brackets_is_kept(tmp_path):
+    """Rich markup used to swallow '[space.cam]' and similar from every message."""
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname = "s"\n[space.cam]\nchoices = ["nope"]\n')
+    r = runner.invoke(app, ["study", "run", str(study), "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code != 0 and "[space.cam] choices ['nope']" in r.output

@@ -3,4 +3,9 @@
 from .errors import TopoCAMError
 
 __all__ = ["TopoCAMError"]
-__version__ = "0.1.0"
+try:  # one source of truth: the version in pyproject.toml, as installed
+    from importlib.metadata import version as _version
+
+    __version__ = _version("topocam")
+except Exception:  # not installed (a bare checkout on sys.path)
+    __version__ = "0+unknown"
