@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from topocam.atomic import write_json_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
 console = Console()
@@ -50,12 +50,6 @@ def ensure_writable_dir(path: Path) -> None:
             pass
     except OSError as exc:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(v: float | None) -> str:
