@@ -363,8 +363,7 @@ def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
     import mlflow
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)  # the registry follows it
     try:
         mlflow.models.get_model_info(model)
     except Exception as exc:  # MlflowException / OSError: the URI does not name a model here

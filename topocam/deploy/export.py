@@ -230,18 +230,20 @@ def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def _mlflow_uris(uri: str):
-    """The fluent MLflow API (log_model, register) on this store, restored afterwards."""
-    import mlflow
-
-    old_t, old_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+def _on_store(uri: str):
+    """The fluent MLflow API (log_model, registration) on this store; the
+    registry follows the tracking URI. Restored afterwards to "not set", not to
+    the default it resolved to (which would pin later calls to ./mlflow.db)."""
     try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # pragma: no cover - older/newer MLflow: leave the URI set
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
         yield
-    finally:
-        mlflow.set_tracking_uri(old_t)
-        mlflow.set_registry_uri(old_r)
+        return
+    with _use_tracking_uri(uri):
+        yield
 
 
 def signature(bundle: Bundle):
@@ -298,7 +300,7 @@ def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, cho
     metric = spec.metric
     summary = {"study": spec.name, "sampler": choice.sampler, "seed": choice.seed, "trial": choice.trial,
                f"val_{metric}": p["val"].get(metric), f"test_{metric}": (p["test"] or {}).get(metric)}
-    with _mlflow_uris(tracker.uri), mlflow.start_run(run_id=run_id):
+    with _on_store(tracker.uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),

@@ -49,8 +49,7 @@ def load_model(uri: str, tracking_uri: str | None):
     from .pyfunc import TopoCAMModel
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)  # the registry follows it
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MlflowException, OSError, ...: all mean "cannot load this model"
