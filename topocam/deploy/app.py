@@ -130,6 +130,7 @@ PAGE = """<!doctype html>
 </main>
 <script>
 const classes = __CLASSES__;
+const kind = "__NOUN__";
 const $ = (id) => document.getElementById(id);
 function bar(name, p, top) {
   const row = document.createElement("div"); row.className = "bar" + (top ? " top" : "");
@@ -155,7 +156,9 @@ $("file").addEventListener("change", async () => {
     $("pred-class").textContent = data.class_name; $("pred-class").dataset.class = data["class"];
     $("pred").style.display = "block";
     data.probabilities.forEach((p, i) => $("bars").appendChild(bar(classes[i], p, i === data["class"])));
-    $("roi").textContent = "Region of interest: " + (100 * data.roi_fraction).toFixed(1) + "% of the image";
+    $("roi").textContent = data.roi_fraction > 0
+      ? "Region of interest: " + (100 * data.roi_fraction).toFixed(1) + "% of the " + kind
+      : "Region of interest: empty (no pixel of the heat map reaches τ), so the classifier saw no region";
     $("prep").textContent = data.preprocessing.length ? "Prepared: " + data.preprocessing.join("; ") : "";
     $("overlay").onload = () => { res.dataset.state = "done"; };
     $("overlay").src = data.overlay; $("overlay").style.display = "block";
@@ -173,6 +176,7 @@ def render_page(card: dict[str, Any], title: str, ndim: int) -> str:
     fmts = (".png", ".jpg", ".jpeg", ".npy") if ndim == 2 else (".npy", ".nii", ".nii.gz")
     return (PAGE.replace("__TITLE__", html.escape(title))
             .replace("__KIND__", "2D image" if ndim == 2 else "3D volume")
+            .replace("__NOUN__", "image" if ndim == 2 else "volume")
             .replace("__FORMATS__", html.escape(", ".join(fmts)))
             .replace("__ACCEPT__", ",".join(fmts))
             .replace("__ROWS__", _provenance_rows(card))
