@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from topocam.atomic import write_json_atomic
 
@@ -24,7 +25,8 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message as plain Text: Rich markup would swallow "[0, 1]", "[study]" and the like
+    err.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -199,9 +201,10 @@ def study_run(
     console.print(
         f"{spec.name} [{sampler}, seed {seed}]: {len(r.values)} trials ({r.n_failed} failed), "
         f"best val {spec.metric.upper()} {_fmt(r.best_value)} at trial {r.best_trial}; "
-        f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}"
+        f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}",
+        markup=False, soft_wrap=True,  # "[tpe, seed 0]" is not markup
     )
-    console.print(f"best parameters: {r.best_params}")
+    console.print(f"best parameters: {r.best_params}", soft_wrap=True)
     console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})")
 
 
@@ -322,7 +325,7 @@ def export_cmd(
         f"serve: MLFLOW_TRACKING_URI={tracking_uri} topocam serve --model {res.alias_uri}",
     ]
     for line in lines:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve")
@@ -351,7 +354,7 @@ def serve_cmd(
         fail(str(exc))
     argv, env = serve_command(model, host, port, uri, workers)
     err.print(f"serving {model} on http://{host}:{port}/invocations (POST JSON {{\"inputs\": [image, ...]}}); Ctrl-C stops",
-              markup=False, highlight=False)
+              markup=False, highlight=False, soft_wrap=True)
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
 
@@ -359,9 +362,11 @@ def serve_cmd(
 def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
     """A quick, one-line failure for a model URI that does not resolve (reads MLmodel only)."""
     from topocam import TopoCAMError
+    from topocam.deploy.serve import check_registry
 
     import mlflow
 
+    check_registry(model, tracking_uri)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # the registry follows it
     try:
@@ -400,7 +405,8 @@ def predict_cmd(
                       f"ROI {r['roi_fraction']:.1%}", markup=False, highlight=False)
     if n - bad > 20:
         console.print(f"... and {n - bad - 20} more", markup=False)
-    console.print(f"{n - bad} of {n} file(s) predicted; wrote {summary.jsonl} and {summary.overlays}/", markup=False, highlight=False)
+    console.print(f"{n - bad} of {n} file(s) predicted; wrote {summary.jsonl} and {summary.overlays}/", markup=False,
+                  highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)
 
@@ -423,7 +429,7 @@ def app_cmd(
         _, m = _load_model(model, tracking_uri, runs_dir)
     except TopoCAMError as exc:
         fail(str(exc))
-    err.print(f"TopoCAM page for {model}: http://{host}:{port}/ (Ctrl-C stops)", markup=False, highlight=False)
+    err.print(f"TopoCAM page for {model}: http://{host}:{port}/ (Ctrl-C stops)", markup=False, highlight=False, soft_wrap=True)
     run_app(m, model, host, port)
 
 

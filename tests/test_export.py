@@ -353,6 +353,13 @@ def test_predict_cli_bad_model_is_one_line(shipped, tmp_path):
             env=shipped.env())
     assert r.returncode != 0 and "cannot load model 'models:/no-such-model@champion'" in r.stderr
     assert "Traceback" not in r.stderr
+    # no store anywhere: said so, and MLflow is not left to create ./mlflow.db
+    env = shipped.env()
+    env.pop("MLFLOW_TRACKING_URI")
+    r = cli("predict", str(tmp_path), "--model", shipped.uri, "--out", str(tmp_path / "o"), "--runs-dir",
+            str(tmp_path / "nowhere"), env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "needs an MLflow tracking store" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # --------------------------------------------------------------- export (CLI)

@@ -87,7 +87,7 @@ PAGE = """<!doctype html>
  header p{margin:4px 0 0;font-size:13px;opacity:.85}
  main{display:flex;gap:20px;padding:20px 24px;flex-wrap:wrap;align-items:flex-start}
  section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:16px 20px}
- #upload{flex:1 1 380px;min-width:340px} #about{flex:1 1 360px;min-width:320px}
+ #upload{flex:1 1 540px;min-width:340px} #about{flex:1 1 340px;min-width:300px}
  h2{font-size:16px;margin:0 0 12px}
  .drop{border:2px dashed #8aa4bf;border-radius:8px;padding:16px;text-align:center;background:#f9fbfd}
  .drop input{margin-top:8px}
@@ -118,8 +118,9 @@ PAGE = """<!doctype html>
   <div id="bars"></div>
   <div class="muted" id="roi"></div>
   <img id="overlay" alt="CAM heat map and ROI contour">
-  <div class="note">Heat map: the fused class activation map (red = most attended).
-   White contour: the region of interest (map ≥ τ) whose topology the classifier reads.</div>
+  <div class="note">Left: the image, outside the region of interest dimmed. Right: the fused class
+   activation map (red = most attended). White contour: the region of interest (map ≥ τ), whose
+   topology the classifier reads.</div>
   <div class="muted" id="prep"></div>
  </div>
 </section>

@@ -179,7 +179,8 @@ def _git_commit() -> str | None:
 
 def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print):
     """Rebuild the chosen configuration on the study's context and fit it on train.
-    Returns (bundle, outcome, reference probabilities per split)."""
+    Returns the bundle, the outcome (val and test metrics), the pipeline's
+    probabilities per split (val, test) and the context."""
     from ..search.space import apply_params
 
     cfg = apply_params(spec.base, choice.params)

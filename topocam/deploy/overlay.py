@@ -1,7 +1,8 @@
 """The fused CAM as a heat map with the ROI contour over the image, as a PNG.
 
-2D: one panel. 3D: a montage of up to nine slices along the first axis (D),
-evenly spaced, each titled with its index.
+2D: two panels, the image with the ROI contour (outside dimmed), and the
+same with the heat map over it. 3D: a montage of up to nine slices along the first axis (D),
+evenly spaced, each titled with its index, heat map and contour over the slice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.45
 CONTOUR_COLOUR = "white"
+OUTSIDE_DIM = 0.55  # opacity of the black shade outside the ROI (left panel)
 
 
 def _contour(ax, mask: np.ndarray, k: int = 8) -> None:
@@ -25,9 +27,15 @@ def _contour(ax, mask: np.ndarray, k: int = 8) -> None:
     ax.contour(xs, ys, up, levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.6)
 
 
-def _panel(ax, image: np.ndarray, fused: np.ndarray, mask: np.ndarray) -> None:
+def _panel(ax, image: np.ndarray, fused: np.ndarray | None, mask: np.ndarray) -> None:
+    """The image with the heat map over it, or (``fused`` None) with the outside of the ROI dimmed."""
     ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.imshow(fused, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, interpolation="bilinear")
+    if fused is not None:
+        ax.imshow(fused, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, interpolation="bilinear")
+    else:
+        shade = np.zeros((*mask.shape, 4), dtype=np.float32)
+        shade[..., 3] = np.where(mask, 0.0, OUTSIDE_DIM)
+        ax.imshow(shade, interpolation="nearest")
     _contour(ax, mask)
     ax.set_xlim(-0.5, image.shape[1] - 0.5)
     ax.set_ylim(image.shape[0] - 0.5, -0.5)
@@ -49,10 +57,13 @@ def render_png(image: np.ndarray, fused: np.ndarray, mask: np.ndarray, title: st
     dpi = 100
     head = 0.45 if title else 0.0  # inches of title
     if image.ndim == 2:
-        w = px / dpi
-        fig = Figure(figsize=(w, w + head), dpi=dpi)
-        ax = fig.add_axes((0.02, 0.02 * w / (w + head), 0.96, 0.96 * w / (w + head)))
-        _panel(ax, image, fused, mask)
+        w, label = px / dpi, 0.25  # panel side, inches for the panel labels
+        fig = Figure(figsize=(2 * w, w + head + label), dpi=dpi)
+        total = w + head + label
+        for k, (heat, name) in enumerate(((None, "image, outside the ROI dimmed"), (fused, "CAM heat map and ROI"))):
+            ax = fig.add_axes((0.01 + 0.5 * k, 0.02 * w / total, 0.48, 0.96 * w / total))
+            _panel(ax, image, heat, mask)
+            ax.set_title(name, fontsize=9)
     else:
         idx = montage_slices(image.shape[0])
         cols = min(3, len(idx))

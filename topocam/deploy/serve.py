@@ -35,10 +35,17 @@ def resolve_tracking_uri(tracking_uri: str | None, runs_dir: Path) -> str | None
     return None
 
 
+def check_registry(uri: str, tracking_uri: str | None) -> None:
+    """A registry URI needs a registry: refuse rather than let MLflow create ./mlflow.db."""
+    if uri.startswith(("models:/", "runs:/")) and not tracking_uri:
+        raise TopoCAMError(
+            f"{uri!r} needs an MLflow tracking store and none was found: pass --tracking-uri, set "
+            "MLFLOW_TRACKING_URI, or point --runs-dir at the folder holding mlflow.db"
+        )
+
+
 def _where(uri: str, tracking_uri: str | None) -> str:
-    if not uri.startswith("models:/"):
-        return ""
-    return f" in the registry {tracking_uri}" if tracking_uri else " (no tracking store: pass --tracking-uri or --runs-dir)"
+    return f" in {tracking_uri}" if uri.startswith("models:/") and tracking_uri else ""
 
 
 def load_model(uri: str, tracking_uri: str | None):
@@ -48,6 +55,7 @@ def load_model(uri: str, tracking_uri: str | None):
 
     from .pyfunc import TopoCAMModel
 
+    check_registry(uri, tracking_uri)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # the registry follows it
     try:
