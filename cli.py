@@ -312,7 +312,7 @@ def export_cmd(
             fail(f"no study storage at {runs_dir / 'optuna.db'}; run the study first or pass --storage / --runs-dir")
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
         res = export(spec, name, runner.storage_url, runner.tracker, sampler, seed, trial, progress=not quiet,
-                     log=lambda m: console.print(m, markup=False, highlight=False))
+                     log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     except TopoCAMError as exc:
         fail(str(exc))
     m = spec.metric.upper()
