@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +10,9 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from topocam.atomic import write_json_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
 # piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns
@@ -35,11 +36,9 @@ def _root(
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One line on stderr and a non-zero exit. The message is plain text: square brackets in
-    it (a study file's [section], a user's path) are printed, never read as markup."""
-    from rich.text import Text
-
-    err.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+    """One line on stderr and a non-zero exit. The message is plain Text: Rich markup would
+    swallow a study file's "[section]", "[0, 1]" or a user's path in brackets."""
+    err.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -65,12 +64,6 @@ def ensure_writable_dir(path: Path) -> None:
             pass
     except OSError as exc:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(v: float | None) -> str:
@@ -276,9 +269,10 @@ def study_run(
     console.print(
         f"{spec.name} ({arm}, {sampler}, seed {seed}): {len(r.values)} trials ({r.n_failed} failed), "
         f"best val {spec.metric.upper()} {_fmt(r.best_value)} at trial {r.best_trial}; "
-        f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}"
+        f"its test {spec.metric.upper()} {_fmt(test.get(spec.metric))}",
+        markup=False, soft_wrap=True,  # "[tpe, seed 0]" is not markup
     )
-    console.print(f"best parameters: {r.best_params}", markup=False, highlight=False)
+    console.print(f"best parameters: {r.best_params}", markup=False, highlight=False, soft_wrap=True)
     if r.failures:
         from topocam.search.compare import failures_text
 
@@ -348,6 +342,167 @@ def study_status_cmd(
     for r in rows:
         t.add_row(r["study"], str(r["complete"]), str(r["running"]), str(r["failed"]), _fmt(r["best_value"]), str(r["best_trial"]))
     console.print(t)
+
+# ------------------------------------------------------------------ shipping
+
+MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"
+TRACKING_HELP = "MLflow tracking/registry URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db)"
+
+
+def _load_model(model: str, tracking_uri: Optional[str], runs_dir: Path):
+    from topocam.deploy.serve import load_model, resolve_tracking_uri
+
+    return load_model(model, resolve_tracking_uri(tracking_uri, runs_dir))
+
+
+@app.command("export")
+def export_cmd(
+    study_file: Path = typer.Argument(..., help="study definition (TOML) whose trials to export from"),
+    name: str = typer.Option(..., "--name", help="registered model name; each export adds a version and moves the alias 'champion' to it"),
+    sampler: Optional[str] = typer.Option(None, help="only this sampler's trials (default: all samplers)"),
+    seed: Optional[int] = typer.Option(None, help="only this sampler seed's trials (default: all seeds)"),
+    trial: Optional[int] = typer.Option(None, help="export this trial number instead of the best (needs one sampler and seed)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Export the best trial of a study as a registered MLflow model (alias 'champion')."""
+    import os
+
+    from topocam import TopoCAMError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        from topocam.deploy.export import check_model_name, export
+
+        check_model_name(name)
+        if sampler is not None:
+            _check_samplers([sampler])
+        if storage is None and not (runs_dir / "optuna.db").is_file():
+            fail(f"no study storage at {runs_dir / 'optuna.db'}; run the study first or pass --storage / --runs-dir")
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        res = export(spec, name, runner.storage_url, runner.tracker, sampler, seed, trial, progress=not quiet,
+                     log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    except TopoCAMError as exc:
+        fail(str(exc))
+    m = spec.metric.upper()
+    c = res.choice
+    lines = [
+        f"registered {res.name} version {res.version} (alias champion) from {c.optuna_study} trial {c.trial}",
+        f"validation {m} {_fmt(res.val.get(spec.metric))}, test {m} {_fmt(res.test.get(spec.metric))} (test: provenance only)",
+        f"model: {res.alias_uri} = {res.model_uri}; run {res.run_id}; tracking {res.tracking_uri}",
+        f"serve: topocam serve --model {res.alias_uri} --runs-dir {runs_dir}" if tracking_uri is None else
+        f"serve: MLFLOW_TRACKING_URI={tracking_uri} topocam serve --model {res.alias_uri}",
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    port: int = typer.Option(5000, help="port on --host"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+):
+    """`mlflow models serve --env-manager local` for a model, working without an activated venv."""
+    import os
+
+    from topocam import TopoCAMError
+    from topocam.deploy.serve import check_port_free, resolve_tracking_uri, serve_command
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = resolve_tracking_uri(tracking_uri, runs_dir)
+    try:
+        if workers < 1:
+            raise TopoCAMError("--workers must be >= 1")
+        check_port_free(host, port)
+        _check_model_exists(model, uri)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    argv, env = serve_command(model, host, port, uri, workers)
+    err.print(f"serving {model} on http://{host}:{port}/invocations (POST JSON {{\"inputs\": [image, ...]}}); Ctrl-C stops",
+              markup=False, highlight=False, soft_wrap=True)
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+
+
+def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
+    """A quick, one-line failure for a model URI that does not resolve (reads MLmodel only)."""
+    from topocam import TopoCAMError
+    from topocam.deploy.serve import check_registry
+
+    import mlflow
+
+    check_registry(model, tracking_uri)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)  # the registry follows it
+    try:
+        mlflow.models.get_model_info(model)
+    except Exception as exc:  # MlflowException / OSError: the URI does not name a model here
+        msg = (str(getattr(exc, "message", "") or exc).splitlines() or [type(exc).__name__])[0][:300]
+        where = f" in {tracking_uri}" if tracking_uri and model.startswith("models:/") else ""
+        raise TopoCAMError(f"cannot find model {model!r}{where}: {msg}") from None
+
+
+@app.command("predict")
+def predict_cmd(
+    files: list[Path] = typer.Argument(..., help="image files and/or folders (2D: .png .jpg .jpeg .npy; 3D: .npy .nii .nii.gz)"),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and overlays/"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+):
+    """Apply an exported model to image files: predictions.jsonl and a CAM/ROI overlay per file."""
+    from topocam import TopoCAMError
+    from topocam.deploy.predict import predict_files
+
+    try:
+        ensure_writable_dir(out)
+        _, m = _load_model(model, tracking_uri, runs_dir)
+        summary = predict_files(m, files, out, progress=not quiet)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    for r in summary.records:
+        if "error" in r:
+            err.print(f"{r['file']}: error: {r['error']}", markup=False, highlight=False, soft_wrap=True)
+    n, bad = len(summary.records), summary.n_failed
+    for r in [r for r in summary.records if "error" not in r][:20]:
+        console.print(f"{r['file']}: {r['class_name']} (p = {r['probabilities'][r['class']]:.3f}), "
+                      f"ROI {r['roi_fraction']:.1%}", markup=False, highlight=False)
+    if n - bad > 20:
+        console.print(f"... and {n - bad - 20} more", markup=False)
+    console.print(f"{n - bad} of {n} file(s) predicted; wrote {summary.jsonl} and {summary.overlays}/", markup=False,
+                  highlight=False, soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("app")
+def app_cmd(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    port: int = typer.Option(8000, help="port on --host"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
+    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+):
+    """A web page over a model: upload an image, see class, probabilities, CAM, ROI and provenance."""
+    from topocam import TopoCAMError
+    from topocam.deploy.app import run_app
+    from topocam.deploy.serve import check_port_free
+
+    try:
+        check_port_free(host, port)
+        _, m = _load_model(model, tracking_uri, runs_dir)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    err.print(f"TopoCAM page for {model}: http://{host}:{port}/ (Ctrl-C stops)", markup=False, highlight=False, soft_wrap=True)
+    run_app(m, model, host, port)
 
 
 def main() -> None:

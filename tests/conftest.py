@@ -48,3 +48,20 @@ def ctx2d(base_config, synth2d):
     from topocam.pipeline import prepare
 
     return prepare(base_config, progress=False, data=synth2d)
+
+
+@pytest.fixture(scope="session")
+def shipped(tmp_path_factory):
+    """A tiny study searched by two samplers and exported as the registered model
+    ``tiny-topocam`` (alias champion), in a real SQLite MLflow store; shared by the
+    shipping tests (tests/shipping.py)."""
+    from .shipping import make_shipped
+
+    root = tmp_path_factory.mktemp("shipped")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TOPOCAM_CACHE_DIR", str(root / "cache"))
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        yield make_shipped(root)
+    finally:
+        mp.undo()

@@ -372,6 +372,42 @@ def evaluate(
     return TrialOutcome(fit.val, fit.test, feats, fit.model, timings, fit.probs, cv)
 
 
+@dataclass
+class ImagePredictions:
+    """The fitted chain applied to new images (see :func:`predict_images`)."""
+
+    probs: np.ndarray  # (n, n_classes) g_psi's softmax
+    fused: np.ndarray  # (n, *shape) float32 fused map M in [0, 1]
+    masks: np.ndarray  # (n, *shape) bool ROI, M >= tau
+    roi_fraction: np.ndarray  # (n,) ROI voxels / image voxels
+    cnn_probs: np.ndarray  # (n, n_classes) backbone softmax; its argmax is the CAM target
+
+
+def predict_images(
+    model: object, cfg: TopoCAMConfig, grid: BettiGrid, mlp: TopoMLP, x: np.ndarray, n_jobs: int = 1,
+) -> ImagePredictions:
+    """y = g(phi(A_{w,tau}(f(X)))) for new images ``x`` (n, C, *spatial) float32,
+    laid out and scaled like ``Dataset.x``, with a fitted backbone, the
+    train-fitted Betti grid and a fitted MLP: the same functions, in the same
+    order, as :func:`evaluate` (CAMs of the predicted class, upsampled and
+    normalised per layer, fused, thresholded, segmented, Betti curves, MLP), so
+    a split's images give that split's probabilities."""
+    cfg = cfg.validated()
+    x = np.asarray(x, dtype=np.float32)
+    cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
+    w = fusion_weights(cfg.weights)
+    shape = tuple(x.shape[2:])
+    fused = fuse_upsampled(
+        [None if wl == 0 else upsample_normalised(cams.maps[layer], shape) for layer, wl in zip(CAM_LAYERS, w)], w
+    )
+    masks = roi_masks(fused, cfg.tau)
+    gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
+    counts = roi_counts(masks)
+    feats = features_from_filtrations(segment(gray, masks, cfg.outside), counts, grid, backend=cfg.betti_backend, n_jobs=n_jobs)
+    frac = counts / float(np.prod(shape))
+    return ImagePredictions(mlp.predict_proba(feats), fused, masks, frac, cams.probs)
+
+
 # --------------------------------------------------------------------- a run
 
 

@@ -385,7 +385,8 @@ class StudyRunner:
         mine = definition(self.spec)
         stored = attrs.get(ATTR_DEFINITION)
         if stored is None:
-            for k, v in {"topocam_study": self.spec.name, "sampler": sampler, "seed": seed, "objective": self.spec.objective,
+            for k, v in {"topocam_study": self.spec.name, "arm": self.arm, "sampler": sampler, "seed": seed,
+                         "objective": self.spec.objective,
                          ATTR_DEFINITION: mine,
                          "topocam_definition_sha": hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]}.items():
                 study.set_user_attr(k, v)

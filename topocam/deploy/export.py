@@ -1,0 +1,352 @@
+"""``topocam export``: the best trial of a study as a registered MLflow model.
+
+1. **Choose.** Among the study's Optuna studies (``<study>.<sampler>.s<seed>``
+   in the storage; all of them, or the sampler / seed named), the completed
+   trial with the best objective (a validation metric). Ties go to the lower
+   trial number, then to the first (sampler, seed) in name order. Test metrics
+   take no part in the choice. ``trial=K`` names a trial instead.
+2. **Refit.** Its configuration (``space.apply_params`` over the study's
+   base) is evaluated on the study's context (``pipeline.prepare``: the same
+   cached backbone and CAMs): the MLP is fitted on the training split, the
+   Betti grid is the train-fitted one. Validation and test metrics are
+   recorded as provenance.
+3. **Check.** The bundle is written, read back, and applied to the validation
+   images through the exported code path; its probabilities must equal the
+   pipeline's (to 1e-6), or nothing is logged.
+4. **Log and register.** One pyfunc model (models-from-code, ``model_code.py``;
+   the bundle as its artifact), with a signature, a synthetic input example and
+   the provenance, logged in the study's ``kind=best`` MLflow run of that
+   (sampler, seed) when the trial is that run's (otherwise in a new
+   ``kind=export`` run), registered as a new version of NAME, and given the
+   alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import TopoCAMError
+from ..pipeline import evaluate, prepare
+from .bundle import Bundle
+from .inputs import InputSpec
+
+ALIAS = "champion"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+SELF_CHECK_ATOL = 1e-6
+
+
+@dataclass
+class Choice:
+    """The trial to export and where it came from."""
+
+    optuna_study: str
+    sampler: str
+    seed: int
+    trial: int
+    value: float
+    params: dict[str, Any]
+    how: str  # "best of ..." or "named"
+    definition_sha: str | None = None
+
+
+@dataclass
+class ExportResult:
+    name: str
+    version: int
+    model_uri: str  # models:/NAME/VERSION
+    alias_uri: str  # models:/NAME@champion
+    run_id: str
+    model_id: str | None
+    tracking_uri: str
+    choice: Choice
+    val: dict[str, float]
+    test: dict[str, float]
+    provenance: dict[str, Any]
+    reference: dict[str, np.ndarray] = field(default_factory=dict)  # split -> pipeline probabilities at export
+
+
+def check_model_name(name: str) -> str:
+    if not MODEL_NAME.fullmatch(name or ""):
+        raise TopoCAMError(
+            f"model name {name!r} must start with a letter or digit and hold only letters, digits, '_', '-' and '.' (at most 100)"
+        )
+    return name
+
+
+def redact_url(url: str) -> str:
+    """A storage / tracking URL without its password."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+# --------------------------------------------------------------------- choose
+
+
+def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
+                 trial: int | None = None) -> Choice:
+    """The trial to export (see the module doc). Reads the storage only."""
+    import optuna
+
+    from ..search.runner import ATTR_DEFINITION, definition, open_storage
+
+    storage = open_storage(storage_url)
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    mine = sorted(
+        (s for s in summaries if s.user_attrs.get("topocam_study") == spec.name
+         and s.user_attrs.get("arm", "topocam") == "topocam"  # not the Topo-Original baseline's searches
+         and (sampler is None or s.user_attrs.get("sampler") == sampler)
+         and (seed is None or s.user_attrs.get("seed") == seed)),
+        key=lambda s: (str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed", -1))),
+    )
+    which = " and ".join(x for x in (f"sampler {sampler}" if sampler else "", f"seed {seed}" if seed is not None else "") if x)
+    if not mine:
+        raise TopoCAMError(
+            f"no trials of study {spec.name!r}{' for ' + which if which else ''} in {redact_url(storage_url)}; "
+            f"run `topocam study run {spec.path}` first, or check --storage / --sampler / --seed"
+        )
+    want = definition(spec)
+    for s in mine:
+        if s.user_attrs.get(ATTR_DEFINITION) != want:
+            raise TopoCAMError(
+                f"{spec.path} differs from the definition study {s.study_name!r} was run with "
+                "(objective, fixed settings or search space); export with the study file its trials were run with"
+            )
+    if trial is not None and len(mine) > 1:
+        raise TopoCAMError(
+            f"--trial {trial} is ambiguous: trial numbers are per (sampler, seed) and {len(mine)} of them are stored "
+            f"({', '.join(s.study_name for s in mine)}); add --sampler and --seed"
+        )
+    fixed = {k: p.value for k, p in spec.space.items() if p.kind == "fixed"}
+    best: tuple | None = None
+    for s in mine:
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        if trial is not None:
+            found = [t for t in trials if t.number == trial]
+            if not found:
+                raise TopoCAMError(f"study {s.study_name!r} has no trial {trial} (it has {len(trials)} trials, numbered from 0)")
+            t = found[0]
+            if t.state != optuna.trial.TrialState.COMPLETE or t.value is None or not math.isfinite(t.value):
+                raise TopoCAMError(f"trial {trial} of {s.study_name!r} is {t.state.name}, without an objective value; pick a completed trial")
+            best = (t.value, s, t)
+            break
+        for t in trials:
+            if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+                if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
+                    best = (t.value, s, t)
+    if best is None:
+        raise TopoCAMError(f"no completed trial with a finite objective in {', '.join(s.study_name for s in mine)}")
+    value, s, t = best
+    how = (f"trial {t.number} named by the user" if trial is not None else
+           f"best {spec.objective} over {', '.join(x.study_name for x in mine)} (validation only; test never used)")
+    return Choice(s.study_name, str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed")), t.number, float(value),
+                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"))
+
+
+# ---------------------------------------------------------------------- refit
+
+
+def example_input(spec: InputSpec) -> np.ndarray:
+    """A synthetic uint8 image (a soft bright disc), never a patient's: the model's input example."""
+    grids = np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in spec.shape], indexing="ij")
+    r = np.sqrt(sum(g**2 for g in grids))
+    img = (20 + 200 * np.clip(1.2 - 1.5 * r, 0.0, 1.0)).astype(np.uint8)[None]
+    return np.repeat(img[..., None], 3, axis=-1) if spec.channels == 3 else img
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print):
+    """Rebuild the chosen configuration on the study's context and fit it on train.
+    Returns the bundle, the outcome (val and test metrics), the pipeline's
+    probabilities per split (val, test) and the context."""
+    from ..search.space import apply_params
+
+    cfg = apply_params(spec.base, choice.params)
+    ctx = prepare(spec.base, progress=progress)
+    out = evaluate(ctx, cfg, report_test=True, progress=progress)
+    metric = spec.metric
+    if not math.isclose(out.val[metric], choice.value, rel_tol=0, abs_tol=1e-9):
+        log(f"warning: refitted validation {metric.upper()} {out.val[metric]:.6f} differs from the search's "
+            f"{choice.value:.6f} (backbone cache rebuilt on other hardware?); both are recorded")
+    ds = ctx.data
+    names = list(ds.class_names) if len(ds.class_names) == ds.n_classes else [str(i) for i in range(ds.n_classes)]
+    bb = ctx.backbone
+    provenance = {
+        "study": spec.name, "study_file": str(spec.path), "study_definition_sha": choice.definition_sha,
+        "sampler": choice.sampler, "seed": choice.seed, "trial": choice.trial, "optuna_study": choice.optuna_study,
+        "selection": choice.how, "objective": spec.objective, "objective_at_search": choice.value,
+        "params": choice.params,
+        "val": out.val, "test": out.test,
+        "test_note": "test metrics are provenance only: computed after the choice, never used to make it",
+        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint, "task": ds.task, "n_classes": ds.n_classes,
+                    "shape": list(ds.shape), "channels": ds.n_channels, "n": {s: int(len(ds.y[s])) for s in ds.y}},
+        "backbone": {"arch": bb.arch, "init": bb.init, "best_epoch": bb.best_epoch, "best_val_auc": bb.best_val_auc,
+                     "cache_key": bb.cache_key, "settings": bb.settings},
+        "roi_fraction": out.features.roi_fraction,
+        "topocam_version": __version__, "git_commit": _git_commit(),
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    bundle = Bundle(ctx.model.cpu().eval(), cfg, out.features.grid, out.model, InputSpec(ds.shape, ds.n_channels),
+                    names, provenance)
+    reference = {s: out.model.predict_proba(out.features.x[s]) for s in ("val", "test")}
+    return bundle, out, reference, ctx
+
+
+def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
+    """The written bundle, read back, must give the pipeline's validation probabilities."""
+    again = Bundle.load(folder)
+    got = again.predict(x_val).probs
+    diff = float(np.max(np.abs(got - reference))) if reference.size else 0.0
+    if not diff <= SELF_CHECK_ATOL:
+        raise TopoCAMError(
+            f"the exported bundle does not reproduce the pipeline's validation probabilities (max difference {diff:.3g}); "
+            "nothing was logged"
+        )
+    return diff
+
+
+# ------------------------------------------------------------------------ log
+
+
+@contextlib.contextmanager
+def _on_store(uri: str):
+    """The fluent MLflow API (log_model, registration) on this store; the
+    registry follows the tracking URI. Restored afterwards to "not set", not to
+    the default it resolved to (which would pin later calls to ./mlflow.db)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # pragma: no cover - older/newer MLflow: leave the URI set
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        yield
+        return
+    with _use_tracking_uri(uri):
+        yield
+
+
+def signature(bundle: Bundle):
+    """Input: one tensor of any shape and dtype, validated by the model itself
+    (MLflow's tensor specs fix one dtype and one rank, and its JSON parser
+    casts every number to that dtype, which would erase the uint8 / float
+    distinction and the optional channel axis the model accepts). Output: one
+    record per image."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
+        outputs=Schema([ColSpec(DataType.long, "class"), ColSpec(Array(DataType.double), "probabilities"),
+                        ColSpec(DataType.double, "roi_fraction")]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("mlflow", "torch", "torchvision", "numpy", "scipy", "numba", "giotto-tda", "pillow", "nibabel", "matplotlib"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return out + [f"topocam=={__version__}"]  # this project: serve with --env-manager local from its environment
+
+
+def target_run(tracker, spec, choice: Choice) -> str:
+    """The study's ``kind=best`` run of this (sampler, seed) if it is this trial's;
+    otherwise a new ``kind=export`` run under the sampler run."""
+    exp = tracker.experiment(spec.name)
+    tags = {"study": spec.name, "arm": "topocam", "sampler": choice.sampler, "seed": choice.seed}
+    best_runs = [r for r in tracker.find_runs(exp, {**tags, "kind": "best"}) if r.data.tags.get("trial") == str(choice.trial)]
+    if best_runs:
+        return best_runs[0].info.run_id
+    parent = tracker.find_run(exp, {**tags, "kind": "sampler"})
+    run_id = tracker.start_run(exp, f"{choice.sampler}-s{choice.seed}-t{choice.trial}-export",
+                               {**tags, "kind": "export", "trial": choice.trial, "dataset": spec.base.dataset},
+                               parent=parent, params=choice.params)
+    tracker.finish(run_id)
+    return run_id
+
+
+def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, choice: Choice,
+                     run_id: str) -> tuple[int, str | None]:
+    """Log the bundle as a pyfunc model in ``run_id``, register it as a new
+    version of ``name`` and point the ``champion`` alias at it."""
+    import mlflow
+
+    p = bundle.provenance
+    metric = spec.metric
+    summary = {"study": spec.name, "sampler": choice.sampler, "seed": choice.seed, "trial": choice.trial,
+               f"val_{metric}": p["val"].get(metric), f"test_{metric}": (p["test"] or {}).get(metric)}
+    with _on_store(tracker.uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"bundle": str(folder)},
+            signature=signature(bundle),
+            input_example=example_input(bundle.input),
+            registered_model_name=name,
+            pip_requirements=_requirements(),
+            metadata={"topocam": {"input": bundle.input.describe(), **bundle.input.as_dict(),
+                                  "classes": bundle.class_names, **summary}},
+            tags={k: str(v) for k, v in summary.items()},
+        )
+    version = int(info.registered_model_version)
+    client = tracker.client
+    client.set_registered_model_alias(name, ALIAS, str(version))
+    for k, v in summary.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    client.update_model_version(
+        name, str(version),
+        description=(f"TopoCAM, study {spec.name}: {choice.sampler} seed {choice.seed} trial {choice.trial}; "
+                     f"val {metric.upper()} {_num(summary[f'val_{metric}'])}, test {metric.upper()} "
+                     f"{_num(summary[f'test_{metric}'])} (test: provenance only). Input: {bundle.input.describe()}."),
+    )
+    tracker.set_tags(run_id, {"exported_model": f"{name}/{version}"})
+    return version, getattr(info, "model_id", None)
+
+
+def _num(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def export(spec, name: str, storage_url: str, tracker, sampler: str | None = None, seed: int | None = None,
+           trial: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+    """Choose, refit, check, log, register (see the module doc)."""
+    check_model_name(name)
+    choice = choose_trial(spec, storage_url, sampler, seed, trial)
+    log(f"exporting {choice.optuna_study} trial {choice.trial} ({spec.objective} {choice.value:.4f}; {choice.how})")
+    bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log)
+    with tempfile.TemporaryDirectory(prefix="topocam-export-") as tmp:
+        folder = bundle.save(Path(tmp) / "bundle")
+        self_check(folder, ctx.data.x["val"], reference["val"])  # before anything is logged
+        run_id = target_run(tracker, spec, choice)
+        bundle.provenance["mlflow"] = {"tracking_uri": redact_url(tracker.uri), "experiment": spec.name, "run_id": run_id}
+        bundle.save(folder)
+        version, model_id = log_and_register(bundle, folder, name, tracker, spec, choice, run_id)
+    return ExportResult(name, version, f"models:/{name}/{version}", f"models:/{name}@{ALIAS}", run_id, model_id,
+                        tracker.uri, choice, out.val, out.test or {}, bundle.provenance, reference)
