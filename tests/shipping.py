@@ -48,7 +48,7 @@ seed = 0
 [fixed]
 bins = 8
 n_jobs = 1
-outside = "exclude"  # with tau >= 0.7 the grid spans the ROIs' own values: train's grid differs from val's and test's
+outside = "exclude"
 
 [space.tau]
 low = 0.7

@@ -96,11 +96,12 @@ def test_registered_version_alias_run_link_and_contents(shipped, tmp_path):
     ctx = prepare(shipped.spec.base, progress=False)
     cfg = apply_params(shipped.spec.base, res.choice.params)
     grids = {s: BettiGrid.fit(segment(ctx.gray(s), roi_for(ctx, cfg, s)[1], cfg.outside), cfg.bins).thresholds
-             for s in ("train", "val", "test")}
+             for s in ("train",)}
     with np.load(bundle_dir / "arrays.npz") as z:
         exported = z["thresholds"]
     assert np.array_equal(exported, grids["train"])
-    assert not np.array_equal(exported, grids["val"]) and not np.array_equal(exported, grids["test"])
+    # (on these synthetic images every split's ROI spans [0, 1], so the three grids coincide;
+    # that the grid is fitted on train only is tested in test_pipeline_protocol.py)
 
     # the input example is synthetic, not a patient's (training) image
     example = np.array(json.loads(next(Path(local).rglob("serving_input_example.json")).read_text())["inputs"])
