@@ -270,7 +270,7 @@ def _ball(shape: tuple[int, ...], center: np.ndarray, radius: float) -> np.ndarr
     return d2 <= radius**2
 
 
-SYNTHETIC_VERSION = "2"  # recorded in the source text; the fingerprint hashes the images themselves
+SYNTHETIC_VERSION = "3"  # recorded in the source text; the fingerprint hashes the images themselves
 LESION_RADIUS = (0.17, 0.21)  # fraction of the side: the lesion is the LARGEST object...
 CLUTTER_RADIUS = (0.10, 0.13)  # ...distractors are smaller: size, not topology or intensity, tells them apart
 BRIGHT = (0.7, 1.0)  # every object, lesion or clutter, draws its intensity from the same range
@@ -345,11 +345,20 @@ def synthetic_image(
     n_holed_clutter = holed_objects(clutter) - (1 if label == 1 else 0)
     holed = [label == 1] + list(rng.permutation([True] * n_holed_clutter + [False] * (clutter - n_holed_clutter)))
     k = hole_halfwidth(size)
+    bright = np.zeros(shape, dtype=bool)
     for c, r, hole in zip(centres, radii, holed):
-        img[_ball(shape, c, r)] = rng.uniform(*BRIGHT)
+        ball = _ball(shape, c, r)
+        img[ball] = rng.uniform(*BRIGHT)
+        bright |= ball
         if hole:
-            img[tuple(slice(int(ci) - k, int(ci) + k + 1) for ci in c)] = rng.uniform(*DARK)
-    img += rng.normal(0.0, 0.03, size=shape)
+            cube = tuple(slice(int(ci) - k, int(ci) + k + 1) for ci in c)
+            img[cube] = rng.uniform(*DARK)
+            bright[cube] = False
+    # pixel noise on the background and in the holes, not on the bright objects: noise inside a
+    # thin wall (a distractor's) makes short-lived features that a thick wall (the lesion's) does
+    # not, which would let the whole image's topology tell which object holds the hole
+    noise = rng.normal(0.0, 0.03, size=shape)
+    img[~bright] += noise[~bright]
     return np.clip(img, 0.0, 1.0).astype(np.float32), _ball(shape, centres[0], radii[0])
 
 
