@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from topocam.atomic import write_json_atomic
+from topocam.stats import format_mean_sd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
 # piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns
@@ -70,13 +71,6 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
 
 
-def _pm(stat: dict) -> str:
-    """``mean ± sd`` of a summary cell (sd omitted for one seed)."""
-    if stat["n"] == 0:
-        return "—"
-    return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["n"] > 1 else "")
-
-
 METHOD_NAMES = {"topocam": "TopoCAM", "cnn": "CNN", "topo_original": "Topo-Original"}
 
 
@@ -92,7 +86,7 @@ def metrics_table(result: dict) -> Table:
     for key, name in METHOD_NAMES.items():
         summ = result["summary"][key]
         lo, hi = summ["test"]["auc"]["ci95"]
-        t.add_row(name, *[_pm(summ[split][m]) for split, m in cols], f"[{_fmt(lo)}, {_fmt(hi)}]")
+        t.add_row(name, *[format_mean_sd(summ[split][m]) for split, m in cols], f"[{_fmt(lo)}, {_fmt(hi)}]")
     return t
 
 
@@ -186,8 +180,8 @@ def run(
     q = result["summary"].get("roi_quality")
     if q:
         console.print(
-            f"ROI vs true lesion (test): Dice {_pm(q['dice'])} (random mask of same size {_pm(q['dice_random_same_size'])}), "
-            f"pointing game {_pm(q['pointing_game'])} (chance {_pm(q['pointing_game_random'])})", markup=False, highlight=False,
+            f"ROI vs true lesion (test): Dice {format_mean_sd(q['dice'])} (random mask of same size {format_mean_sd(q['dice_random_same_size'])}), "
+            f"pointing game {format_mean_sd(q['pointing_game'])} (chance {format_mean_sd(q['pointing_game_random'])})", markup=False, highlight=False,
         )
     if leakage_audit:
         console.print("[bold yellow]leakage audit: CAMs targeted the true label; not a valid result[/]")

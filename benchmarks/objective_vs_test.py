@@ -16,8 +16,6 @@ back into any study, and this script never writes to a study's storage.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,9 +67,9 @@ def main() -> None:
         print(f"| {key} | {rho:.3f} | {p:.2g} | [{v.min():.3f}, {v.max():.3f}] |")
     print(f"test AUC range [{test.min():.3f}, {test.max():.3f}]; {result['seconds']:.0f} s")
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.json)
+        from topocam.atomic import write_json_atomic
+
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ def _run(args, tmp_path):
 
 
 def _mlflow_runs(tmp_path):
-    import mlflow
+    """Every run in the test's store (a client of its own: mlflow.set_tracking_uri would also
+    set MLFLOW_TRACKING_URI for the process, which the CLI honours)."""
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_run_synthetic_over_seeds_writes_metrics_json_and_mlflow(tmp_path):

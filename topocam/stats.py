@@ -36,6 +36,14 @@ def mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
+def format_mean_sd(stat: dict | None, with_n: bool = False) -> str:
+    """``0.912 ± 0.034`` (the sd left out for a single value; ``—`` when there is none)."""
+    if not stat or not stat.get("n") or not math.isfinite(stat["mean"]):
+        return "—"
+    text = f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["n"] > 1 else "")
+    return text + (f" (n={stat['n']})" if with_n else "")
+
+
 def _auc_rows(y: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Binary AUC of each row (Mann-Whitney on average ranks, as roc_auc_score)."""
     ranks = rankdata(score, axis=1)

@@ -10,17 +10,18 @@ over seeds.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..errors import TopoCAMError
 from ..metrics import evaluate as score
-from ..stats import mean_sd
+from ..stats import format_mean_sd, mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
 
@@ -146,10 +147,6 @@ def failures_text(runs: list[SamplerRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt_pm(s: dict[str, float]) -> str:
-    return "—" if not s or not math.isfinite(s["mean"]) else f"{s['mean']:.3f} ± {s['sd']:.3f} (n={s['n']})"
-
-
 def markdown_table(rows: list[dict], metric: str, replication: dict | None = None, objective: str | None = None) -> str:
     objective = objective or f"val_{metric}"
     cols = [f"best_{objective}@25%", f"best_{objective}@50%", f"best_{objective}@100%", f"test_{metric}_of_best", "wall_s", "s_per_trial"]
@@ -162,7 +159,7 @@ def markdown_table(rows: list[dict], metric: str, replication: dict | None = Non
         if stats:
             p = r.get("p_vs_random")
             extra = ["/".join(f"{v:.2f}" for v in r["mean_rank"].values()), "—" if p is None else f"{p:.3f}"]
-        cells = [r["sampler"], *[_fmt(r[c]) for c in cols], *([_fmt_pm(r.get(rep))] if replication else []), *extra, str(r["failed_trials"])]
+        cells = [r["sampler"], *[_fmt(r[c]) for c in cols], *([format_mean_sd(r.get(rep), with_n=True)] if replication else []), *extra, str(r["failed_trials"])]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n\nCells: median [min, max] over seeds. wall_s: the trials' start-to-finish seconds summed per (sampler, seed), the sampler's own work included; s_per_trial: their mean.\n"
     if replication:
@@ -171,7 +168,7 @@ def markdown_table(rows: list[dict], metric: str, replication: dict | None = Non
         text += (
             f"\n{rep}: each (sampler, seed)'s best configuration re-trained and tested under model seeds {seeds} "
             f"(backbone and MLP), mean ± sd over all of them. Baselines under the same seeds: "
-            f"CNN {_fmt_pm(base['cnn'])}, Topo-Original (base configuration) {_fmt_pm(base['topo_original'])}.\n"
+            f"CNN {format_mean_sd(base['cnn'], with_n=True)}, Topo-Original (base configuration) {format_mean_sd(base['topo_original'], with_n=True)}.\n"
         )
         if replication["degenerate_seeds"]:
             text += f"\nWARNING: the backbone of model seed(s) {replication['degenerate_seeds']} predicts one class on validation.\n"
@@ -202,18 +199,18 @@ def replicate(runner: StudyRunner, runs: list[SamplerRun], rows: list[dict], see
     }
 
 
-def equal_budget_table(rows: list[dict], base_rows: list[dict], metric: str, replication: dict | None,
-                       cnn: dict[str, float]) -> tuple[str, list[dict]]:
+def equal_budget_table(rows: list[dict], base_rows: list[dict], runs: list[SamplerRun], base_runs: list[SamplerRun],
+                       metric: str, replication: dict | None, cnn: dict[str, float]) -> tuple[str, list[dict]]:
     """CNN, tuned Topo-Original and tuned TopoCAM side by side on test, per sampler: each
     method's best configuration under the same sampler, budget, seeds and MLP search.
     Cells: mean ± sd over the replication seeds (all (sampler seed, model seed) pairs),
     or over the sampler seeds' chosen configurations when there is no replication."""
     key = f"test_{metric}_replicated" if replication else None
 
-    def cell(row: dict) -> dict[str, float]:
+    def cell(row: dict, of: list[SamplerRun]) -> dict[str, float]:
         if key:
             return row[key]
-        return mean_sd([v for v in row.get("_test_values", [])])
+        return mean_sd([(r.test or {}).get(metric, float("nan")) for r in of if r.sampler == row["sampler"]])
 
     by_sampler = {r["sampler"]: r for r in base_rows}
     out, lines = [], [
@@ -221,9 +218,9 @@ def equal_budget_table(rows: list[dict], base_rows: list[dict], metric: str, rep
     ]
     for r in rows:
         b = by_sampler.get(r["sampler"])
-        entry = {"sampler": r["sampler"], "cnn": cnn, "topo_original": cell(b) if b else None, "topocam": cell(r)}
+        entry = {"sampler": r["sampler"], "cnn": cnn, "topo_original": cell(b, base_runs) if b else None, "topocam": cell(r, runs)}
         out.append(entry)
-        lines.append(f"| {r['sampler']} | {_fmt_pm(cnn)} | {_fmt_pm(entry['topo_original'])} | {_fmt_pm(entry['topocam'])} |")
+        lines.append(f"| {r['sampler']} | " + " | ".join(format_mean_sd(v, with_n=True) for v in (cnn, entry["topo_original"], entry["topocam"])) + " |")
     how = (f"model seeds {replication['seeds']}" if replication else "the sampler seeds' chosen configurations (one backbone)")
     text = ("\n## Equal budgets: CNN vs tuned Topo-Original vs tuned TopoCAM (test)\n\n" + "\n".join(lines)
             + f"\n\nTopo-Original (Betti curves of the whole image) is searched with the same sampler, budget, seeds "
@@ -242,12 +239,6 @@ def _json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials: int, out_dir: Path) -> Comparison:
@@ -269,17 +260,11 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         base_rows, _ = summarise(base_runs, n_trials, spec.metric, spec.objective)
         if spec.replicate_seeds:
             base_replication = replicate(arm, base_runs, base_rows, list(spec.replicate_seeds), baselines=False)
-    for rs, rr in ((rows, runs), (base_rows, base_runs)):
-        for row in rs:
-            row["_test_values"] = [(r.test or {}).get(spec.metric, float("nan")) for r in rr if r.sampler == row["sampler"]]
     ctx = runner.ctx
     cnn = {"mean": float(score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)[spec.metric]), "sd": 0.0, "n": 1}
     if replication is not None:
         cnn = replication["baselines"]["cnn"]
-    equal_md, equal = equal_budget_table(rows, base_rows, spec.metric, replication, cnn) if base_rows else ("", [])
-    for rs in (rows, base_rows):
-        for row in rs:
-            row.pop("_test_values", None)
+    equal_md, equal = equal_budget_table(rows, base_rows, runs, base_runs, spec.metric, replication, cnn) if base_rows else ("", [])
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "table_md": out_dir / "comparison.md",
@@ -288,7 +273,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         "plot": out_dir / "best_so_far.png",
     }
     md = f"# {spec.name}: samplers on {n_trials} trials, seeds {list(seeds)}\n\n" + markdown_table(rows, spec.metric, replication, spec.objective) + verdict + equal_md + failures_text(runs + base_runs)
-    _atomic_write(files["table_md"], md)
+    write_text_atomic(files["table_md"], md)
     flat = []
     for r in rows:
         d = {"sampler": r["sampler"], "failed_trials": r["failed_trials"]}
@@ -300,12 +285,11 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
             elif isinstance(v, dict):
                 d.update({f"{k}_{s}": v[s] for s in ("median", "min", "max", "mean", "sd", "n") if s in v})
         flat.append(d)
-    tmp = files["table_csv"].with_name(f".comparison.csv.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0]))
-        w.writeheader()
-        w.writerows(flat)
-    os.replace(tmp, files["table_csv"])
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for d in flat for k in d)))
+    w.writeheader()
+    w.writerows(flat)
+    write_text_atomic(files["table_csv"], buf.getvalue())
     detail = {
         "study": spec.name, "objective": spec.objective, "n_trials": n_trials, "seeds": list(seeds), "rows": rows,
         "replication": replication,
@@ -315,7 +299,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
                   "trial_numbers": r.numbers, "n_failed": r.n_failed, "failures": r.failures,
                   "durations_s": r.durations_s} for r in runs],
     }
-    _atomic_write(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
+    write_text_atomic(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
     if runner.tracker is not None:
         t = runner.tracker
