@@ -20,6 +20,22 @@ def medmnist_file(name: str) -> Path:
     return path
 
 
+_STORE_ENV = ("MLFLOW_TRACKING_URI", "TOPOCAM_STORAGE")
+
+
+@pytest.fixture(autouse=True)
+def _no_store_from_the_environment():
+    """The CLI honours MLFLOW_TRACKING_URI / TOPOCAM_STORAGE, and mlflow.set_tracking_uri sets the
+    former for the whole process: without this, one test's store leaks into the next test's
+    runs (and into the workers it starts)."""
+    saved = {k: os.environ.pop(k, None) for k in _STORE_ENV}
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("topocam-cache")

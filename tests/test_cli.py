@@ -121,6 +121,8 @@ def test_leakage_audit_is_labelled(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["cam_target"] == "label" and "leak" in m["leakage_audit"]
+    one = m["summary"]["topocam"]["test"]["auc"]  # one seed: the same layout, sd 0
+    assert one["n"] == 1 and one["sd"] == 0.0 and one["mean"] == m["runs"][0]["metrics"]["topocam"]["test"]["auc"]
     assert {x.data.tags["leakage_audit"] for x in _mlflow_runs(tmp_path)} == {"true"}
 
 
