@@ -199,13 +199,8 @@ class StudyRunner:
     def ctx(self) -> Context:
         if self._ctx is None:
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported by log_baselines, once
-                self._ctx = prepare(self.spec.base, progress=self.progress)
+            self._ctx = self._prepare(self.spec.base, self.spec.name)
             self.timings_s["prepare"] = time.perf_counter() - t0
-            health = self._ctx.health()
-            if health.degenerate:
-                self.log(f"warning: {self.spec.name}: {health.message}")
         return self._ctx
 
     def seed_context(self, seed: int) -> Context:
@@ -214,14 +209,20 @@ class StudyRunner:
         if seed == self.spec.base.seed:
             return self.ctx
         if seed not in self._seed_ctx:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DegenerateBackboneWarning)
-                ctx = prepare(replace(self.spec.base, seed=seed), progress=self.progress, data=self.ctx.data)
-            health = ctx.health()
-            if health.degenerate:
-                self.log(f"warning: {self.spec.name}, replication seed {seed}: {health.message}")
-            self._seed_ctx[seed] = ctx
+            self._seed_ctx[seed] = self._prepare(replace(self.spec.base, seed=seed), f"{self.spec.name}, replication seed {seed}",
+                                                 data=self.ctx.data)
         return self._seed_ctx[seed]
+
+    def _prepare(self, config, label: str, data=None) -> Context:
+        """``prepare`` with a degenerate backbone reported once through ``log`` (not as a
+        Python warning per call)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateBackboneWarning)
+            ctx = prepare(config, progress=self.progress, data=data)
+        health = ctx.health()
+        if health.degenerate:
+            self.log(f"warning: {label}: {health.message}")
+        return ctx
 
     def replicate(self, params: dict[str, Any], seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Test (and validation) metrics of one chosen configuration under each model
@@ -241,7 +242,7 @@ class StudyRunner:
             ctx = self.seed_context(seed)
             cfg = replace(self.spec.base, seed=seed)
             out["cnn"][seed] = score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)
-            out["topo_original"][seed] = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True).test
+            out["topo_original"][seed] = evaluate(ctx, replace(cfg, method="topo_original"), report_test=True).test
         return out
 
     def cam_variants(self) -> tuple[str, ...]:
@@ -354,8 +355,9 @@ class StudyRunner:
                     self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
                 raise
             value = (out.cv if spec.cv_folds else out.val)[spec.metric]
+            not_finite = f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)"
             if not math.isfinite(value):
-                trial.set_user_attr(ATTR_ERROR, f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)")
+                trial.set_user_attr(ATTR_ERROR, not_finite)
             duration = time.perf_counter() - t0
             for k, v in out.val.items():
                 trial.set_user_attr(f"val_{k}", v)
@@ -367,7 +369,7 @@ class StudyRunner:
                                                **{f"time_{k}_s": v for k, v in out.timings_s.items()},
                                                "roi_fraction_train": out.features.roi_fraction["train"]})
                 if not math.isfinite(value):  # Optuna fails a NaN objective: say why in MLflow too
-                    self.tracker.set_tags(rid, {"error": f"objective {spec.objective} is {value} (e.g. one class only in val)"})
+                    self.tracker.set_tags(rid, {"error": not_finite})
                 self.tracker.finish(rid, "FINISHED" if math.isfinite(value) else "FAILED")
             return value
 
