@@ -337,6 +337,45 @@ def study_status_cmd(
         t.add_row(r["study"], str(r["complete"]), str(r["running"]), str(r["failed"]), _fmt(r["best_value"]), str(r["best_trial"]))
     console.print(t)
 
+# ------------------------------------------------------------------ ablations
+
+
+@app.command("ablate")
+def ablate_cmd(
+    study_file: Path = typer.Argument(..., help="study definition (TOML) whose best configuration is the reference"),
+    suite: str = typer.Option("paper", help="suite name (studies/ablations/NAME.toml beside the study file) or a suite file"),
+    seeds: str = typer.Option("", help="comma-separated model seeds (default: the study's replicate_seeds, else 0,1,2)"),
+    base: str = typer.Option("best", help="reference: 'best' (the study's best trial by its validation objective) or 'file' (the study file's base)"),
+    only: str = typer.Option("", help="comma-separated ablations or arms to run (e.g. tau,cam=scorecam); the others are listed as not run"),
+    skip: str = typer.Option("", help="comma-separated ablations or arms to leave out (listed as not run)"),
+    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL holding the study (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Every arm of an ablation suite over seeds, beside the reference: a table (Markdown, CSV,
+    JSON) with mean ± sd, bootstrap intervals and differences, one MLflow parent run."""
+    from topocam import TopoCAMError
+    from topocam.search.ablate import find_suite, load_suite, run_suite
+
+    try:
+        suite_obj = load_suite(find_suite(suite, study_file))  # a bad suite fails before any store is opened
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        seed_list = list(_ints(seeds, "--seeds")) if seeds.strip() else (list(spec.replicate_seeds) or [0, 1, 2])
+        out_dir = out or runs_dir / "ablate" / f"{spec.name}-{suite_obj.name}"
+        ensure_writable_dir(out_dir)
+        split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731
+        result = run_suite(spec, suite_obj, runner.storage_url, runner.tracker, list(dict.fromkeys(seed_list)), out_dir,
+                           base=base, only=split(only), skip=split(skip), progress=not quiet, log=lambda m: console.print(m, markup=False, highlight=False))
+    except TopoCAMError as exc:
+        fail(str(exc))
+    console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name + '-ablate'!r}, parent run {result.parent_run})")
+
+
 # ------------------------------------------------------------------ shipping
 
 MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"

@@ -149,8 +149,25 @@ class UpsampledCache:
             self._items.clear()
 
 
-def roi_masks(fused: np.ndarray, tau: float) -> np.ndarray:
-    return fused >= check_tau(tau)
+TAU_MODES: tuple[str, ...] = ("absolute", "relative")
+
+
+def check_tau_mode(mode: str) -> str:
+    if mode not in TAU_MODES:
+        raise TopoCAMError(f"unknown tau mode {mode!r}; choose one of {', '.join(TAU_MODES)}")
+    return mode
+
+
+def roi_masks(fused: np.ndarray, tau: float, mode: str = "absolute") -> np.ndarray:
+    """ROI = M >= tau (the paper), or M / max(M) >= tau per image (``relative``): a fused
+    map whose layers peak apart, or with a dead (constant) layer, never reaches an
+    absolute tau and gives an empty ROI; relative to its own maximum it cannot be
+    empty unless the whole map is zero."""
+    tau = check_tau(tau)
+    if check_tau_mode(mode) == "absolute":
+        return fused >= tau
+    peak = fused.reshape(len(fused), -1).max(axis=1).reshape(-1, *([1] * (fused.ndim - 1)))
+    return (fused >= tau * peak) & (peak > 0)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import math
 import re
@@ -94,17 +95,22 @@ def redact_url(url: str) -> str:
 
 
 def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
-                 trial: int | None = None) -> Choice:
-    """The trial to export (see the module doc). Reads the storage only."""
+                 trial: int | None = None, arm: str = "topocam") -> Choice:
+    """The trial to export (see the module doc). Reads the storage only. ``arm``:
+    "topo_original" chooses among the equal-budget Topo-Original searches instead."""
     import optuna
 
     from ..search.runner import ATTR_DEFINITION, definition, open_storage
+    from ..search.space import arm_space
+
+    if arm != "topocam":
+        spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, method=arm), space=arm_space(spec.space, arm))
 
     storage = open_storage(storage_url)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     mine = sorted(
         (s for s in summaries if s.user_attrs.get("topocam_study") == spec.name
-         and s.user_attrs.get("arm", "topocam") == "topocam"  # not the Topo-Original baseline's searches
+         and s.user_attrs.get("arm", "topocam") == arm  # TopoCAM's searches, or the Topo-Original baseline's
          and (sampler is None or s.user_attrs.get("sampler") == sampler)
          and (seed is None or s.user_attrs.get("seed") == seed)),
         key=lambda s: (str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed", -1))),

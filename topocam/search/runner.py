@@ -40,7 +40,7 @@ import optuna
 
 from ..errors import DegenerateBackboneWarning, TopoCAMError
 from ..metrics import evaluate as score
-from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
+from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
 from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
@@ -128,6 +128,10 @@ def definition(spec: StudySpec) -> dict[str, Any]:
     base = spec.base.as_dict()
     for k in ("data_dir", "cache_dir", "n_jobs"):
         base.pop(k, None)
+    defaults = TopoCAMConfig().as_dict()
+    for k in ABLATION_ONLY:  # never set by a study file: left out at their defaults, so stored studies stay comparable
+        if base.get(k) == defaults[k]:
+            base.pop(k, None)
     space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
     return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))
 
