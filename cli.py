@@ -373,8 +373,10 @@ def explain_cmd(
         say(lc.note)
     split = "test" if lc.report_test else "validation (a trial: test is not touched)"
     say(f"run {run_id} (kind={lc.kind}, {lc.config.dataset}, seed {lc.config.seed}): figures on the {split} split")
+    method = METHOD_NAMES.get(lc.config.method, lc.config.method)
     for s, m in res.metrics.items():
-        say(f"re-computed {s}: AUC {_fmt(m.get('auc'))}, ACC {_fmt(m.get('acc'))}")
+        who = f"CNN (backbone), {s[4:]}" if s.startswith("cnn_") else f"{method}, {s}"
+        say(f"re-computed {who}: AUC {_fmt(m.get('auc'))}, ACC {_fmt(m.get('acc'))}")
     if res.roi_quality:
         at = [r for r in res.roi_quality if r["tau"] == round(float(lc.config.tau), 4) or abs(r["tau"] - lc.config.tau) < 1e-9]
         for r in at:

@@ -212,7 +212,7 @@ def test_explain_a_topocam_run_writes_and_logs_the_pngs(tmp_path, cache):
     assert logged == {f"figures/{p}" for p in pngs} | {"figures/roi_quality.csv"}
     # the figures are of the logged configuration: the re-computed metrics equal the logged ones
     assert "differs from the logged run" not in r.output
-    assert f"re-computed test: AUC {seed_run.data.metrics['topocam_test_auc']:.3f}" in r.output
+    assert f"re-computed TopoCAM, test: AUC {seed_run.data.metrics['topocam_test_auc']:.3f}" in r.output
     assert "ROI vs true lesion, gradcam at tau 0.60" in r.output
 
 
@@ -239,14 +239,14 @@ def test_explain_a_study_trial_uses_validation_and_best_uses_test(tmp_path, cach
     trial = next(x for x in by_kind["trial"] if x.data.tags["trial"] == best.data.tags["trial"])
     r = runner.invoke(app, ["explain", trial.info.run_id, "--runs-dir", str(runs), "--out", str(tmp_path / "t"), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "validation (a trial: test is not touched)" in r.output and "re-computed test" not in r.output
-    assert f"re-computed val: AUC {trial.data.metrics['val_auc']:.3f}" in r.output
+    assert "validation (a trial: test is not touched)" in r.output and "test: AUC" not in r.output
+    assert f"re-computed TopoCAM, val: AUC {trial.data.metrics['val_auc']:.3f}" in r.output
     assert "differs from the logged run" not in r.output
     assert len(client.list_artifacts(trial.info.run_id, "figures")) == len(EXPECTED) + 1
     r = runner.invoke(app, ["explain", best.info.run_id, "--runs-dir", str(runs), "--out", str(tmp_path / "b"), "--quiet",
                             "--no-log"])
     assert r.exit_code == 0, r.output
-    assert f"re-computed test: AUC {best.data.metrics['test_auc']:.3f}" in r.output
+    assert f"re-computed TopoCAM, test: AUC {best.data.metrics['test_auc']:.3f}" in r.output
     assert "differs from the logged run" not in r.output
     assert client.list_artifacts(best.info.run_id, "figures") == []  # --no-log
     r = runner.invoke(app, ["explain", by_kind["baseline"][0].info.run_id, "--runs-dir", str(runs), "--quiet"])
@@ -263,3 +263,21 @@ def test_explain_an_unknown_run_is_one_line(tmp_path):
     Tracker(None, tmp_path / "runs")  # an empty store
     r = runner.invoke(app, ["explain", "0123abcd", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "no MLflow run '0123abcd'" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_multiclass_roc_legend_is_the_macro_one_vs_rest_auc():
+    from sklearn.metrics import roc_auc_score
+
+    from topocam.figures import confusion_figure, roc_figure
+    from topocam.metrics import evaluate
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 10)
+    p = rng.dirichlet([1, 1, 1], size=30) + np.eye(3)[y] * 0.5
+    p /= p.sum(axis=1, keepdims=True)
+    ax = roc_figure(y, {"m": p}, "multi-class").axes[0]
+    auc = roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert auc == pytest.approx(evaluate(y, p, "multi-class")["auc"])  # MedMNIST's definition
+    assert f"m (AUC = {auc:.3f})" in [t.get_text() for t in ax.get_legend().get_texts()]
+    fig = confusion_figure(y, p.argmax(axis=1), 3, class_names=["a", "b", "c"])
+    assert sum(int(t.get_text()) for t in fig.axes[0].texts if t.get_gid() == "count") == 30

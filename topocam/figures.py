@@ -456,7 +456,7 @@ def roi_quality_figure(rows: Sequence[Mapping[str, Any]], *, tau: float | None =
     ax_p.set_ylim(0, 1.1)
     ax_p.set_ylabel("hit rate (map maximum inside the lesion)")
     ax_p.set_title("Pointing game (independent of τ)", fontsize=10)
-    ax_p.legend(fontsize=7, loc="lower right")
+    ax_p.legend(fontsize=7, loc="upper right")
     n = rows[0]["n_images"] if rows else 0
     _suptitle(fig, title or f"ROI against the true lesion ({n} images)", fontsize=11)
     return fig
