@@ -376,6 +376,61 @@ def ablate_cmd(
     console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name + '-ablate'!r}, parent run {result.parent_run})")
 
 
+
+@app.command("explain")
+def explain_cmd(
+    run_id: str = typer.Argument(..., help="MLflow run id: a `topocam run` run (a seed's; a parent stands for its first seed) or a study's trial / best / export run"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache of the run (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the PNGs (default: RUNS_DIR/explain/RUN_ID)"),
+    no_log: bool = typer.Option(False, "--no-log", help="write the PNGs only; do not log them to the run"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Figures of a logged run (Betti curves, t-SNE, CAM overlays, ROC, confusion, ROI quality), logged back to it."""
+    from topocam import TopoCAMError
+    from topocam.explain_run import explain_run
+    from topocam.tracking import Tracker
+
+    if tracking_uri is None and not (runs_dir / "mlflow.db").is_file():
+        fail(f"no MLflow store at {runs_dir / 'mlflow.db'}; pass --runs-dir or --tracking-uri")
+    out_dir = out or runs_dir / "explain" / run_id
+    ensure_writable_dir(out_dir)
+    try:
+        tracker = Tracker(tracking_uri, runs_dir)
+        res = explain_run(tracker.client, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
+                          cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    lc = res.logged
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    if lc.note:
+        say(lc.note)
+    split = "test" if lc.report_test else "validation (a trial: test is not touched)"
+    say(f"run {run_id} (kind={lc.kind}, {lc.config.dataset}, seed {lc.config.seed}): figures on the {split} split")
+    method = METHOD_NAMES.get(lc.config.method, lc.config.method)
+    for s, m in res.metrics.items():
+        who = f"CNN (backbone), {s[4:]}" if s.startswith("cnn_") else f"{method}, {s}"
+        say(f"re-computed {who}: AUC {_fmt(m.get('auc'))}, ACC {_fmt(m.get('acc'))}")
+    if res.roi_quality:
+        at = [r for r in res.roi_quality if r["tau"] == round(float(lc.config.tau), 4) or abs(r["tau"] - lc.config.tau) < 1e-9]
+        for r in at:
+            say(f"ROI vs true lesion, {r['cam']} at tau {r['tau']:.2f}: Dice {r['dice']:.3f} (random same size "
+                f"{r['dice_random_same_size']:.3f}), IoU {r['iou']:.3f}, pointing game {r['pointing_game']:.3f} "
+                f"(chance {r['pointing_game_chance']:.3f})")
+    if res.degenerate:
+        err.print(f"warning: {res.degenerate}", markup=False, highlight=False, style="bold yellow", soft_wrap=True)
+    for m in res.mismatches:
+        err.print(f"warning: differs from the logged run ({m}); was the backbone retrained (another --cache-dir)?",
+                  markup=False, highlight=False, style="yellow", soft_wrap=True)
+    say(f"wrote {len(res.files)} file(s) to {out_dir}")
+    if res.artifacts:
+        say(f"MLflow: logged {', '.join(res.artifacts)} to run {run_id} in {tracker.uri}")
+
 # ------------------------------------------------------------------ shipping
 
 MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"
