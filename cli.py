@@ -353,6 +353,7 @@ def ablate_cmd(
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
     runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="log each arm's figures (Betti curves, t-SNE, CAM overlays, ROC, confusion) to its best seed's run"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Every arm of an ablation suite over seeds, beside the reference: a table (Markdown, CSV,
@@ -368,7 +369,7 @@ def ablate_cmd(
         ensure_writable_dir(out_dir)
         split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731
         result = run_suite(spec, suite_obj, runner.storage_url, runner.tracker, list(dict.fromkeys(seed_list)), out_dir,
-                           base=base, only=split(only), skip=split(skip), progress=not quiet, log=lambda m: console.print(m, markup=False, highlight=False))
+                           base=base, only=split(only), skip=split(skip), progress=not quiet, figures=figures, log=lambda m: console.print(m, markup=False, highlight=False))
     except TopoCAMError as exc:
         fail(str(exc))
     console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)

@@ -153,7 +153,7 @@ arms = [{ arm = "label", cam_target = "label" }, { arm = "stop_on_val", mlp_stop
     res = cli.invoke(app, ["ablate", str(study), "--suite", str(suite), "--runs-dir", str(runs), "--quiet"])
     assert res.exit_code != 0 and "run `topocam study run" in res.output
     res = cli.invoke(app, ["ablate", str(study), "--suite", str(suite), "--base", "file", "--skip", "tau=0.8",
-                           "--runs-dir", str(runs), "--quiet"])
+                           "--runs-dir", str(runs), "--quiet", "--no-figures"])
     assert res.exit_code == 0, res.output
     out = json.loads((runs / "ablate" / "tinyab-s" / "ablation.json").read_text())
     rows = {(r["ablation"], r["arm"]): r for r in out["rows"]}
@@ -204,3 +204,12 @@ def test_ablate_best_uses_the_studys_best_trial(tmp_path, monkeypatch):
     ref = out["reference"]["config"]
     assert ref["mlp"] == [best.params["mlp_h1"], best.params["mlp_h2"]] and ref["cam"] == best.params["cam"]
     assert f"trial {best.number}" in out["reference"]["source"]
+    # each arm's figures sit in its best seed's run, and `topocam explain` reads the arm's configuration back
+    from topocam.explain_run import logged_config
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tinybest-ablate")
+    arm = client.search_runs([exp.experiment_id], "tags.ablation = 'tau' and tags.arm = '0.5'")[0]
+    assert {"figures/betti_curves.png", "figures/roc.png"} <= {a.path for a in client.list_artifacts(arm.info.run_id, "figures")}
+    cfg = logged_config(client, arm.info.run_id).config
+    assert cfg.tau == 0.5 and cfg.mlp == tuple(ref["mlp"]) and cfg.seed == 0

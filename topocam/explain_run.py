@@ -34,8 +34,8 @@ from typing import Any
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .pipeline import TopoCAMConfig
 
-RUN_KINDS = ("run", "trial", "best", "export")
-REPORTED = {"run": True, "trial": False, "best": True, "export": True}
+RUN_KINDS = ("run", "trial", "best", "export", "ablation_arm")
+REPORTED = {"run": True, "trial": False, "best": True, "export": True, "ablation_arm": True}
 METRIC_TOLERANCE = 1e-6
 
 
@@ -171,6 +171,13 @@ def logged_config(client, run_id: str, data_dir: str | None = None, cache_dir: s
         return _from_topocam_run(client, run, data_dir, cache_dir)
     if kind in ("trial", "best", "export"):
         return _from_study_run(client, run, kind, data_dir, cache_dir)
+    if kind == "ablation_arm" and "seed" in run.data.tags:  # `topocam ablate`: the arm's whole configuration is logged
+        cfg = config_from_params(run.data.params, seed=int(run.data.tags["seed"]), data_dir=data_dir, cache_dir=cache_dir)
+        if run.data.params.get("arm.method") == "cnn":
+            raise TopoCAMError(f"run {run_id} is the CNN-alone arm of an ablation: it has no ROI or Betti features to explain")
+        note = "LEAKAGE AUDIT arm: not a valid result" if run.data.tags.get("leakage_audit") == "true" else ""
+        logged = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "test_"))}
+        return LoggedConfig(run.info.run_id, kind, cfg, True, logged, note=note)
     raise TopoCAMError(
         f"run {run_id} is a kind={kind or '?'} run; explain works on kind={', kind='.join(RUN_KINDS)} runs "
         "(a `topocam run` run, or a study's trial / best / export run)"

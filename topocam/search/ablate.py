@@ -449,12 +449,36 @@ def run_suite(
     files = write_tables(rows, title, out_dir, extra)
     out = SuiteRun(rows, files, source)
     if tracker is not None:
-        out.experiment_id, out.parent_run = log_suite(tracker, spec, suite, all_results, rows, files, seeds, source)
+        out.experiment_id, out.parent_run, children = log_suite(tracker, spec, suite, all_results, rows, files, seeds, source)
+        if figures:
+            log_arm_figures(ab, all_results, children, tracker, progress, log)
     return out
 
 
+def log_arm_figures(ab: Ablation, results: list[ArmResult], children: dict[tuple[str, int], str], tracker,
+                    progress: bool, log: Callable[[str], None]) -> None:
+    """Figures (Betti curves, t-SNE, CAM overlays, ROC, confusion, ROI quality) of each
+    arm's best seed by VALIDATION AUC, logged to that seed's run. Arms without a Betti
+    head on an honest ROI (the CNN, the hybrid head, the leakage audit) are left out:
+    the figures would show another model than the arm's."""
+    from tqdm.auto import tqdm
+
+    from .. import figures
+
+    todo = [r for r in results if r.seeds and r.config is not None and r.arm.settings.get("method") != "cnn"
+            and r.config.head == "betti" and not r.arm.leakage]
+    for r in tqdm(todo, desc="figures", unit="arm", disable=not progress):
+        seed = max(sorted(r.seeds), key=lambda s: r.seeds[s].val.get("auc", -math.inf))
+        cfg = replace(r.config, seed=seed)
+        try:
+            figs = figures.explain(ab.context(cfg), cfg, report_test=True, variants=(cfg.cam,))
+            figures.log_figures(tracker.client, children[(r.arm.key, seed)], figs)
+        except TopoCAMError as exc:
+            log(f"figures for {r.arm.key} (seed {seed}) not made: {exc}")
+
+
 def log_suite(tracker, spec, suite: Suite, results: list[ArmResult], rows: list[dict], files: dict[str, Path],
-              seeds: list[int], source: str) -> tuple[str, str]:
+              seeds: list[int], source: str) -> tuple[str, str, dict[tuple[str, int], str]]:
     """One parent run (``kind=ablation``) with the tables; a child per (arm, seed) with its
     metrics and tags ``ablation``, ``arm``, ``seed``, ``leakage_audit``, ``valid``; an arm
     that did not run is one child tagged ``status=not run`` with the reason."""
@@ -462,6 +486,7 @@ def log_suite(tracker, spec, suite: Suite, results: list[ArmResult], rows: list[
     parent = tracker.start_run(exp, f"ablate-{suite.name}", {"kind": "ablation", "study": spec.name, "suite": suite.name,
                                                            "reference": source[:5000]},
                                params={"seeds": seeds, "suite_file": str(suite.path)})
+    children: dict[tuple[str, int], str] = {}
     try:
         for r, row in zip(results, rows):
             a = r.arm
@@ -477,6 +502,7 @@ def log_suite(tracker, spec, suite: Suite, results: list[ArmResult], rows: list[
                 rid = tracker.start_run(exp, f"{a.key} s{seed}", {**tags, "seed": seed, "status": "ok",
                                                                  "degenerate_backbone": str(res.degenerate_backbone).lower()},
                                         parent=parent, params={**params, "seed": seed})
+                children[(a.key, seed)] = rid
                 tracker.log_metrics(rid, {**{f"val_{m}": v for m, v in res.val.items()},
                                           **{f"test_{m}": v for m, v in res.test.items()},
                                           **{f"empty_rois_{s}": v for s, v in res.empty_rois.items()}})
@@ -487,4 +513,4 @@ def log_suite(tracker, spec, suite: Suite, results: list[ArmResult], rows: list[
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
-    return exp, parent
+    return exp, parent, children

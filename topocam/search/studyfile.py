@@ -79,7 +79,7 @@ class StudySpec:
 
 def _typed(section: str, key: str, value: Any, want, where: str) -> Any:
     types = want if isinstance(want, tuple) else (want,)
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
         raise TopoCAMError(f"{where}: [{section}] {key} must be {names}, got {value!r}")
     return value
