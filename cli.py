@@ -90,11 +90,29 @@ def metrics_table(result: dict) -> Table:
     return t
 
 
-def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> str:
+def print_runs_link(tracker, experiment: str, **view) -> None:
+    """Say where the runs are: the experiment and store, then the link to the runs table with the
+    runs to compare and their metric columns (``Tracker.runs_table_url``'s keywords), and for a local
+    store the command that serves it first."""
+    name = tracker.client.get_experiment(experiment).name
+    console.print(f"MLflow: experiment {name!r} in {tracker.uri}", markup=False, highlight=False, soft_wrap=True)
+    serve = tracker.ui_command()
+    if serve:
+        console.print(f"  serve it: {serve}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  runs table: {tracker.runs_table_url(experiment, **view)}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
     from topocam.tracking import Tracker, log_topocam_run
 
     tracker = Tracker(tracking_uri, runs_dir)
-    return f"{tracker.uri} (experiment {log_topocam_run(tracker, result)!r})"
+    experiment = tracker.experiment(log_topocam_run(tracker, result))
+    # one row per `topocam run`: its means over seeds (each seed's run is a child run, on the run's page)
+    print_runs_link(
+        tracker, experiment, name="topocam run: TopoCAM vs baselines", filter="tags.kind = 'run' and tags.seeds != ''",
+        metrics=[f"{m}_{s}_auc_mean" for s in ("test", "val") for m in ("topocam", "cnn", "topo_original")],
+        params=["cam", "tau", "weights"], tags=["seeds", "leakage_audit", "degenerate_backbone"], order_by="topocam_val_auc_mean",
+    )
 
 
 @app.command()
@@ -188,7 +206,7 @@ def run(
     console.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
     if not no_tracking:
         try:
-            console.print(f"MLflow: {_log_run(result, tracking_uri, runs_dir)}", markup=False, highlight=False)
+            _log_run(result, tracking_uri, runs_dir)
         except TopoCAMError as exc:
             fail(f"results are in {out / 'metrics.json'}, but MLflow logging failed: {exc}")
 
@@ -271,7 +289,15 @@ def study_run(
         from topocam.search.compare import failures_text
 
         err.print(failures_text([r]).strip(), markup=False, highlight=False, soft_wrap=True, style="yellow")
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})", markup=False, highlight=False)
+    from topocam.tracking import tags_filter
+
+    m = spec.metric
+    print_runs_link(
+        runner.tracker, runner.experiment,  # not named: one per arm, sampler and seed would crowd the Views menu
+        filter=tags_filter({"study": spec.name, "arm": arm, "sampler": sampler, "seed": seed}) + " and tags.kind != 'sampler'",
+        metrics=list(dict.fromkeys([spec.objective, f"val_{m}", f"test_{m}"])), order_by=spec.objective,
+        params=[k for k, p in spec.space.items() if p.kind != "fixed"], tags=["kind", "trial"],
+    )
 
 
 @study_app.command("compare")
@@ -308,7 +334,15 @@ def study_compare(
         fail(str(exc))
     console.print(result.files["table_md"].read_text(), markup=False, highlight=False, soft_wrap=True)  # "[min, max]" is not markup
     console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r}, run kind=comparison)")
+    from topocam.tracking import tags_filter
+
+    m = spec.metric
+    print_runs_link(  # one row per search (arm, sampler, seed), its trials nested; the table and plot are on kind=comparison
+        runner.tracker, runner.experiment, name="samplers and arms: the best of each search",
+        filter=tags_filter({"study": spec.name, "kind": "sampler"}),
+        metrics=[f"best_{spec.objective}", f"best_test_{m}"] + ([f"replicated_test_{m}_mean"] if spec.replicate_seeds else []),
+        tags=["arm", "sampler", "seed", "budget"], order_by=f"best_{spec.objective}",
+    )
 
 
 @study_app.command("status")
