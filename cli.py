@@ -408,7 +408,16 @@ def ablate_cmd(
         fail(str(exc))
     console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)
     console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name + '-ablate'!r}, parent run {result.parent_run})")
+    if result.experiment_id is not None:
+        from topocam.tracking import tags_filter
+
+        # every arm's seed runs of this suite run, arms side by side with their val/test AUC and ACC
+        print_runs_link(
+            runner.tracker, result.experiment_id, name=f"ablation {suite_obj.name} ({result.parent_run[:8]})",
+            filter=tags_filter({"kind": "ablation_arm", "suite": suite_obj.name}) + f" and tags.`mlflow.parentRunId` = '{result.parent_run}'",
+            metrics=["test_auc", "test_acc", "val_auc", "val_acc"], tags=["ablation", "arm", "seed", "valid", "status"],
+            order_by="test_auc",
+        )
 
 
 
