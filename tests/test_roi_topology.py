@@ -5,6 +5,8 @@ from topocam.errors import TopoCAMError
 from topocam.roi import dice, fuse, fusion_weights, pointing_game, random_masks_like, roi_masks
 from topocam.topology import BettiGrid, betti_curves, betti_features, segment
 
+from .reference import gudhi_betti_curves
+
 
 def test_fusion_weights_on_simplex_and_validated():
     assert np.allclose(fusion_weights([1, 1, 2]), [0.25, 0.25, 0.5])
@@ -51,7 +53,7 @@ def test_known_topology_ring_and_segment_modes():
     img = np.ones((1, 9, 9))
     img[0, 2:7, 2:7] = 0.0  # a dark square ...
     img[0, 4, 4] = 1.0  # ... with a bright centre: at t=0.5 the sublevel set is a ring
-    curves = betti_curves(img, np.array([0.5, 1.0]), backend="giotto")
+    curves = betti_curves(img, np.array([0.5, 1.0]), backend="fast")
     assert curves[0, :, 0].tolist() == [1, 1]  # one component, one hole
     assert curves[0, :, 1].tolist() == [1, 0]  # everything: a filled square
     mask = np.zeros((1, 9, 9), bool)
@@ -66,9 +68,9 @@ def test_features_shape_normalisation_and_empty_roi_kept(outside):
     masks = rng.random((4, 10, 10)) > 0.4
     masks[2] = False  # an empty ROI
     grid = BettiGrid.fit(segment(imgs, masks, outside), 7)
-    f = betti_features(imgs, masks, grid, outside, backend="giotto")
+    f = betti_features(imgs, masks, grid, outside, backend="fast")
     assert f.shape == (4, 2 * 7 + 1)  # d * N + 1
     assert np.all(f[2] == 0)  # defined: zeros and a count of 0, image kept
     assert f[0, -1] == masks[0].sum()
-    raw = betti_curves(segment(imgs[:1], masks[:1], outside), grid.thresholds, backend="giotto")
+    raw = gudhi_betti_curves(segment(imgs[:1], masks[:1], outside), grid.thresholds)
     assert np.allclose(f[0, :-1], raw.reshape(-1) / masks[0].sum())
