@@ -82,13 +82,17 @@ def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
     "args, message",
     [
         (["--dataset", "nosuchset"], "unknown dataset"),
-        (["--dataset", "synthetic2d", "--backbone", "vgg"], "unknown backbone"),
-        (["--dataset", "synthetic2d", "--cam", "layercam"], "unknown CAM variant"),
+        (["--dataset", "synthetic2d", "--backbone", "vgg"], "'vgg' is not one of 'auto', 'resnet18', 'r3d18', 'small'"),
+        (["--dataset", "synthetic2d", "--cam", "layercam"], "'layercam' is not one of 'gradcam', 'gradcampp', 'scorecam'"),
+        (["--dataset", "synthetic2d", "--preset", "fast"], "'fast' is not one of 'medmnist_v2'"),
+        (["--dataset", "synthetic2d", "--betti-backend", "gudhi"], "'gudhi' is not one of 'fast', 'giotto'"),
+        (["--dataset", "synthetic2d", "--n-jobs", "0"], "--n-jobs must be -1 (all cores) or a number of threads >= 1, got 0"),
+        (["--dataset", "synthetic2d", "--n-jobs", "-2"], "--n-jobs must be -1 (all cores) or a number of threads >= 1, got -2"),
         (["--dataset", "synthetic2d", "--weights", "0.5,-1,0.2"], "non-negative"),
         (["--dataset", "synthetic2d", "--weights", "0,0,0"], "all zero"),
         (["--dataset", "synthetic2d", "--weights", "a,b,c"], "comma-separated numbers"),
         (["--dataset", "synthetic2d", "--tau", "1.5"], "tau must lie in"),
-        (["--dataset", "synthetic2d", "--outside", "inside"], "outside mode"),
+        (["--dataset", "synthetic2d", "--outside", "inside"], "'inside' is not one of 'zero', 'exclude'"),
         (["--dataset", "synthetic2d", "--backbone", "r3d18"], "r3d18 is 3D"),
         (["--dataset", "missing/file.npz"], "does not exist"),
         (["--dataset", "synthetic2d", "--seeds", "0,-1"], "--seeds needs one or more integers >= 0"),
@@ -165,3 +169,29 @@ def test_error_text_in_square_brackets_is_kept(tmp_path):
     study.write_text('[study]\nname = "s"\n[space.cam]\nchoices = ["nope"]\n')
     r = runner.invoke(app, ["study", "run", str(study), "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code != 0 and "[space.cam] choices ['nope']" in r.output
+
+
+def test_help_shows_choices_and_bracketed_text_and_completion():
+    """Choice options list their values; help text is not read as markup (so
+    "[default: 10, or the preset's]" and "'.[giotto]'" survive); completion is on."""
+    r = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    for choices in ("gradcam|gradcampp|scorecam", "zero|exclude", "fast|giotto", "auto|resnet18|r3d18|small", "medmnist_v2"):
+        assert choices in r.output, choices
+    assert "[default: 10, or the preset's]" in r.output and "'.[giotto]'" in r.output
+    study = runner.invoke(app, ["study", "run", "--help"], terminal_width=200)
+    assert "de|de_immediate|tpe|cmaes|random|gp" in study.output and "topocam|topo_original" in study.output
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "run", "STUDY", "--sampler", "bogus"], "'bogus' is not one of 'de', 'de_immediate'"),
+    (["study", "run", "STUDY", "--arm", "cnn"], "'cnn' is not one of 'topocam', 'topo_original'"),
+    (["study", "compare", "STUDY", "--samplers", "de,bogus"], "unknown sampler(s) ['bogus']"),
+])
+def test_study_choices_fail_at_parse_time_before_any_store(tmp_path, argv, message):
+    study = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
+    runs = tmp_path / "runs"
+    r = runner.invoke(app, [str(study) if a == "STUDY" else a for a in argv] + ["--runs-dir", str(runs)])
+    assert r.exit_code == 2 and message in r.output
+    assert not runs.exists()  # nothing opened: no optuna.db, no mlflow.db

@@ -860,8 +860,6 @@ def test_cli_study_commands(env, warm, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["study", "run", "{path}", "--sampler", "annealing"], ["unknown sampler", "annealing"]),
-    (["study", "compare", "{path}", "--samplers", "random,annealing"], ["unknown sampler", "annealing"]),
     (["study", "run", "{missing}"], ["does not exist"]),
     (["study", "run", "{path}", "--storage", "redis://x"], ["unsupported storage URL"]),
     (["study", "run", "{path}", "--storage", "sqlite:////nonexistent/dir/x.db"], ["does not exist"]),

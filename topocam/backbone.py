@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BACKBONES, PRESETS as PRESET_NAMES
 from .data import Dataset
 from .errors import TopoCAMError
 from .seeding import seed_everything
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
-BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
 CACHE_ENV = "TOPOCAM_CACHE_DIR"
 _CODE_VERSION = "3"  # bump when training code changes what a cached checkpoint means (3: BatchNorm recalibration)
@@ -171,6 +171,7 @@ class TrainSettings:
 PRESETS: dict[str, dict] = {
     "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
 }
+assert tuple(PRESETS) == PRESET_NAMES, "declare a new preset's name in topocam.choices too"
 
 
 def training_recipe(preset: str | None = None, **overrides) -> dict:

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import CAM_LAYERS, Backbone
+from .choices import CAM_VARIANTS
 from .errors import TopoCAMError
 
-CAM_VARIANTS: tuple[str, ...] = ("gradcam", "gradcampp", "scorecam")
 TARGET_RULES: tuple[str, ...] = ("predicted", "label")  # "label" = leakage audit only
 
 

@@ -12,7 +12,6 @@ Two levels, following where the time goes (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -24,10 +23,12 @@ import numpy as np
 from .backbone import CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
+from .choices import ARMS
 from .classifier import MLPSettings, TopoMLP, fit_on_train
 from .data import SPLITS, Dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
+from .jobs import check_n_jobs, resolve_n_jobs
 from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
@@ -37,7 +38,7 @@ from .roi import (
 from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
 
 
-METHODS_TUNABLE: tuple[str, ...] = ("topocam", "topo_original")
+METHODS_TUNABLE = ARMS
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,7 @@ class TopoCAMConfig:
             raise TopoCAMError(f"seeds must be >= 0, got data seed {self.data_seed} and model seed {self.seed}")
         if self.clutter < 1:
             raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
-        if self.n_jobs < -1:
-            raise TopoCAMError(f"n_jobs must be -1 (all cores) or >= 1, got {self.n_jobs}")
+        check_n_jobs(self.n_jobs)
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 
@@ -108,10 +108,6 @@ class TopoCAMConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _n_jobs(n: int) -> int:
-    return (os.cpu_count() or 1) if n in (-1, 0) else n
 
 
 @dataclass
@@ -257,7 +253,7 @@ def features_from_masks(
     grid = BettiGrid.fit(filtrations["train"], cfg.bins)
     x = {
         s: features_from_filtrations(
-            filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
+            filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=resolve_n_jobs(cfg.n_jobs),
             progress=progress, desc=f"{label} Betti curves {s}",
         )
         for s in splits

@@ -32,12 +32,12 @@ from typing import Literal
 
 import numpy as np
 
+from .choices import BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 
 Outside = Literal["zero", "exclude"]
 Backend = Literal["fast", "giotto"]
-OUTSIDE_MODES: tuple[str, ...] = ("zero", "exclude")
-BACKENDS: tuple[str, ...] = ("fast", "giotto")
+BACKENDS = BETTI_BACKENDS
 
 
 def check_outside(outside: str) -> None:

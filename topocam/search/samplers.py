@@ -36,9 +36,9 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from ..choices import SAMPLERS
 from ..errors import TopoCAMError
 
-SAMPLERS: tuple[str, ...] = ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
 OPTIONS_SECTION: dict[str, str] = {"de": "de", "de_immediate": "de"}  # sampler -> its [sampler.X] table
 
 
