@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,24 @@ def ensure_writable_dir(path: Path) -> None:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
 
 
+@contextmanager
+def output_dir(path: Path):
+    """``ensure_writable_dir(path)`` for the body; if the body fails, the folders it
+    created (the output folder and any missing parents) are removed again while
+    empty, so a failed command leaves no empty output folder behind."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    ensure_writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (or gone): keep it and everything above
+                break
+        raise
+
+
 def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
 
@@ -182,19 +201,22 @@ def run(
             mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
             cam_target="label" if leakage_audit else "predicted",
         ).validated()
-        ensure_writable_dir(out)
-        if not no_tracking:  # open the store now: a bad URI fails before any training
-            from topocam.tracking import Tracker
+        with output_dir(out):
+            if not no_tracking:  # open the store now: a bad URI fails before any training
+                from topocam.tracking import Tracker
 
-            Tracker(tracking_uri, runs_dir)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
-            result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+                Tracker(tracking_uri, runs_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
+                result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+            if leakage_audit:
+                result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
+            write_json_atomic(out / "metrics.json", result)
     except TopoCAMError as exc:
         fail(str(exc))
-    if leakage_audit:
-        result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
-    write_json_atomic(out / "metrics.json", result)
+    except MemoryError:
+        fail(f"out of memory for {dataset} at --size {size} (synthetic counts {synthetic_n}); "
+             "lower --size or --synthetic-n, or free memory")
     console.print(metrics_table(result))
     for r in result["runs"]:
         tm, bb = r["timings_s"], r["backbone"]
@@ -253,7 +275,7 @@ def study_run(
     study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/quickstart.toml"),
     sampler: Optional[SamplerChoice] = typer.Option(None, help="the Optuna sampler (default: the file's first)"),
     arm: ArmChoice = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
-    n_trials: Optional[int] = typer.Option(None, help="budget (default: the file's n_trials); finished trials count"),
+    n_trials: Optional[int] = typer.Option(None, min=1, help="budget (default: the file's n_trials); finished trials count"),
     seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
     storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
@@ -269,8 +291,6 @@ def study_run(
         sampler = _value(sampler) or spec.samplers[0]
         arm = arm.value
         seed = spec.seeds[0] if seed is None else seed
-        if n_trials is not None and n_trials < 1:
-            fail("--n-trials must be >= 1")
         runner.log_baselines()
         runner = runner.for_arm(arm)
         r = runner.run(sampler, seed, n_trials)
@@ -296,8 +316,8 @@ def study_compare(
     study_file: Path = typer.Argument(..., help="study definition (TOML)"),
     samplers: Optional[str] = typer.Option(None, callback=_sampler_list_option,
                                            help=f"comma-separated samplers, of {', '.join(SAMPLERS)} (default: the file's)"),
-    seeds: Optional[int] = typer.Option(None, help="number of seeds 0..N-1 (default: the file's seed list)"),
-    n_trials: Optional[int] = typer.Option(None, help="budget per sampler and seed (default: the file's)"),
+    seeds: Optional[int] = typer.Option(None, min=1, help="number of seeds 0..N-1 (default: the file's seed list)"),
+    n_trials: Optional[int] = typer.Option(None, min=1, help="budget per sampler and seed (default: the file's)"),
     storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
@@ -312,15 +332,10 @@ def study_compare(
     try:
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
         names = [s.strip() for s in samplers.split(",") if s.strip()] if samplers else list(spec.samplers)
-        if seeds is not None and seeds < 1:
-            fail("--seeds must be >= 1")
         seed_list = list(range(seeds)) if seeds is not None else list(spec.seeds)
         budget = n_trials or spec.n_trials
-        if budget < 1:
-            fail("--n-trials must be >= 1")
-        out_dir = out or runs_dir / "compare" / spec.name
-        ensure_writable_dir(out_dir)
-        result = compare(runner, names, seed_list, budget, out_dir)
+        with output_dir(out or runs_dir / "compare" / spec.name) as out_dir:
+            result = compare(runner, names, seed_list, budget, out_dir)
     except TopoCAMError as exc:
         fail(str(exc))
     console.print(result.files["table_md"].read_text(), markup=False, highlight=False, soft_wrap=True)  # "[min, max]" is not markup
@@ -473,9 +488,9 @@ def predict_cmd(
     from topocam.deploy.predict import predict_files
 
     try:
-        ensure_writable_dir(out)
-        _, m = _load_model(model, tracking_uri, runs_dir)
-        summary = predict_files(m, files, out, progress=not quiet)
+        with output_dir(out):
+            _, m = _load_model(model, tracking_uri, runs_dir)
+            summary = predict_files(m, files, out, progress=not quiet)
     except TopoCAMError as exc:
         fail(str(exc))
     for r in summary.records:

@@ -864,7 +864,6 @@ def test_cli_study_commands(env, warm, tmp_path):
     (["study", "run", "{path}", "--storage", "redis://x"], ["unsupported storage URL"]),
     (["study", "run", "{path}", "--storage", "sqlite:////nonexistent/dir/x.db"], ["does not exist"]),
     (["study", "run", "{path}", "--tracking-uri", "http://127.0.0.1:1"], ["--tracking-uri"]),
-    (["study", "run", "{path}", "--n-trials", "0"], ["n-trials"]),
     (["study", "status", "nosuchstudy"], ["nosuchstudy"]),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(env, tmp_path, args, words):

@@ -49,6 +49,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "topocam")
 
 
+def check_cache_dir(path: str | Path | None) -> Path:
+    """The cache folder (``--cache-dir``, TOPOCAM_CACHE_DIR or the default), or a
+    TopoCAMError if it, or the nearest existing folder above it, is a file or
+    not writable: checked before any work, instead of a traceback at the end
+    of backbone training."""
+    folder = Path(path) if path else default_cache_dir()
+    for q in (folder, *folder.parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            where = "is a file" if q == folder else f"lies under {q}, which is a file"
+            raise TopoCAMError(f"cache folder {folder} {where}; choose another --cache-dir (or {CACHE_ENV})")
+        if not os.access(q, os.W_OK | os.X_OK):
+            raise TopoCAMError(f"cache folder {folder}: {q} is not writable; choose another --cache-dir (or {CACHE_ENV})")
+        break
+    return folder
+
+
 def resolve_backbone(name: str, ndim: int) -> str:
     if name not in BACKBONES:
         raise TopoCAMError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
+from .backbone import CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .choices import ARMS
 from .classifier import MLPSettings, TopoMLP, fit_on_train
-from .data import SPLITS, Dataset, load_dataset
+from .data import SPLITS, Dataset, check_dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .jobs import check_n_jobs, resolve_n_jobs
@@ -33,7 +33,7 @@ from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
     UpsampledCache, check_tau, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
-    upsample_normalised,
+    upsample_normalised, upsampled_cache_bytes,
 )
 from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
 
@@ -96,6 +96,9 @@ class TopoCAMConfig:
         if self.clutter < 1:
             raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
         check_n_jobs(self.n_jobs)
+        check_dataset(self.dataset, self.size)
+        check_cache_dir(self.cache_dir)
+        upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 

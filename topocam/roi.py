@@ -96,6 +96,24 @@ def fuse(maps: Mapping[str, np.ndarray], weights: np.ndarray, shape: tuple[int, 
     return fuse_upsampled(layers, weights)
 
 
+def upsampled_cache_bytes() -> int:
+    """The budget from ``TOPOCAM_ROI_CACHE_MB`` (MiB; unset: the default), or a
+    TopoCAMError naming the variable and its value."""
+    raw = os.environ.get(UPSAMPLED_CACHE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_UPSAMPLED_CACHE_MB * 2**20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not (mb >= 0 and mb != float("inf")):
+        raise TopoCAMError(
+            f"{UPSAMPLED_CACHE_ENV} must be a number of MiB >= 0 (0 turns the cache off; default "
+            f"{DEFAULT_UPSAMPLED_CACHE_MB}), got {raw!r}"
+        )
+    return int(mb * 2**20)
+
+
 class UpsampledCache:
     """Memory-bounded LRU of upsampled, normalised per-layer maps H_l.
 
@@ -110,7 +128,7 @@ class UpsampledCache:
 
     def __init__(self, max_bytes: int | None = None):
         if max_bytes is None:
-            max_bytes = int(float(os.environ.get(UPSAMPLED_CACHE_ENV, DEFAULT_UPSAMPLED_CACHE_MB)) * 2**20)
+            max_bytes = upsampled_cache_bytes()
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
