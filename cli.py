@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from topocam.atomic import write_json_atomic
+from topocam.data import DEFAULT_SYNTHETIC_N
 from topocam.choices import (
     SAMPLERS, ArmChoice, BackboneChoice, BettiBackendChoice, CamChoice, OutsideChoice, PresetChoice, SamplerChoice,
 )
@@ -151,7 +152,7 @@ def run(
     out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
     size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
-    synthetic_n: str = typer.Option("120,40,40", help="synthetic train,val,test counts"),
+    synthetic_n: str = typer.Option(",".join(map(str, DEFAULT_SYNTHETIC_N)), help="synthetic train,val,test counts"),
     data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
     clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
     backbone: BackboneChoice = typer.Option("auto", help="auto: resnet18 in 2D, r3d18 in 3D; small: a tiny CNN for tests and demos"),

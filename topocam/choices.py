@@ -27,3 +27,24 @@ BackboneChoice = choice_enum("BackboneChoice", BACKBONES)
 PresetChoice = choice_enum("PresetChoice", PRESETS)
 SamplerChoice = choice_enum("SamplerChoice", SAMPLERS)
 ArmChoice = choice_enum("ArmChoice", ARMS)
+
+
+def check_samplers(names, what: str = "sampler") -> tuple[str, ...]:
+    """``names`` (one name or several) as a tuple of known sampler names, or a
+    TopoCAMError that names ``what`` (the option or study-file key at fault)."""
+    from .errors import TopoCAMError
+
+    names = (names,) if isinstance(names, str) else tuple(names)
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        raise TopoCAMError(f"{what}: unknown sampler(s) {bad or list(names)}; choose from {', '.join(SAMPLERS)}")
+    return names
+
+
+def check_n_trials(n_trials, what: str = "n_trials") -> int:
+    """A trial budget: an integer >= 1, or a TopoCAMError naming ``what``."""
+    from .errors import TopoCAMError
+
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise TopoCAMError(f"{what} (the trial budget) must be an integer >= 1, got {n_trials!r}")
+    return n_trials

@@ -23,6 +23,7 @@ SYNTHETIC = ("synthetic2d", "synthetic3d")
 DATA_DIR_ENV = "TOPOCAM_DATA_DIR"
 OFFLINE_ENV = "TOPOCAM_OFFLINE"  # set to 1 to skip download attempts
 MEDMNIST_SIZES = (28, 64, 128, 224)
+DEFAULT_SYNTHETIC_N: tuple[int, int, int] = (120, 40, 40)  # train, val, test images of a synthetic set
 # Largest synthetic side: the default 200 images at 128^3 are 1.7 GB as float32
 # (2D at 1024: 0.8 GB); beyond that a run would exhaust memory before it starts.
 SYNTHETIC_SIZE_RANGE = {2: (12, 1024), 3: (12, 128)}
@@ -359,7 +360,7 @@ def synthetic_image(
 
 
 def make_synthetic(
-    ndim: int, size: int = 28, n: tuple[int, int, int] = (120, 40, 40), seed: int = 0, clutter: int = 2
+    ndim: int, size: int = 28, n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N, seed: int = 0, clutter: int = 2
 ) -> Dataset:
     """Balanced, seeded synthetic dataset with ground-truth lesion masks.
     ``seed`` is the DATA seed: models vary their own seeds on these fixed images."""
@@ -414,7 +415,7 @@ def load_dataset(
     name: str,
     size: int = 28,
     data_dir: str | Path | None = None,
-    synthetic_n: tuple[int, int, int] = (120, 40, 40),
+    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N,
     seed: int = 0,
     clutter: int = 2,
 ) -> Dataset:

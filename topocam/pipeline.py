@@ -25,7 +25,7 @@ from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .choices import ARMS
 from .classifier import MLPSettings, TopoMLP, fit_on_train
-from .data import SPLITS, Dataset, check_dataset, load_dataset
+from .data import DEFAULT_SYNTHETIC_N, SPLITS, Dataset, check_dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .jobs import check_n_jobs, resolve_n_jobs
@@ -47,7 +47,7 @@ class TopoCAMConfig:
     dataset: str = "breastmnist"
     data_dir: str | None = None
     size: int = 28
-    synthetic_n: tuple[int, int, int] = (120, 40, 40)
+    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N
     data_seed: int = 0  # synthetic sets only: the images stay fixed while model seeds vary
     clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
     # backbone (f_theta)
@@ -225,7 +225,7 @@ class Features:
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fused map and ROI mask of every image in a split.
 
-    Equal, bit for bit, to ``fuse(ctx.cams(cfg.cam, split).maps, w, shape)``;
+    M = sum_l w_l H_l with H_l = ``upsample_normalised`` of layer l's CAMs;
     the upsampled, normalised per-layer maps (they depend on the CAM variant,
     not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
     memory-bounded LRU, so later trials only sum and threshold."""

@@ -146,24 +146,6 @@ def betti_curves(
     return betti_curves_fast(filtrations, thresholds, n_jobs=n_jobs)
 
 
-def betti_features(
-    images: np.ndarray,
-    masks: np.ndarray,
-    grid: BettiGrid,
-    outside: Outside,
-    backend: Backend = "fast",
-    n_jobs: int = 1,
-    progress: bool = False,
-    desc: str = "Betti curves",
-) -> np.ndarray:
-    """phi: Betti curves divided by the ROI voxel count, with the count
-    appended: (n, d * n_bins + 1) float32. An empty ROI gives zeros and a
-    count of 0 (its image is kept, never dropped)."""
-    return features_from_filtrations(
-        segment(images, masks, outside), roi_counts(masks), grid, backend, n_jobs, progress, desc
-    )
-
-
 def roi_counts(masks: np.ndarray) -> np.ndarray:
     """Voxels in each image's ROI, (n,) int64."""
     masks = np.asarray(masks, dtype=bool)
@@ -179,8 +161,10 @@ def features_from_filtrations(
     progress: bool = False,
     desc: str = "Betti curves",
 ) -> np.ndarray:
-    """:func:`betti_features` from already segmented images (``segment``) and their
-    ROI counts, for callers that also fit the grid on the same filtrations."""
+    """phi from segmented images (``segment``) and their ROI counts
+    (``roi_counts``): Betti curves divided by the ROI voxel count, with the count
+    appended, (n, d * n_bins + 1) float32. An empty ROI gives zeros and a count
+    of 0 (its image is kept, never dropped)."""
     n = filtrations.shape[0]
     d = filtrations.ndim - 1
     feats = np.zeros((n, d * grid.n_bins + 1), dtype=np.float32)
