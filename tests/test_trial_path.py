@@ -143,10 +143,16 @@ def test_upsampling_is_independent_of_chunks_and_threads_and_leaves_input_alone(
     rng = np.random.default_rng(3)
     maps = random_maps(rng, 9, 3)
     before = {k: v.copy() for k, v in maps.items()}
-    ref = upsample_normalised(maps["layer3"], (12, 12, 12), chunk=256)
-    assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12), chunk=2), ref)
-    with one_thread():
-        assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12)), ref)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # more than one, whatever this machine's default
+    try:
+        ref = upsample_normalised(maps["layer3"], (12, 12, 12), chunk=256)
+        assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12), chunk=2), ref)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12)), ref)
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(upsample_normalised(maps["layer3"], (3, 3, 3)), reference_fuse(
         {"layer2": maps["layer3"], "layer3": maps["layer3"], "layer4": maps["layer3"]}, np.array([1.0, 0, 0]), (3, 3, 3)
     ))  # native size: normalised only
@@ -253,9 +259,15 @@ def test_mlp_fit_is_bitwise_the_plain_loop(hidden, batch):
 
 
 def test_one_thread_restores_the_setting_even_on_error():
+    """From 3 threads (set here: on a one-core machine the default is already 1 and
+    the test would pass with a one_thread() that did nothing)."""
     threads = torch.get_num_threads()
-    with pytest.raises(RuntimeError):
-        with one_thread():
-            assert torch.get_num_threads() == 1
-            raise RuntimeError
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
