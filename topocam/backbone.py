@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BACKBONES, PRESETS as PRESET_NAMES
 from .data import Dataset
 from .errors import TopoCAMError
 from .seeding import seed_everything
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
-BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
 CACHE_ENV = "TOPOCAM_CACHE_DIR"
 _CODE_VERSION = "3"  # bump when training code changes what a cached checkpoint means (3: BatchNorm recalibration)
@@ -47,6 +47,24 @@ SELECT_LOSS = "val_loss (validation holds one class: AUC undefined)"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "topocam")
+
+
+def check_cache_dir(path: str | Path | None) -> Path:
+    """The cache folder (``--cache-dir``, TOPOCAM_CACHE_DIR or the default), or a
+    TopoCAMError if it, or the nearest existing folder above it, is a file or
+    not writable: checked before any work, instead of a traceback at the end
+    of backbone training."""
+    folder = Path(path) if path else default_cache_dir()
+    for q in (folder, *folder.parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            where = "is a file" if q == folder else f"lies under {q}, which is a file"
+            raise TopoCAMError(f"cache folder {folder} {where}; choose another --cache-dir (or {CACHE_ENV})")
+        if not os.access(q, os.W_OK | os.X_OK):
+            raise TopoCAMError(f"cache folder {folder}: {q} is not writable; choose another --cache-dir (or {CACHE_ENV})")
+        break
+    return folder
 
 
 def resolve_backbone(name: str, ndim: int) -> str:
@@ -209,6 +227,7 @@ class TrainSettings:
 PRESETS: dict[str, dict] = {
     "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
 }
+assert tuple(PRESETS) == PRESET_NAMES, "declare a new preset's name in topocam.choices too"
 
 
 def training_recipe(preset: str | None = None, **overrides) -> dict:

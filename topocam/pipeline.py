@@ -12,7 +12,6 @@ Two levels, following where the time goes (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,25 +21,27 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import (
-    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_init, default_cache_dir, device_auto, embed, predict_proba,
-    resolve_backbone, train_backbone,
+    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, default_cache_dir, device_auto, embed,
+    predict_proba, resolve_backbone, train_backbone,
 )
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
+from .choices import ARMS
 from .classifier import MLPSettings, TopoMLP, fit_mlp, fit_on_train
-from .data import SPLITS, Dataset, load_dataset
+from .data import DEFAULT_SYNTHETIC_N, SPLITS, Dataset, check_dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
+from .jobs import check_n_jobs, resolve_n_jobs
 from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
     UpsampledCache, check_tau, check_tau_mode, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
-    upsample_normalised,
+    upsample_normalised, upsampled_cache_bytes,
 )
 from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, features_per_image_grid, roi_counts, segment
 
 
-METHODS_TUNABLE: tuple[str, ...] = ("topocam", "topo_original")
+METHODS_TUNABLE = ARMS
 BETTI_GRIDS: tuple[str, ...] = ("train", "per_image")  # per_image: the leakage audit's shortcut
 HEADS: tuple[str, ...] = ("betti", "hybrid")
 MLP_STOPS: tuple[str, ...] = ("inner", "val")  # val: the leakage audit's shortcut
@@ -54,7 +55,7 @@ class TopoCAMConfig:
     dataset: str = "breastmnist"
     data_dir: str | None = None
     size: int = 28
-    synthetic_n: tuple[int, int, int] = (120, 40, 40)
+    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N
     data_seed: int = 0  # synthetic sets only: the images stay fixed while model seeds vary
     clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
     # backbone (f_theta)
@@ -113,8 +114,10 @@ class TopoCAMConfig:
             raise TopoCAMError(f"seeds must be >= 0, got data seed {self.data_seed} and model seed {self.seed}")
         if self.clutter < 1:
             raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
-        if self.n_jobs < -1:
-            raise TopoCAMError(f"n_jobs must be -1 (all cores) or >= 1, got {self.n_jobs}")
+        check_n_jobs(self.n_jobs)
+        check_dataset(self.dataset, self.size)
+        check_cache_dir(self.cache_dir)
+        upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 
@@ -137,10 +140,6 @@ class TopoCAMConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _n_jobs(n: int) -> int:
-    return (os.cpu_count() or 1) if n in (-1, 0) else n
 
 
 @dataclass
@@ -262,7 +261,7 @@ class Features:
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fused map and ROI mask of every image in a split.
 
-    Equal, bit for bit, to ``fuse(ctx.cams(cfg.cam, split).maps, w, shape)``;
+    M = sum_l w_l H_l with H_l = ``upsample_normalised`` of layer l's CAMs;
     the upsampled, normalised per-layer maps (they depend on the CAM variant,
     not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
     memory-bounded LRU, so later trials only sum and threshold."""
@@ -292,11 +291,11 @@ def features_from_masks(
     counts = {s: roi_counts(masks[s]) for s in splits}
     grid = BettiGrid.fit(filtrations["train"], cfg.bins)
     if cfg.betti_grid == "per_image":  # the leakage audit's shortcut: every image binned on its own range
-        x = {s: features_per_image_grid(filtrations[s], counts[s], cfg.bins, cfg.betti_backend, _n_jobs(cfg.n_jobs)) for s in splits}
+        x = {s: features_per_image_grid(filtrations[s], counts[s], cfg.bins, cfg.betti_backend, resolve_n_jobs(cfg.n_jobs)) for s in splits}
     else:
         x = {
             s: features_from_filtrations(
-                filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
+                filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=resolve_n_jobs(cfg.n_jobs),
                 progress=progress, desc=f"{label} Betti curves {s}",
             )
             for s in splits

@@ -60,8 +60,21 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens unless told otherwise
 
 
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` URL of a database file, its folder made absolute."""
+    path = Path(path)
+    return f"sqlite:///{path.parent.resolve() / path.name}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path[?options]`` URL; None for any other URL."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?")[0])
+
+
 def default_tracking_uri(runs_dir: Path) -> str:
-    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+    return sqlite_url(Path(runs_dir) / "mlflow.db")
 
 
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
@@ -75,11 +88,10 @@ def metric_key(name: str) -> str:
 
 def lock_path_for(url: str) -> Path | None:
     """A lock file beside a local store (``sqlite:///file`` or ``journal:file``), else None."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").split("?")[0])
-    elif url.startswith("journal:"):
+    path = sqlite_path(url)
+    if path is None and url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
-    else:
+    if path is None:
         return None
     return path.with_name(f".{path.name}.topocam.lock")
 
@@ -132,8 +144,9 @@ class Tracker:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             tracking_uri = default_tracking_uri(self.runs_dir)
         self.uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            folder = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).parent
+        db = sqlite_path(tracking_uri)
+        if db is not None:
+            folder = db.parent
             if not folder.is_dir():
                 raise TopoCAMError(
                     f"cannot open the MLflow tracking store {tracking_uri!r}: folder {folder} does not exist; "

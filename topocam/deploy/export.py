@@ -101,6 +101,7 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
     import optuna
 
     from ..search.runner import ATTR_DEFINITION, definition, open_storage
+    from ..search.trials import is_scored, scored_trials
     from ..search.space import arm_space
 
     if arm != "topocam":
@@ -143,14 +144,13 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
             if not found:
                 raise TopoCAMError(f"study {s.study_name!r} has no trial {trial} (it has {len(trials)} trials, numbered from 0)")
             t = found[0]
-            if t.state != optuna.trial.TrialState.COMPLETE or t.value is None or not math.isfinite(t.value):
+            if not is_scored(t):
                 raise TopoCAMError(f"trial {trial} of {s.study_name!r} is {t.state.name}, without an objective value; pick a completed trial")
             best = (t.value, s, t)
             break
-        for t in trials:
-            if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-                if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
-                    best = (t.value, s, t)
+        for t in scored_trials(trials):
+            if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
+                best = (t.value, s, t)
     if best is None:
         raise TopoCAMError(f"no completed trial with a finite objective in {', '.join(s.study_name for s in mine)}")
     value, s, t = best

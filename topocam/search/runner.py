@@ -38,13 +38,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import optuna
 
+from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
-from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
+from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for, sqlite_path, sqlite_url
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
 from .studyfile import StudySpec
+from .trials import scored_trials
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
@@ -78,15 +80,15 @@ def _quiet_experimental() -> Iterator[None]:
 
 
 def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
-    return f"sqlite:///{Path(runs_dir).resolve() / 'optuna.db'}"
+    return sqlite_url(Path(runs_dir) / "optuna.db")
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL, or a clear error within seconds."""
     try:
         with _quiet_experimental():
-            if url.startswith("sqlite:///"):
-                folder = Path(url.removeprefix("sqlite:///").split("?")[0]).parent
+            if (db := sqlite_path(url)) is not None:
+                folder = db.parent
                 if not folder.is_dir():
                     raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
                 # schema creation is not safe between processes (two workers on a fresh file:
@@ -408,10 +410,9 @@ class StudyRunner:
 
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
         """Run (or resume) one (sampler, seed) up to the budget; return its history."""
-        if sampler not in SAMPLERS:
-            raise TopoCAMError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if n_trials is not None and (isinstance(n_trials, bool) or n_trials < 1):
-            raise TopoCAMError(f"the budget (n_trials) must be >= 1, got {n_trials}")
+        check_samplers(sampler)
+        if n_trials is not None:
+            check_n_trials(n_trials)
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
         with _quiet_experimental():
             study = optuna.create_study(
@@ -490,7 +491,7 @@ class StudyRunner:
             for t in trials
         ]
         numbers = [t.number for t in trials]
-        complete = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        complete = scored_trials(trials)
         n_failed = len(trials) - len(complete)
         failures = failure_groups(trials)
         if not complete:
@@ -571,7 +572,7 @@ class _TrialBar:
 
     def _postfix(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
-        good = [t.value for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        good = [t.value for t in scored_trials(trials)]
         post = {"best": f"{max(good):.4f}" if good else "—"}
         failed = sum(t.state == S.FAIL for t in trials)
         if failed:
@@ -612,7 +613,7 @@ def _owner_from_name(optuna_study: str) -> str:
 def _status_row(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     count = {st: sum(t.state == st for t in trials) for st in (S.COMPLETE, S.RUNNING, S.FAIL, S.PRUNED, S.WAITING)}
-    good = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    good = scored_trials(trials)
     best = max(good, key=lambda t: (t.value, -t.number)) if good else None
     parts = study.study_name.rsplit(".", 2)
     sampler = study.user_attrs.get("sampler", parts[1] if len(parts) == 3 else "?")
