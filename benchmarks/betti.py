@@ -28,7 +28,7 @@ memory-mapped). The context comes from ``topocam.pipeline.prepare`` with the
 ``small`` backbone trained for 1 epoch (cached in ``--cache-dir``, default
 ``~/.cache/topocam``): a backbone's quality does not change a trial's cost.
 First run: ~6 min to train it and minutes per CAM variant on 2 cores, except
-Score-CAM (224 masked forward passes per volume: ~90 min on a 2-core CPU).
+Score-CAM (224 masked forward passes per volume; benchmarks/scorecam.py).
 
     python benchmarks/betti.py --only trial [--skip-giotto-trial] [--cache-dir DIR]
 
@@ -364,8 +364,8 @@ def trial_section(args: argparse.Namespace) -> dict:
     for variant in cams:  # computed once into the on-disk cache, later runs read it
         if not ctx.store.has(variant):
             note = (
-                " -- Score-CAM runs 224 masked forward passes per volume: ~3.4 s per volume on 2 cores,"
-                " ~90 min in all; --trial-cams gradcam --trial-cams gradcampp leaves it out"
+                " -- Score-CAM runs 224 masked forward passes per volume: ~2-4 s per volume on 2 cores,"
+                " up to ~2 h in all; --trial-cams gradcam --trial-cams gradcampp leaves it out"
                 if variant == "scorecam" else ""
             )
             print(f"computing {variant} CAMs for every split into {ctx.store.root} (once){note}", flush=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topocam.backbone import CAM_LAYERS, Backbone
-from topocam.cam import cam_targets, compute_cams
+from topocam.backbone import CAM_LAYERS, Backbone, SmallCNN
+from topocam.cam import _Activations, _combine, _score_cam_weights, _scoring_net, cam_targets, compute_cams, normalise_maps
 
 
 class TinyNet(nn.Module):
@@ -82,6 +82,63 @@ def test_batched_cams_match_independent_computation(ndim, variant):
         for i in range(len(x)):
             ref = reference_cam(model, torch.from_numpy(x[i : i + 1]), layer, variant, int(pred[i]))
             np.testing.assert_allclose(out.maps[layer][i], ref, atol=2e-5, err_msg=f"{variant} {layer} image {i}")
+
+
+def _score_cam_weights_loop(model, x, acts, targets, chunk):
+    """Score-CAM weights as computed before issue 11: image by image, a chunk of
+    channels per forward pass of the model itself (BatchNorm unfused)."""
+    n, c = acts.shape[:2]
+    up = F.interpolate(acts, size=x.shape[2:], mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+    up = normalise_maps(up.reshape(n * c, *up.shape[2:]).unsqueeze(1)).reshape(n, c, *up.shape[2:])
+    scores = torch.empty(n, c)
+    for i in range(n):
+        for j in range(0, c, chunk):
+            scores[i, j : j + chunk] = model(x[i : i + 1] * up[i, j : j + chunk].unsqueeze(1))[:, targets[i]]
+    return torch.softmax(scores, dim=1)
+
+
+def _bn_model(ndim, size, seed=0):
+    """The ``small`` layout, 4 channels wide, its BatchNorm statistics taken from
+    random inputs (so the output depends on the input) and its affine parameters
+    random (so that folding them into the convolutions is exercised)."""
+    torch.manual_seed(seed)
+    model = Backbone(SmallCNN(ndim, 3, width=4), "small")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                m.momentum = None  # running statistics = those of the one batch below
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+        model.train()(torch.rand((8, 1) + (size,) * ndim))
+        model.net.fc.weight.mul_(4)  # scores far apart: Score-CAM weights far from uniform
+    return model.eval()
+
+
+@pytest.mark.parametrize("ndim, size", [(2, 16), (3, 12)])
+def test_batched_score_cam_equals_per_image_loop(ndim, size):
+    """The batched, BatchNorm-folded, channels-last Score-CAM against the
+    per-image loop it replaced: the same weights and maps to float32 rounding,
+    for a chunk that splits images and does not divide the channel count."""
+    model = _bn_model(ndim, size)
+    x = torch.rand((5, 1) + (size,) * ndim)
+    before = model(x)
+    out = compute_cams(model, x.numpy(), "scorecam", batch_size=3, score_chunk=24)
+    hooks = _Activations(model)
+    with torch.no_grad():
+        targets = cam_targets(model(x))
+        acts = dict(hooks.out)
+        hooks.close()
+        scorer = _scoring_net(model)
+        for layer in CAM_LAYERS:
+            a = acts[layer]
+            w_ref = _score_cam_weights_loop(model, x, a, targets, 16)
+            w = _score_cam_weights(scorer, x, a, targets, 12)
+            assert (w_ref.max(dim=1).values / w_ref.min(dim=1).values).min() > 1.5, "near-uniform weights test nothing"
+            np.testing.assert_allclose(w.numpy(), w_ref.numpy(), rtol=2e-5, atol=1e-7, err_msg=f"{layer} weights")
+            ref_map = _combine(a, w_ref).numpy()
+            np.testing.assert_allclose(out.maps[layer], ref_map, rtol=0, atol=1e-5, err_msg=f"{layer} maps")
+    assert np.array_equal(out.targets, targets.numpy())
+    assert torch.equal(model(x), before), "the model itself must not be changed (BatchNorm folded into a copy)"
 
 
 def test_gradcam_layer4_hand_derived():
