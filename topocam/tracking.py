@@ -18,7 +18,8 @@ Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
 artifacts beside it (``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
 several threads or workers cannot cross wires; find-or-create steps (baselines,
-sampler run, best run) hold a file lock beside a local store, so workers
+sampler run, best run) hold a lock (a file lock beside a local store; with a
+tracking server, a lock in the Optuna storage the workers share), so workers
 starting or finishing together do not log them twice. Metric and parameter
 names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopoCAMError
+from .stores import FileLock, parse_store_url
 
 DEFAULT_RUNS_DIR = Path("mlruns")
 
@@ -50,53 +52,6 @@ def metric_key(name: str) -> str:
     return _BAD_KEY_CHARS.sub("_", name.replace("@", "_at").replace("%", "pct"))
 
 
-def lock_path_for(url: str) -> Path | None:
-    """A lock file beside a local store (``sqlite:///file`` or ``journal:file``), else None."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").split("?")[0])
-    elif url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-    else:
-        return None
-    return path.with_name(f".{path.name}.topocam.lock")
-
-
-class FileLock:
-    """Exclusive ``flock`` on a file beside a local store, between processes and between
-    threads (each acquisition opens the file anew); a no-op for ``None``. ``release``
-    may be called early (the runner releases its claim once the trial exists)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._fh = None
-
-    def acquire(self) -> "FileLock":
-        if self.path is None or self._fh is not None:
-            return self
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
-            return self
-        fh = open(self.path, "a")
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        self._fh = fh
-        return self
-
-    def release(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
-
-    def __enter__(self) -> "FileLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 class Tracker:
     def __init__(self, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR):
         # fail within seconds on an unreachable server instead of retrying for minutes
@@ -108,9 +63,12 @@ class Tracker:
         if tracking_uri is None:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             tracking_uri = default_tracking_uri(self.runs_dir)
+        self.store = parse_store_url(tracking_uri)
+        if self.store.kind == "postgresql":  # the driver installed with the project
+            tracking_uri = self.store.url
         self.uri = tracking_uri
-        if tracking_uri.startswith("sqlite:///"):
-            folder = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]).parent
+        if self.store.kind == "sqlite":
+            folder = self.store.path.parent
             if not folder.is_dir():
                 raise TopoCAMError(
                     f"cannot open the MLflow tracking store {tracking_uri!r}: folder {folder} does not exist; "
@@ -119,7 +77,7 @@ class Tracker:
         try:
             # the first call creates or migrates a database store, which is not safe between
             # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
-            with FileLock(lock_path_for(tracking_uri)):
+            with FileLock(self.store.lock_path):
                 self.client = MlflowClient(tracking_uri)
                 self.client.search_experiments(max_results=1)
         except Exception as exc:  # mlflow raises many types for a bad URI; all mean "cannot track here"
@@ -133,7 +91,7 @@ class Tracker:
     @property
     def lock_path(self) -> Path | None:
         """Serialises find-or-create of runs between workers sharing a local store."""
-        return lock_path_for(self.uri)
+        return self.store.lock_path
 
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -145,7 +103,7 @@ class Tracker:
                 )
             return exp.experiment_id
         artifacts = None
-        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
+        if self.store.kind in ("sqlite", "file"):
             artifacts = (self.runs_dir / "artifacts" / name).as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifacts)

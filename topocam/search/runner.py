@@ -9,11 +9,11 @@ the search, and never feed back into it.
 
 Budget. ``n_trials`` counts every trial of the (sampler, seed) study, failed
 ones included, whichever worker ran it. A worker creates a trial only while the
-study holds fewer than ``n_trials`` trials; with a local storage (SQLite or
-journal file) the check and the creation happen under a file lock, so any
-number of workers (processes or threads) together finish exactly the budget.
-With a database server there is no such lock: two workers that claim the last
-slot within the same few milliseconds can overshoot by one.
+study holds fewer than ``n_trials`` trials; the check and the creation happen
+under one lock that all workers of the storage share (``storage.storage_lock``:
+a file lock beside a SQLite or journal file, an advisory lock inside a
+PostgreSQL/MySQL server, so it holds across machines and dies with a killed
+worker's connection). Any number of workers together finish exactly the budget.
 
 Resume. A study that already exists is continued (same name in the same
 storage) provided it was defined the same way: the objective, the fixed
@@ -30,10 +30,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import optuna
@@ -41,9 +40,11 @@ import optuna
 from ..errors import DegenerateBackboneWarning, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
-from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for
+from ..stores import FileLock
+from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
+from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, storage_lock  # noqa: F401 (re-exported)
 from .studyfile import StudySpec
 
 S = optuna.trial.TrialState
@@ -67,54 +68,6 @@ def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str,
         out.append({"error": message, "count": len(members), "trials": [m.number for m in members],
                     "shared_params": shared if len(members) > 1 else {}})
     return out
-
-
-@contextmanager
-def _quiet_experimental() -> Iterator[None]:
-    """Heartbeats and ``fail_stale_trials`` are marked experimental by Optuna: not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
-    return f"sqlite:///{Path(runs_dir).resolve() / 'optuna.db'}"
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL, or a clear error within seconds."""
-    try:
-        with _quiet_experimental():
-            if url.startswith("sqlite:///"):
-                folder = Path(url.removeprefix("sqlite:///").split("?")[0]).parent
-                if not folder.is_dir():
-                    raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
-                # schema creation is not safe between processes (two workers on a fresh file:
-                # "table study_directions already exists"): create or check it under the store's lock
-                with FileLock(lock_path_for(url)):
-                    return optuna.storages.RDBStorage(
-                        url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
-                    )
-            if url.startswith(("postgresql", "mysql")):
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True},
-                    heartbeat_interval=60, grace_period=180,
-                )
-            if url.startswith("journal:"):
-                from optuna.storages.journal import JournalFileBackend
-
-                path = Path(url.removeprefix("journal:"))
-                if not path.parent.is_dir():
-                    raise TopoCAMError(f"storage {url!r}: folder {path.parent} does not exist")
-                return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    except TopoCAMError:
-        raise
-    except Exception as exc:  # sqlalchemy/driver errors: all mean "cannot open this storage"
-        msg = (str(exc).splitlines() or [""])[0][:300]
-        raise TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg}); check --storage") from None
-    raise TopoCAMError(
-        f"unsupported storage URL {url!r}; use sqlite:///path.db, postgresql://user:pw@host/db, mysql://... or journal:/path.log"
-    )
 
 
 def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
@@ -274,8 +227,14 @@ class StudyRunner:
         """Run names of the Topo-Original arm start with it; TopoCAM's keep their names."""
         return "" if self.arm == "topocam" else f"{self.arm}-"
 
-    def _tracking_lock(self) -> FileLock:
-        return FileLock(self.tracker.lock_path if self.tracker is not None else None)
+    def _tracking_lock(self) -> FileLock | DatabaseLock:
+        """Serialises find-or-create of MLflow runs between workers: a file lock beside a local
+        MLflow store; with a tracking server, a lock in the Optuna storage all workers share."""
+        if self.tracker is None:
+            return FileLock(None)
+        if self.tracker.lock_path is not None:
+            return FileLock(self.tracker.lock_path)
+        return storage_lock(self.storage_url, self.storage, f"tracking:{self.spec.name}")
 
     # ------------------------------------------------------------ baselines
     def log_baselines(self) -> dict[str, dict]:
@@ -328,7 +287,7 @@ class StudyRunner:
             self.tracker.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(self.ctx.health().degenerate).lower()})
         return rid
 
-    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | None = None):
+    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | DatabaseLock | None = None):
         ctx = self.ctx
         spec = self.spec
 
@@ -409,7 +368,7 @@ class StudyRunner:
         if n_trials is not None and (isinstance(n_trials, bool) or n_trials < 1):
             raise TopoCAMError(f"the budget (n_trials) must be >= 1, got {n_trials}")
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
-        with _quiet_experimental():
+        with quiet_experimental():
             study = optuna.create_study(
                 study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
@@ -444,14 +403,14 @@ class StudyRunner:
     def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
         """One trial at a time, each claimed under the storage lock while the study holds fewer
         than ``n_trials`` trials (of any state): the budget holds across workers."""
-        claim = FileLock(lock_path_for(self.storage_url))
+        claim = storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
         objective = self._objective(parent, sampler, seed, claim)
         while True:
             claim.acquire()
             try:
                 if len(study.get_trials(deepcopy=False)) >= n_trials:
                     return
-                with _quiet_experimental():  # the lock is released by the objective once the trial exists
+                with quiet_experimental():  # the lock is released by the objective once the trial exists
                     study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
             finally:
                 claim.release()
@@ -586,7 +545,7 @@ class _TrialBar:
 def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
     """One row per (sampler, seed) study of ``name``: trial counts and best value."""
     storage = open_storage(storage_url)
-    with _quiet_experimental():
+    with quiet_experimental():
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}
     mine = sorted(n for n, o in owner.items() if o == name)
