@@ -125,3 +125,22 @@ def test_three_workers_on_postgresql_finish_exactly_the_budget(env, postgres, tm
         assert (rec["generation"], rec["slot"]) == divmod(t.number, 4), diag
     xs = [tuple(r["x"]) for r in records if r["x"] is not None]  # None: sampled before the DE space was known
     assert len(xs) >= n - 3 and len(set(xs)) == len(xs), diag
+
+
+# ---------------------------------------------------------------- journal file
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_journal_file_finish_exactly_the_budget(env, tmp_path):
+    """One machine, no server: Optuna's journal file (``--storage journal:PATH``)."""
+    url = f"journal:{tmp_path / 'optuna.journal'}"
+    study = write_study(tmp_path, "jworkers")
+    n = 6
+    procs = [start_worker(env, tmp_path, study, "--sampler", "tpe", "--seed", "0", "--n-trials", str(n), "--storage", url)
+             for _ in range(2)]
+    outs = finish(procs)
+    trials = trials_of(url, "jworkers.tpe.s0")
+    diag = diagnosis(trials, procs, outs)
+    assert all(p.returncode == 0 for p in procs), diag
+    assert [t.number for t in trials] == list(range(n)) and all(t.state == S.COMPLETE for t in trials), diag
+    assert (tmp_path / "optuna.journal").stat().st_size > 0

@@ -39,7 +39,11 @@ def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL, or a clear error within seconds."""
+    """An Optuna storage for a URL, or a clear error within seconds.
+
+    ``sqlite:///PATH`` (the default, one machine), ``postgresql://USER@HOST:PORT/DB`` (many
+    machines), ``journal:PATH`` (Optuna's ``JournalStorage`` on a ``JournalFileBackend``:
+    several processes on one machine without a server, no SQLite write contention)."""
     store = parse_store_url(url)
     try:
         with quiet_experimental():
