@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from topocam.errors import TopoCAMError
 from topocam.search.storage import open_storage
 from topocam.stores import parse_store_url
 
@@ -144,3 +145,154 @@ def test_two_workers_on_a_journal_file_finish_exactly_the_budget(env, tmp_path):
     assert all(p.returncode == 0 for p in procs), diag
     assert [t.number for t in trials] == list(range(n)) and all(t.state == S.COMPLETE for t in trials), diag
     assert (tmp_path / "optuna.journal").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- crash safety
+
+# A worker whose trials take TRIAL_SLEEP seconds, so a test can stop it mid-trial: the real CLI
+# with the pipeline's evaluate wrapped (a test-only hook; the product has none).
+SLOW_WORKER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import topocam.search.runner as runner
+real = runner.evaluate
+def slow(ctx, cfg, report_test=False, **kw):
+    if not report_test:
+        with open(os.environ["TRIAL_LOG"], "a") as f:
+            f.write("start\\n")
+        time.sleep(float(os.environ["TRIAL_SLEEP"]))
+    return real(ctx, cfg, report_test, **kw)
+runner.evaluate = slow
+from cli import main
+main()
+"""
+
+
+def start_slow_worker(env, folder: Path, study: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    script, log = folder / "slow_worker.py", folder / "trials.log"
+    script.write_text(SLOW_WORKER.format(repo=str(REPO)))
+    cmd = [sys.executable, str(script), "study", "run", str(study), "--runs-dir", str(folder / "mlruns"), "--quiet", *args]
+    proc = subprocess.Popen(cmd, cwd=folder, env=worker_env(env, TRIAL_LOG=str(log), TRIAL_SLEEP="120"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and log.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the slow worker never started a trial:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the trial: its MLflow run exists, heartbeats are being sent
+    return proc, log
+
+
+def trial_runs(folder: Path, study: str) -> dict[int, object]:
+    from topocam.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    exp = tracker.client.get_experiment_by_name(study)
+    runs = tracker.client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'", max_results=100)
+    return {int(r.data.tags["trial"]): r for r in runs}
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_rerun_and_closed(env, tmp_path):
+    """kill -9 mid-trial: after the grace period the next worker fails the trial, re-runs its
+    configuration, closes its MLflow run as KILLED; the budget is 3 COMPLETE trials."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = write_study(tmp_path, "sigkill", study={"grace_period": 4})
+    victim, _ = start_slow_worker(env, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "3", "--storage", url)
+    victim.send_signal(9)
+    victim.wait(timeout=30)
+    (lost,) = trials_of(url, "sigkill.random.s0")
+    assert lost.state == S.RUNNING and trial_runs(tmp_path, "sigkill")[0].info.status == "RUNNING"
+    t0 = time.monotonic()
+    (survivor,) = procs = [start_worker(env, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "3", "--storage", url)]
+    outs = finish(procs)
+    trials = trials_of(url, "sigkill.random.s0")
+    diag = diagnosis(trials, procs, outs) + f"\nrecovery took {time.monotonic() - t0:.1f} s"
+    assert survivor.returncode == 0, diag
+    assert [t.state for t in trials] == [S.FAIL, S.COMPLETE, S.COMPLETE, S.COMPLETE], diag
+    assert "error" not in trials[0].user_attrs, diag  # lost, not broken: it does not count
+    (rerun,) = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert rerun.params == lost.params and rerun.state == S.COMPLETE, diag
+    runs = trial_runs(tmp_path, "sigkill")
+    assert sorted(runs) == [0, 1, 2, 3], diag
+    assert runs[0].info.status == "KILLED" and "heartbeat" in runs[0].data.tags["error"], diag
+    assert all(runs[n].info.status == "FINISHED" for n in (1, 2, 3)), diag
+    assert "3 trials (0 failed)" in outs[0], diag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_sigint_stops_a_worker_cleanly(env, tmp_path, signame):
+    """Ctrl-C (or SIGTERM) mid-trial: exit code 130 within seconds, the trial FAIL with the
+    reason and re-queued, its MLflow run and the sampler run KILLED; a rerun completes the budget."""
+    import signal
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = write_study(tmp_path, "sigint", study={"grace_period": 4})
+    proc, _ = start_slow_worker(env, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "2", "--storage", url)
+    t0 = time.monotonic()
+    proc.send_signal(getattr(signal, signame))
+    out = proc.communicate(timeout=60)[0]
+    stopped_in = time.monotonic() - t0
+    assert proc.returncode == 130, out[-3000:]
+    assert stopped_in < 20, stopped_in
+    assert "Traceback" not in out, out[-3000:]
+    trials = trials_of(url, "sigint.random.s0")
+    assert [t.state for t in trials] == [S.FAIL, S.WAITING], trials
+    assert "interrupted" in trials[0].user_attrs["stopped"] and "error" not in trials[0].user_attrs
+    assert trials[1].params == trials[0].params
+    (run,) = trial_runs(tmp_path, "sigint").values()
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
+    from topocam.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    exp = tracker.client.get_experiment_by_name("sigint").experiment_id
+    (parent,) = tracker.client.search_runs([exp], filter_string="tags.kind = 'sampler'")
+    assert parent.info.status == "KILLED"
+    outs = finish(procs := [start_worker(env, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "2", "--storage", url)])
+    trials = trials_of(url, "sigint.random.s0")
+    assert procs[0].returncode == 0, diagnosis(trials, procs, outs)
+    assert [t.state for t in trials] == [S.FAIL, S.COMPLETE, S.COMPLETE], diagnosis(trials, procs, outs)
+
+
+def test_de_credits_a_rerun_to_the_lost_trials_slot():
+    """A DE trial lost with its worker and re-run (Optuna's retry callback, under a new trial
+    number) is the evaluation of the lost trial's (generation, slot): no lost evaluation, and
+    the number it occupies adds no individual."""
+    from topocam.search.de import DifferentialEvolutionSampler
+    from topocam.search.storage import retry_callback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = DifferentialEvolutionSampler(popsize=4, seed=3)
+    study = optuna.create_study(sampler=sampler)
+
+    def f(trial: optuna.Trial) -> float:
+        return (trial.suggest_float("x", -1, 1) - 0.3) ** 2 + trial.suggest_float("y", -1, 1) ** 2
+
+    study.optimize(f, n_trials=5)  # generation 0, and trial 4 = generation 1 slot 0
+    lost = study.ask()  # trial 5: generation 1, slot 1; its worker dies mid-trial
+    f(lost)
+    study.tell(lost, state=S.FAIL)
+    retry_callback()(study, study.trials[5])  # what the heartbeat check does
+    study.optimize(f, n_trials=1)  # the re-run: trial 6
+    rerun = study.trials[6]
+    assert rerun.system_attrs["failed_trial"] == 5 and rerun.params == study.trials[5].params
+    assert rerun.system_attrs["de"]["generation"] == 1 and rerun.system_attrs["de"]["slot"] == 1
+    cache = sampler._cache(study)
+    pop, scores = sampler._population(study, cache, 1)
+    gen0 = [study.trials[n].value for n in range(4)]
+    assert scores[1] == min(gen0[1], rerun.value)  # slot 1 of generation 1 is the re-run
+    assert scores[2] == gen0[2]  # trial 6's own number (generation 1, slot 2) evaluated nothing
+
+
+def test_grace_period_is_set_in_the_study_file(tmp_path):
+    from topocam.search.studyfile import load_study
+
+    assert load_study(write_study(tmp_path, "g0")).grace_period == 20
+    assert load_study(write_study(tmp_path, "g1", study={"grace_period": 10})).grace_period == 10
+    with pytest.raises(TopoCAMError, match="grace_period"):
+        load_study(write_study(tmp_path, "g2", study={"grace_period": 2}))
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", grace_period=8)
+    assert storage.get_heartbeat_interval() == 2 and storage.grace_period == 8
+    assert storage.get_heartbeat_stale_trial_callback() is not None

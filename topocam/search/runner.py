@@ -7,13 +7,24 @@ thresholds, computes Betti curves and fits the MLP, on train and val. Test
 metrics are computed for the best trial of each (sampler, seed) only, after
 the search, and never feed back into it.
 
-Budget. ``n_trials`` counts every trial of the (sampler, seed) study, failed
-ones included, whichever worker ran it. A worker creates a trial only while the
-study holds fewer than ``n_trials`` trials; the check and the creation happen
-under one lock that all workers of the storage share (``storage.storage_lock``:
+Budget. ``n_trials`` is the number of trials that count (:func:`counts`):
+COMPLETE ones, and FAILED ones whose configuration raised (so a broken
+configuration cannot loop forever), whichever worker ran them. A trial lost with
+its worker does not count and its configuration is run again: a worker killed
+mid-trial stops sending Optuna heartbeats (every ``grace_period // 4`` s; the
+study file's ``[study] grace_period``, default 20 s), and after the grace period
+the next worker that looks marks the trial FAIL and re-queues its parameters
+(Optuna's retry callback); a worker stopped by Ctrl-C or SIGTERM records the
+reason (user attr ``stopped``), re-queues the trial and exits with code 130.
+A worker creates (or takes a re-queued) trial only while the trials that count
+plus those running number fewer than ``n_trials``; the check and the creation
+happen under one lock all workers of the storage share (``storage.storage_lock``:
 a file lock beside a SQLite or journal file, an advisory lock inside a
 PostgreSQL/MySQL server, so it holds across machines and dies with a killed
-worker's connection). Any number of workers together finish exactly the budget.
+worker's connection). When the rest of the budget is running elsewhere a worker
+waits, so a lost trial is re-run by a survivor. Any number of workers together
+finish exactly ``n_trials``. Optuna's journal storage has no heartbeat: there a
+killed worker's trial stays RUNNING and counts.
 
 Resume. A study that already exists is continued (same name in the same
 storage) provided it was defined the same way: the objective, the fixed
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import tempfile
 import time
@@ -44,13 +56,35 @@ from ..stores import FileLock
 from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
-from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, storage_lock  # noqa: F401 (re-exported)
+from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
 from .studyfile import StudySpec
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
 ATTR_DEFINITION = "topocam_definition"
-ATTR_ERROR = "error"  # user attr of a failed trial: what went wrong
+ATTR_ERROR = "error"  # user attr of a trial its configuration failed: what went wrong
+ATTR_STOPPED = "stopped"  # user attr of a trial its worker stopped (Ctrl-C, ...): why; it is re-queued
+
+
+def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with a traceback: the stop is intended, say it in one line."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_no_interrupt_traceback)
+
+
+def counts(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial uses up budget: it finished (COMPLETE, PRUNED), or its configuration
+    failed (FAIL with an ``error``: a broken configuration cannot loop forever). A trial lost
+    with its worker (killed, interrupted: FAIL without ``error``) does not; it is re-run."""
+    return t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and ATTR_ERROR in t.user_attrs)
+
+
+def _used(study: optuna.Study) -> int:
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
 def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
@@ -130,6 +164,7 @@ class StudyRunner:
     log: Callable[[str], None] = print
     timings_s: dict[str, float] = field(default_factory=dict)
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
+    _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
 
     def for_arm(self, arm: str) -> "StudyRunner":
@@ -145,7 +180,7 @@ class StudyRunner:
     @property
     def storage(self):
         if self._storage is None:
-            self._storage = open_storage(self.storage_url)
+            self._storage = open_storage(self.storage_url, self.spec.grace_period)
         return self._storage
 
     @property
@@ -292,6 +327,7 @@ class StudyRunner:
         spec = self.spec
 
         def objective(trial: optuna.Trial) -> float:
+            self._running = trial.number
             if claim is not None:
                 claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
@@ -307,11 +343,13 @@ class StudyRunner:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
             except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
-                trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+                broken = isinstance(exc, Exception)  # the configuration raised; else the worker was stopped
+                reason = f"{type(exc).__name__}: {exc}" if broken else f"worker interrupted ({type(exc).__name__})"
+                trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
                 if rid is not None:
-                    self.tracker.set_tags(rid, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                    self.tracker.set_tags(rid, {"error": reason[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
-                    self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
+                    self.tracker.finish(rid, "FAILED" if broken else "KILLED")
                 raise
             value = (out.cv if spec.cv_folds else out.val)[spec.metric]
             not_finite = f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)"
@@ -374,14 +412,15 @@ class StudyRunner:
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
             self._check_definition(study, sampler, seed)
-            optuna.storages.fail_stale_trials(study)
+            with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
+                optuna.storages.fail_stale_trials(study)
         parent = self._parent_run(sampler, seed, n_trials)
         status = "FAILED"
         try:
             self._sync_failed_trials(study, sampler, seed)
-            if len(study.get_trials(deepcopy=False)) < n_trials:
+            if _used(study) < n_trials:
                 self.warm_up()  # backbone, data and CAMs before the trial bar starts
-                done = len(study.get_trials(deepcopy=False, states=FINISHED))
+                done = _used(study)
                 bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
                 try:
                     self._optimize(study, parent, sampler, seed, n_trials, bar)
@@ -400,20 +439,48 @@ class StudyRunner:
             if parent is not None:
                 self.tracker.finish(parent, status)
 
+    def _claim(self, study: optuna.Study) -> FileLock | DatabaseLock:
+        """The lock under which a worker checks the budget and creates a trial (``storage_lock``)."""
+        return storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
+
     def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
-        """One trial at a time, each claimed under the storage lock while the study holds fewer
-        than ``n_trials`` trials (of any state): the budget holds across workers."""
-        claim = storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
+        """One trial at a time, each claimed under the storage's lock: a new trial (or a re-queued
+        one) starts only while the trials that count (:func:`counts`) plus those running number
+        fewer than ``n_trials``, so the budget holds across workers. When the rest of the budget
+        is running elsewhere the worker waits: a trial lost with its worker is failed by the
+        heartbeat check after the grace period, re-queued, and run here. Without a heartbeat
+        (journal storage) a running trial counts as it is."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        claim = self._claim(study)
         objective = self._objective(parent, sampler, seed, claim)
+        heartbeat = is_heartbeat_enabled(self.storage)
         while True:
-            claim.acquire()
-            try:
-                if len(study.get_trials(deepcopy=False)) >= n_trials:
+            with claim:
+                with quiet_experimental():
+                    optuna.storages.fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                done = sum(counts(t) for t in trials)
+                running = sum(t.state == S.RUNNING for t in trials)
+                if done >= n_trials or (not heartbeat and done + running >= n_trials):
                     return
-                with quiet_experimental():  # the lock is released by the objective once the trial exists
-                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
-            finally:
-                claim.release()
+                if done + running < n_trials:
+                    try:
+                        with quiet_experimental():  # the lock is released by the objective once the trial exists
+                            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
+                    except KeyboardInterrupt:
+                        self._requeue_stopped(study)
+                        raise
+                    continue
+            time.sleep(min(5.0, max(1.0, self.spec.grace_period / 4)))  # the rest is running elsewhere
+
+    def _requeue_stopped(self, study: optuna.Study) -> None:
+        """Re-queue the trial this worker was running when it was stopped (as the heartbeat
+        check does for a killed worker's): it does not count, its configuration runs again."""
+        mine = [t for t in study.get_trials(deepcopy=False, states=(S.FAIL,))
+                if ATTR_STOPPED in t.user_attrs and t.number == self._running]
+        for t in mine:
+            retry_callback()(study, t)
 
     def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
         """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
@@ -433,7 +500,7 @@ class StudyRunner:
     def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
         """History of the first ``budget`` finished trials (all by default): a study that
         holds more (run earlier with a larger budget) is summarised on the budget asked for."""
-        trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
+        trials = sorted((t for t in study.get_trials(deepcopy=False) if counts(t)), key=lambda t: t.number)
         if budget is not None and len(trials) > budget:
             self.log(f"{study.study_name}: {len(trials)} finished trials; reporting the first {budget} (the budget asked for)")
             trials = trials[:budget]
@@ -525,7 +592,7 @@ class _TrialBar:
         self._postfix(study)
 
     def _postfix(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        trials = [t for t in study.get_trials(deepcopy=False) if counts(t)]
         good = [t.value for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
         post = {"best": f"{max(good):.4f}" if good else "—"}
         failed = sum(t.state == S.FAIL for t in trials)

@@ -38,12 +38,34 @@ def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'optuna.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+MAX_RETRY = 3  # a configuration whose worker dies every time is re-run at most this often
+
+
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """Optuna's retry (``RetryFailedTrialCallback`` before Optuna 4.9): a trial lost with its
+    worker is re-queued as a WAITING trial with the same parameters (``failed_trial`` names it)."""
+    with quiet_experimental():
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def _heartbeat(grace_period: int | None) -> dict[str, Any]:
+    """RDBStorage keywords: a heartbeat every ``grace_period // 4`` seconds; a RUNNING trial
+    silent for ``grace_period`` is failed (by the next worker that looks) and re-queued."""
+    if grace_period is None:
+        return {}
+    return {"heartbeat_interval": max(1, grace_period // 4), "grace_period": grace_period,
+            "heartbeat_stale_trial_callback": retry_callback()}
+
+
+def open_storage(url: str, grace_period: int | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL, or a clear error within seconds.
 
     ``sqlite:///PATH`` (the default, one machine), ``postgresql://USER@HOST:PORT/DB`` (many
     machines), ``journal:PATH`` (Optuna's ``JournalStorage`` on a ``JournalFileBackend``:
-    several processes on one machine without a server, no SQLite write contention)."""
+    several processes on one machine without a server, no SQLite write contention).
+
+    ``grace_period`` (seconds) turns Optuna's heartbeat on (SQLite and database servers; Optuna's
+    journal storage has none): what a worker running trials opens; readers leave it out."""
     store = parse_store_url(url)
     try:
         with quiet_experimental():
@@ -53,7 +75,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 # "table study_directions already exists"): create or check it under the store's lock
                 with FileLock(store.lock_path):
                     return optuna.storages.RDBStorage(
-                        store.url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
+                        store.url, engine_kwargs={"connect_args": {"timeout": 60}}, **_heartbeat(grace_period)
                     )
             if store.is_database_server:
                 # two workers creating the schema together collide in the server's catalogue
@@ -65,7 +87,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 engine = sqlalchemy.create_engine(store.url, poolclass=sqlalchemy.pool.NullPool, **kwargs)
                 try:
                     with DatabaseLock(engine, "topocam:schema"):
-                        return optuna.storages.RDBStorage(store.url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
+                        return optuna.storages.RDBStorage(store.url, engine_kwargs=kwargs, **_heartbeat(grace_period))
                 finally:
                     engine.dispose()
             if store.kind == "journal":
