@@ -296,3 +296,81 @@ def test_grace_period_is_set_in_the_study_file(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", grace_period=8)
     assert storage.get_heartbeat_interval() == 2 and storage.grace_period == 8
     assert storage.get_heartbeat_stale_trial_callback() is not None
+
+
+# ------------------------------------------------ infrastructure is not a trial error
+
+
+def _broken_tracking(runner, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    def create_run(*a, **k):
+        raise MlflowException("(sqlite3.OperationalError) no such table: runs")
+
+    monkeypatch.setattr(runner.tracker.client, "create_run", create_run)
+
+
+def _full_disk(runner, monkeypatch):
+    import errno
+
+    from topocam.search import runner as runner_mod
+
+    def evaluate(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner_mod, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("fault, words", [(_broken_tracking, "MLflow tracking store"), (_full_disk, "the disk")])
+def test_a_failing_store_stops_the_study_and_spares_the_budget(env, tmp_path, monkeypatch, fault, words):
+    """The study stops at once with one clear message; the trial it was running does not count
+    and is re-queued; once the store is back the same command completes the budget."""
+    from topocam.errors import InfrastructureError
+    from topocam.search.runner import StudyRunner, counts
+    from topocam.search.studyfile import load_study
+    from topocam.tracking import Tracker
+
+    monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(env.cache))
+    runs = tmp_path / "mlruns"
+    runs.mkdir()
+    url, path = f"sqlite:///{tmp_path / 'optuna.db'}", write_study(tmp_path, "infra")
+
+    def runner() -> StudyRunner:
+        return StudyRunner(load_study(path), url, Tracker(None, runs), progress=False, runs_dir=runs, log=lambda m: None)
+
+    runner().run("random", 0, 2)
+    broken = runner()
+    with monkeypatch.context() as mp:
+        fault(broken, mp)
+        t0 = time.perf_counter()
+        with pytest.raises(InfrastructureError, match=words) as exc:
+            broken.run("random", 0, 5)
+        assert time.perf_counter() - t0 < 30 and "run the same command again" in str(exc.value)
+    trials = trials_of(url, "infra.random.s0")
+    assert [t.state for t in trials] == [S.COMPLETE, S.COMPLETE, S.FAIL, S.WAITING], trials
+    assert sum(counts(t) for t in trials) == 2 and trials[3].params == trials[2].params
+    result = runner().run("random", 0, 5)
+    trials = trials_of(url, "infra.random.s0")
+    assert sum(counts(t) for t in trials) == 5 and result.n_failed == 0 and len(result.values) == 5
+    assert trials[3].state == S.COMPLETE  # the interrupted configuration, re-run
+
+
+@pytest.mark.parametrize("storage, words", [
+    ("postgresql://postgres@127.0.0.1:1/nodb", ["cannot open Optuna storage", "127.0.0.1:1"]),
+    ("postgresq://postgres@127.0.0.1/db", ["unsupported storage URL", "postgresq://"]),
+    ("sqlite://relative.db", ["unsupported storage URL"]),
+    ("journal:/nonexistent/dir/j.log", ["/nonexistent/dir", "does not exist"]),
+])
+def test_cli_bad_or_unreachable_storage_is_one_line_within_seconds(tmp_path, storage, words):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    path = write_study(tmp_path, "clistore")
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(app, ["study", "run", str(path), "--storage", storage, "--runs-dir", str(tmp_path / "mlruns")])
+    assert time.perf_counter() - t0 < 15
+    text = r.output.strip()
+    assert r.exit_code != 0 and text.startswith("error:") and len(text.splitlines()) == 1, text
+    for w in words:
+        assert w in text, text

@@ -35,6 +35,7 @@ mismatch is an error rather than a silent mix of incomparable trials.
 from __future__ import annotations
 
 import hashlib
+import errno
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from ..errors import DegenerateBackboneWarning, TopoCAMError
+from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..stores import FileLock
@@ -74,6 +75,14 @@ def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("optuna.study._optimize").addFilter(_no_interrupt_traceback)
+
+
+class _ConfigurationFailed(Exception):
+    """A configuration raised (recorded in ``error``): Optuna records the trial FAIL and the study
+    goes on. Anything else raised in a trial (storage, tracking, disk) stops the study."""
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def counts(t: optuna.trial.FrozenTrial) -> bool:
@@ -342,14 +351,17 @@ class StudyRunner:
             try:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
-            except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
-                broken = isinstance(exc, Exception)  # the configuration raised; else the worker was stopped
-                reason = f"{type(exc).__name__}: {exc}" if broken else f"worker interrupted ({type(exc).__name__})"
+            except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops)
+                # the configuration raised; else the worker was stopped (Ctrl-C) or its disk failed
+                broken = isinstance(exc, Exception) and not (isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS)
+                reason = f"{type(exc).__name__}: {exc}" if broken else f"worker stopped ({type(exc).__name__}: {exc})".replace(": )", ")")
                 trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
                 if rid is not None:
                     self.tracker.set_tags(rid, {"error": reason[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
                     self.tracker.finish(rid, "FAILED" if broken else "KILLED")
+                if broken:
+                    raise _ConfigurationFailed(reason) from exc
                 raise
             value = (out.cv if spec.cv_folds else out.val)[spec.metric]
             not_finite = f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)"
@@ -400,7 +412,19 @@ class StudyRunner:
             )
 
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
-        """Run (or resume) one (sampler, seed) up to the budget; return its history."""
+        """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
+        storage, tracking store or disk stops it with an :class:`InfrastructureError`."""
+        try:
+            return self._run(sampler, seed, n_trials)
+        except TopoCAMError:
+            raise
+        except Exception as exc:
+            infra = self._infrastructure(exc)
+            if infra is None:
+                raise
+            raise infra from exc
+
+    def _run(self, sampler: str, seed: int, n_trials: int | None) -> SamplerRun:
         if sampler not in SAMPLERS:
             raise TopoCAMError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if n_trials is not None and (isinstance(n_trials, bool) or n_trials < 1):
@@ -437,7 +461,11 @@ class StudyRunner:
             raise
         finally:
             if parent is not None:
-                self.tracker.finish(parent, status)
+                try:
+                    self.tracker.finish(parent, status)
+                except Exception:  # noqa: BLE001 - the store is what failed: the error raised says so
+                    if status == "FINISHED":
+                        raise
 
     def _claim(self, study: optuna.Study) -> FileLock | DatabaseLock:
         """The lock under which a worker checks the budget and creates a trial (``storage_lock``)."""
@@ -467,20 +495,41 @@ class StudyRunner:
                 if done + running < n_trials:
                     try:
                         with quiet_experimental():  # the lock is released by the objective once the trial exists
-                            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
-                    except KeyboardInterrupt:
-                        self._requeue_stopped(study)
+                            study.optimize(objective, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
+                    except BaseException:
+                        self._requeue_lost(study)
                         raise
                     continue
             time.sleep(min(5.0, max(1.0, self.spec.grace_period / 4)))  # the rest is running elsewhere
 
-    def _requeue_stopped(self, study: optuna.Study) -> None:
-        """Re-queue the trial this worker was running when it was stopped (as the heartbeat
-        check does for a killed worker's): it does not count, its configuration runs again."""
-        mine = [t for t in study.get_trials(deepcopy=False, states=(S.FAIL,))
-                if ATTR_STOPPED in t.user_attrs and t.number == self._running]
-        for t in mine:
-            retry_callback()(study, t)
+    def _requeue_lost(self, study: optuna.Study) -> None:
+        """Re-queue the trial this worker was running when it stopped (Ctrl-C, storage, tracking
+        or disk failure), as the heartbeat check does for a killed worker's: it does not count,
+        its configuration runs again. Best effort: the storage may be what failed."""
+        try:
+            for t in study.get_trials(deepcopy=False, states=(S.FAIL,)):
+                if t.number == self._running and not counts(t):
+                    retry_callback()(study, t)
+        except Exception:  # noqa: BLE001 - the error being raised says what failed
+            pass
+
+    def _infrastructure(self, exc: Exception) -> InfrastructureError | None:
+        """The error a failing store or disk raised, as one clear message (None: not one)."""
+        where = type(exc).__module__.split(".")[0]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+        msg = next((ln for ln in lines if "Error" in ln), lines[0])[:300]  # the driver's own words
+        if where in ("mlflow", "requests", "urllib3"):
+            what = f"the MLflow tracking store {self.tracker.uri if self.tracker else ''}"
+        elif where in ("sqlalchemy", "psycopg", "sqlite3", "optuna"):
+            what = f"the Optuna storage {self.storage_url}"
+        elif isinstance(exc, OSError):
+            what = "the disk"
+        else:
+            return None
+        return InfrastructureError(
+            f"{what} failed ({type(exc).__name__}: {msg}); the study stopped. Finished trials are kept and the "
+            "interrupted one does not count: run the same command again once the store is back"
+        )
 
     def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
         """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
