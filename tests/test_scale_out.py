@@ -286,6 +286,23 @@ def test_de_credits_a_rerun_to_the_lost_trials_slot():
     assert scores[2] == gen0[2]  # trial 6's own number (generation 1, slot 2) evaluated nothing
 
 
+def test_de_rerun_of_a_trial_lost_before_it_was_recorded_takes_its_slot():
+    """Trial 0 is lost before any trial completed (DE had recorded nothing for it): its re-run
+    (trial 1) is generation 0, slot 0, and trial 2 goes on with slot 2."""
+    from topocam.search.de import DifferentialEvolutionSampler
+    from topocam.search.storage import retry_callback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=DifferentialEvolutionSampler(popsize=4, seed=3))
+    lost = study.ask()
+    lost.suggest_float("x", -1, 1)
+    study.tell(lost, state=S.FAIL)
+    retry_callback()(study, study.trials[0])
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=2)
+    records = [t.system_attrs["de"] for t in study.trials[1:]]
+    assert [(r["generation"], r["slot"]) for r in records] == [(0, 0), (0, 2)]
+
+
 def test_grace_period_is_set_in_the_study_file(tmp_path):
     from topocam.search.studyfile import load_study
 

@@ -506,8 +506,10 @@ class DifferentialEvolutionSampler(BaseSampler):
             known = self._fix_space(study, cache, extra=trial)
         if known and ATTR_TRIAL not in trial.system_attrs:
             # A trial that DE did not sample (warm-up, enqueued with all params fixed, ...)
-            # still occupies its slot; record it for the bookkeeping.
-            generation, slot = divmod(trial.number, cache.popsize)
+            # still occupies its slot; record it for the bookkeeping. A re-run of a trial lost
+            # before it was recorded evaluates the lost trial's slot (see _trials_by_slot).
+            lost = trial.system_attrs.get("failed_trial")
+            generation, slot = divmod(trial.number if lost is None else int(lost), cache.popsize)
             study._storage.set_trial_system_attr(
                 trial._trial_id, ATTR_TRIAL, {"generation": generation, "slot": slot, "x": None}
             )
