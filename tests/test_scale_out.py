@@ -105,14 +105,15 @@ def test_store_urls_parse_in_one_place(url, kind, path):
 
 
 @pytest.mark.slow
-def test_three_workers_on_postgresql_finish_exactly_the_budget(env, postgres, tmp_path):
-    """Three processes join one DE study on PostgreSQL: exactly n_trials trials, all complete,
-    each DE (generation, slot) built once from its own trial number, no duplicate individual."""
+def test_three_workers_on_postgresql_finish_exactly_the_budget(env, postgres, mlflow_server, tmp_path):
+    """Three processes join one DE study on PostgreSQL, logging to one MLflow server: exactly
+    n_trials trials, all complete, each DE (generation, slot) built once from its own trial
+    number, no duplicate individual; one MLflow run per trial, nested under one sampler run."""
     url = postgres.database("three")
     study = write_study(tmp_path, "pgworkers")
     n = 8  # two generations of the population of 4
-    procs = [start_worker(env, tmp_path, study, "--sampler", "de", "--seed", "0", "--n-trials", str(n), "--storage", url)
-             for _ in range(3)]
+    procs = [start_worker(env, tmp_path, study, "--sampler", "de", "--seed", "0", "--n-trials", str(n), "--storage", url,
+                          "--tracking-uri", mlflow_server) for _ in range(3)]
     outs = finish(procs)
     trials = trials_of(url, "pgworkers.de.s0")
     diag = diagnosis(trials, procs, outs)
@@ -126,6 +127,15 @@ def test_three_workers_on_postgresql_finish_exactly_the_budget(env, postgres, tm
         assert (rec["generation"], rec["slot"]) == divmod(t.number, 4), diag
     xs = [tuple(r["x"]) for r in records if r["x"] is not None]  # None: sampled before the DE space was known
     assert len(xs) >= n - 3 and len(set(xs)) == len(xs), diag
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("pgworkers").experiment_id], max_results=100)
+    by_kind = {k: [r for r in runs if r.data.tags.get("kind") == k] for k in ("sampler", "baseline", "best", "trial")}
+    assert {k: len(v) for k, v in by_kind.items()} == {"sampler": 1, "baseline": 2, "best": 1, "trial": n}, diag
+    parent = by_kind["sampler"][0].info.run_id
+    assert sorted(int(r.data.tags["trial"]) for r in by_kind["trial"]) == list(range(n)), diag
+    assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in by_kind["trial"]), diag
 
 
 # ---------------------------------------------------------------- journal file
