@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +14,13 @@ from rich.table import Table
 from rich.text import Text
 
 from topocam.atomic import write_json_atomic
+from topocam.data import DEFAULT_SYNTHETIC_N
+from topocam.choices import (
+    SAMPLERS, ArmChoice, BackboneChoice, BettiBackendChoice, CamChoice, OutsideChoice, PresetChoice, SamplerChoice,
+)
 from topocam.stats import format_mean_sd
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
 # piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -57,6 +62,32 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
         fail(f"{what} must be comma-separated integers, got {text!r}")
 
 
+def _value(choice):
+    """An Enum option's string (None stays None)."""
+    return None if choice is None else choice.value
+
+
+def _n_jobs_option(value: int) -> int:
+    from topocam.errors import TopoCAMError
+    from topocam.jobs import check_n_jobs
+
+    try:
+        return check_n_jobs(value, "--n-jobs")
+    except TopoCAMError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _sampler_list_option(value: Optional[str]) -> Optional[str]:
+    """--samplers de,tpe: every name checked at parse time."""
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown sampler(s) {bad or value!r}; choose from {', '.join(SAMPLERS)}")
+    return value
+
+
 def ensure_writable_dir(path: Path) -> None:
     """Fail before any work if results could not be written there."""
     try:
@@ -65,6 +96,24 @@ def ensure_writable_dir(path: Path) -> None:
             pass
     except OSError as exc:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
+
+
+@contextmanager
+def output_dir(path: Path):
+    """``ensure_writable_dir(path)`` for the body; if the body fails, the folders it
+    created (the output folder and any missing parents) are removed again while
+    empty, so a failed command leaves no empty output folder behind."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    ensure_writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (or gone): keep it and everything above
+                break
+        raise
 
 
 def _fmt(v: float | None) -> str:
@@ -90,11 +139,29 @@ def metrics_table(result: dict) -> Table:
     return t
 
 
-def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> str:
+def print_runs_link(tracker, experiment: str, **view) -> None:
+    """Say where the runs are: the experiment and store, then the link to the runs table with the
+    runs to compare and their metric columns (``Tracker.runs_table_url``'s keywords), and for a local
+    store the command that serves it first."""
+    name = tracker.client.get_experiment(experiment).name
+    console.print(f"MLflow: experiment {name!r} in {tracker.uri}", markup=False, highlight=False, soft_wrap=True)
+    serve = tracker.ui_command()
+    if serve:
+        console.print(f"  serve it: {serve}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  runs table: {tracker.runs_table_url(experiment, **view)}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
     from topocam.tracking import Tracker, log_topocam_run
 
     tracker = Tracker(tracking_uri, runs_dir)
-    return f"{tracker.uri} (experiment {log_topocam_run(tracker, result)!r})"
+    experiment = tracker.experiment(log_topocam_run(tracker, result))
+    # one row per `topocam run`: its means over seeds (each seed's run is a child run, on the run's page)
+    print_runs_link(
+        tracker, experiment, name="topocam run: TopoCAM vs baselines", filter="tags.kind = 'run' and tags.seeds != ''",
+        metrics=[f"{m}_{s}_auc_mean" for s in ("test", "val") for m in ("topocam", "cnn", "topo_original")],
+        params=["cam", "tau", "weights"], tags=["seeds", "leakage_audit", "degenerate_backbone"], order_by="topocam_val_auc_mean",
+    )
 
 
 @app.command()
@@ -103,22 +170,22 @@ def run(
     out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
     size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
-    synthetic_n: str = typer.Option("120,40,40", help="synthetic train,val,test counts"),
+    synthetic_n: str = typer.Option(",".join(map(str, DEFAULT_SYNTHETIC_N)), help="synthetic train,val,test counts"),
     data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
     clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
-    backbone: str = typer.Option("auto", help="auto (resnet18 in 2D, r3d18 in 3D), resnet18, r3d18 or small"),
+    backbone: BackboneChoice = typer.Option("auto", help="auto: resnet18 in 2D, r3d18 in 3D; small: a tiny CNN for tests and demos"),
     epochs: Optional[int] = typer.Option(None, help="backbone fine-tuning epochs [default: 10, or the preset's]"),
     batch_size: Optional[int] = typer.Option(None, help="backbone batch size [default: 32, or the preset's]"),
     lr: Optional[float] = typer.Option(None, help="backbone learning rate (Adam) [default: 0.001, or the preset's]"),
-    preset: Optional[str] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
-    cam: str = typer.Option("gradcam", help="gradcam, gradcampp or scorecam"),
+    preset: Optional[PresetChoice] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
+    cam: CamChoice = typer.Option("gradcam", help="CAM variant: Grad-CAM, Grad-CAM++ or Score-CAM"),
     weights: str = typer.Option("0.2,0.3,0.5", help="fusion weights of layer2,layer3,layer4 (normalised to sum 1)"),
     tau: float = typer.Option(0.6, help="ROI threshold on the fused map, in [0, 1]"),
-    outside: str = typer.Option("zero", help="zero: outside voxels are 0 (paper); exclude: they never enter the filtration"),
+    outside: OutsideChoice = typer.Option("zero", help="zero: outside voxels are 0 (paper); exclude: they never enter the filtration"),
     bins: int = typer.Option(50, help="number of Betti-curve thresholds"),
-    betti_backend: str = typer.Option("fast", help="fast (exact, default) or giotto (reference)"),
+    betti_backend: BettiBackendChoice = typer.Option("fast", help="fast (exact, default) or giotto (giotto-tda, the optional extra '.[giotto]')"),
     mlp: str = typer.Option("128,64", help="MLP hidden sizes"),
-    n_jobs: int = typer.Option(-1, help="worker threads for Betti curves (-1: all cores)"),
+    n_jobs: int = typer.Option(-1, callback=_n_jobs_option, help="worker threads for Betti curves (-1: all cores, N >= 1: N threads)"),
     seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
@@ -143,29 +210,32 @@ def run(
     try:
         from topocam.backbone import training_recipe
 
-        recipe = training_recipe(preset, epochs=epochs, batch_size=batch_size, lr=lr)
+        recipe = training_recipe(_value(preset), epochs=epochs, batch_size=batch_size, lr=lr)
         cfg = TopoCAMConfig(
             dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
             data_seed=data_seed, clutter=clutter,
-            backbone=backbone, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-            lr_milestones=tuple(recipe["milestones"]), seed=seed_list[0], cam=cam,
-            weights=_floats(weights, "--weights"), tau=tau, outside=outside, bins=bins, betti_backend=betti_backend,
+            backbone=backbone.value, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+            lr_milestones=tuple(recipe["milestones"]), seed=seed_list[0], cam=cam.value,
+            weights=_floats(weights, "--weights"), tau=tau, outside=outside.value, bins=bins, betti_backend=betti_backend.value,
             mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
             cam_target="label" if leakage_audit else "predicted",
         ).validated()
-        ensure_writable_dir(out)
-        if not no_tracking:  # open the store now: a bad URI fails before any training
-            from topocam.tracking import Tracker
+        with output_dir(out):
+            if not no_tracking:  # open the store now: a bad URI fails before any training
+                from topocam.tracking import Tracker
 
-            Tracker(tracking_uri, runs_dir)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
-            result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+                Tracker(tracking_uri, runs_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
+                result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+            if leakage_audit:
+                result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
+            write_json_atomic(out / "metrics.json", result)
     except TopoCAMError as exc:
         fail(str(exc))
-    if leakage_audit:
-        result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
-    write_json_atomic(out / "metrics.json", result)
+    except MemoryError:
+        fail(f"out of memory for {dataset} at --size {size} (synthetic counts {synthetic_n}); "
+             "lower --size or --synthetic-n, or free memory")
     console.print(metrics_table(result))
     for r in result["runs"]:
         tm, bb = r["timings_s"], r["backbone"]
@@ -188,12 +258,12 @@ def run(
     console.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
     if not no_tracking:
         try:
-            console.print(f"MLflow: {_log_run(result, tracking_uri, runs_dir)}", markup=False, highlight=False)
+            _log_run(result, tracking_uri, runs_dir)
         except TopoCAMError as exc:
             fail(f"results are in {out / 'metrics.json'}, but MLflow logging failed: {exc}")
 
 
-study_app = typer.Typer(no_args_is_help=True, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
+study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
 app.add_typer(study_app, name="study")
 
 RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
@@ -219,20 +289,12 @@ def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Pa
     return spec, runner
 
 
-def _check_samplers(names: list[str]) -> None:
-    from topocam.search.samplers import SAMPLERS
-
-    bad = [n for n in names if n not in SAMPLERS]
-    if bad or not names:
-        fail(f"unknown sampler(s) {bad or names}; choose from {', '.join(SAMPLERS)}")
-
-
 @study_app.command("run")
 def study_run(
     study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/quickstart.toml"),
-    sampler: Optional[str] = typer.Option(None, help="de, de_immediate, tpe, cmaes, random or gp (default: the file's first)"),
-    arm: str = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
-    n_trials: Optional[int] = typer.Option(None, help="budget (default: the file's n_trials); finished trials count"),
+    sampler: Optional[SamplerChoice] = typer.Option(None, help="the Optuna sampler (default: the file's first)"),
+    arm: ArmChoice = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
+    n_trials: Optional[int] = typer.Option(None, min=1, help="budget (default: the file's n_trials); finished trials count"),
     seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
     storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
@@ -245,15 +307,9 @@ def study_run(
 
     try:
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
-        sampler = sampler or spec.samplers[0]
-        _check_samplers([sampler])
+        sampler = _value(sampler) or spec.samplers[0]
+        arm = arm.value
         seed = spec.seeds[0] if seed is None else seed
-        if n_trials is not None and n_trials < 1:
-            fail("--n-trials must be >= 1")
-        from topocam.pipeline import METHODS_TUNABLE
-
-        if arm not in METHODS_TUNABLE:
-            fail(f"unknown --arm {arm!r}; choose one of {', '.join(METHODS_TUNABLE)}")
         runner.log_baselines()
         runner = runner.for_arm(arm)
         r = runner.run(sampler, seed, n_trials)
@@ -271,15 +327,24 @@ def study_run(
         from topocam.search.compare import failures_text
 
         err.print(failures_text([r]).strip(), markup=False, highlight=False, soft_wrap=True, style="yellow")
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r})", markup=False, highlight=False)
+    from topocam.tracking import tags_filter
+
+    m = spec.metric
+    print_runs_link(
+        runner.tracker, runner.experiment,  # not named: one per arm, sampler and seed would crowd the Views menu
+        filter=tags_filter({"study": spec.name, "arm": arm, "sampler": sampler, "seed": seed}) + " and tags.kind != 'sampler'",
+        metrics=list(dict.fromkeys([spec.objective, f"val_{m}", f"test_{m}"])), order_by=spec.objective,
+        params=[k for k, p in spec.space.items() if p.kind != "fixed"], tags=["kind", "trial"],
+    )
 
 
 @study_app.command("compare")
 def study_compare(
     study_file: Path = typer.Argument(..., help="study definition (TOML)"),
-    samplers: Optional[str] = typer.Option(None, help="comma-separated samplers (default: the file's)"),
-    seeds: Optional[int] = typer.Option(None, help="number of seeds 0..N-1 (default: the file's seed list)"),
-    n_trials: Optional[int] = typer.Option(None, help="budget per sampler and seed (default: the file's)"),
+    samplers: Optional[str] = typer.Option(None, callback=_sampler_list_option,
+                                           help=f"comma-separated samplers, of {', '.join(SAMPLERS)} (default: the file's)"),
+    seeds: Optional[int] = typer.Option(None, min=1, help="number of seeds 0..N-1 (default: the file's seed list)"),
+    n_trials: Optional[int] = typer.Option(None, min=1, help="budget per sampler and seed (default: the file's)"),
     storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
     tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
@@ -294,21 +359,23 @@ def study_compare(
     try:
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
         names = [s.strip() for s in samplers.split(",") if s.strip()] if samplers else list(spec.samplers)
-        _check_samplers(names)
-        if seeds is not None and seeds < 1:
-            fail("--seeds must be >= 1")
         seed_list = list(range(seeds)) if seeds is not None else list(spec.seeds)
         budget = n_trials or spec.n_trials
-        if budget < 1:
-            fail("--n-trials must be >= 1")
-        out_dir = out or runs_dir / "compare" / spec.name
-        ensure_writable_dir(out_dir)
-        result = compare(runner, names, seed_list, budget, out_dir)
+        with output_dir(out or runs_dir / "compare" / spec.name) as out_dir:
+            result = compare(runner, names, seed_list, budget, out_dir)
     except TopoCAMError as exc:
         fail(str(exc))
     console.print(result.files["table_md"].read_text(), markup=False, highlight=False, soft_wrap=True)  # "[min, max]" is not markup
     console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
-    console.print(f"MLflow: {runner.tracker.uri} (experiment {spec.name!r}, run kind=comparison)")
+    from topocam.tracking import tags_filter
+
+    m = spec.metric
+    print_runs_link(  # one row per search (arm, sampler, seed), its trials nested; the table and plot are on kind=comparison
+        runner.tracker, runner.experiment, name="samplers and arms: the best of each search",
+        filter=tags_filter({"study": spec.name, "kind": "sampler"}),
+        metrics=[f"best_{spec.objective}", f"best_test_{m}"] + ([f"replicated_test_{m}_mean"] if spec.replicate_seeds else []),
+        tags=["arm", "sampler", "seed", "budget"], order_by=f"best_{spec.objective}",
+    )
 
 
 @study_app.command("status")
@@ -337,6 +404,110 @@ def study_status_cmd(
         t.add_row(r["study"], str(r["complete"]), str(r["running"]), str(r["failed"]), _fmt(r["best_value"]), str(r["best_trial"]))
     console.print(t)
 
+# ------------------------------------------------------------------ ablations
+
+
+@app.command("ablate")
+def ablate_cmd(
+    study_file: Path = typer.Argument(..., help="study definition (TOML) whose best configuration is the reference"),
+    suite: str = typer.Option("paper", help="suite name (studies/ablations/NAME.toml beside the study file) or a suite file"),
+    seeds: str = typer.Option("", help="comma-separated model seeds (default: the study's replicate_seeds, else 0,1,2)"),
+    base: str = typer.Option("best", help="reference: 'best' (the study's best trial by its validation objective) or 'file' (the study file's base)"),
+    only: str = typer.Option("", help="comma-separated ablations or arms to run (e.g. tau,cam=scorecam); the others are listed as not run"),
+    skip: str = typer.Option("", help="comma-separated ablations or arms to leave out (listed as not run)"),
+    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL holding the study (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="log each arm's figures (Betti curves, t-SNE, CAM overlays, ROC, confusion) to its best seed's run"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Every arm of an ablation suite over seeds, beside the reference: a table (Markdown, CSV,
+    JSON) with mean ± sd, bootstrap intervals and differences, one MLflow parent run."""
+    from topocam import TopoCAMError
+    from topocam.search.ablate import find_suite, load_suite, run_suite
+
+    try:
+        suite_obj = load_suite(find_suite(suite, study_file))  # a bad suite fails before any store is opened
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        seed_list = list(_ints(seeds, "--seeds")) if seeds.strip() else (list(spec.replicate_seeds) or [0, 1, 2])
+        out_dir = out or runs_dir / "ablate" / f"{spec.name}-{suite_obj.name}"
+        ensure_writable_dir(out_dir)
+        split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731
+        result = run_suite(spec, suite_obj, runner.storage_url, runner.tracker, list(dict.fromkeys(seed_list)), out_dir,
+                           base=base, only=split(only), skip=split(skip), progress=not quiet, figures=figures, log=lambda m: console.print(m, markup=False, highlight=False))
+    except TopoCAMError as exc:
+        fail(str(exc))
+    console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    if result.experiment_id is not None:
+        from topocam.tracking import tags_filter
+
+        # every arm's seed runs of this suite run, arms side by side with their val/test AUC and ACC
+        print_runs_link(
+            runner.tracker, result.experiment_id, name=f"ablation {suite_obj.name} ({result.parent_run[:8]})",
+            filter=tags_filter({"kind": "ablation_arm", "suite": suite_obj.name}) + f" and tags.`mlflow.parentRunId` = '{result.parent_run}'",
+            metrics=["test_auc", "test_acc", "val_auc", "val_acc"], tags=["ablation", "arm", "seed", "valid", "status"],
+            order_by="test_auc",
+        )
+
+
+
+@app.command("explain")
+def explain_cmd(
+    run_id: str = typer.Argument(..., help="MLflow run id: a `topocam run` run (a seed's; a parent stands for its first seed) or a study's trial / best / export run"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache of the run (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for the PNGs (default: RUNS_DIR/explain/RUN_ID)"),
+    no_log: bool = typer.Option(False, "--no-log", help="write the PNGs only; do not log them to the run"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+):
+    """Figures of a logged run (Betti curves, t-SNE, CAM overlays, ROC, confusion, ROI quality), logged back to it."""
+    from topocam import TopoCAMError
+    from topocam.explain_run import explain_run
+    from topocam.tracking import Tracker
+
+    if tracking_uri is None and not (runs_dir / "mlflow.db").is_file():
+        fail(f"no MLflow store at {runs_dir / 'mlflow.db'}; pass --runs-dir or --tracking-uri")
+    out_dir = out or runs_dir / "explain" / run_id
+    ensure_writable_dir(out_dir)
+    try:
+        tracker = Tracker(tracking_uri, runs_dir)
+        res = explain_run(tracker.client, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
+                          cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    lc = res.logged
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    if lc.note:
+        say(lc.note)
+    split = "test" if lc.report_test else "validation (a trial: test is not touched)"
+    say(f"run {run_id} (kind={lc.kind}, {lc.config.dataset}, seed {lc.config.seed}): figures on the {split} split")
+    method = METHOD_NAMES.get(lc.config.method, lc.config.method)
+    for s, m in res.metrics.items():
+        who = f"CNN (backbone), {s[4:]}" if s.startswith("cnn_") else f"{method}, {s}"
+        say(f"re-computed {who}: AUC {_fmt(m.get('auc'))}, ACC {_fmt(m.get('acc'))}")
+    if res.roi_quality:
+        at = [r for r in res.roi_quality if r["tau"] == round(float(lc.config.tau), 4) or abs(r["tau"] - lc.config.tau) < 1e-9]
+        for r in at:
+            say(f"ROI vs true lesion, {r['cam']} at tau {r['tau']:.2f}: Dice {r['dice']:.3f} (random same size "
+                f"{r['dice_random_same_size']:.3f}), IoU {r['iou']:.3f}, pointing game {r['pointing_game']:.3f} "
+                f"(chance {r['pointing_game_chance']:.3f})")
+    if res.degenerate:
+        err.print(f"warning: {res.degenerate}", markup=False, highlight=False, style="bold yellow", soft_wrap=True)
+    for m in res.mismatches:
+        err.print(f"warning: differs from the logged run ({m}); was the backbone retrained (another --cache-dir)?",
+                  markup=False, highlight=False, style="yellow", soft_wrap=True)
+    say(f"wrote {len(res.files)} file(s) to {out_dir}")
+    if res.artifacts:
+        say(f"MLflow: logged {', '.join(res.artifacts)} to run {run_id} in {tracker.uri}")
+
 # ------------------------------------------------------------------ shipping
 
 MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"
@@ -353,7 +524,7 @@ def _load_model(model: str, tracking_uri: Optional[str], runs_dir: Path):
 def export_cmd(
     study_file: Path = typer.Argument(..., help="study definition (TOML) whose trials to export from"),
     name: str = typer.Option(..., "--name", help="registered model name; each export adds a version and moves the alias 'champion' to it"),
-    sampler: Optional[str] = typer.Option(None, help="only this sampler's trials (default: all samplers)"),
+    sampler: Optional[SamplerChoice] = typer.Option(None, help="only this sampler's trials (default: all samplers)"),
     seed: Optional[int] = typer.Option(None, help="only this sampler seed's trials (default: all seeds)"),
     trial: Optional[int] = typer.Option(None, help="export this trial number instead of the best (needs one sampler and seed)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
@@ -372,8 +543,7 @@ def export_cmd(
         from topocam.deploy.export import check_model_name, export
 
         check_model_name(name)
-        if sampler is not None:
-            _check_samplers([sampler])
+        sampler = _value(sampler)
         if storage is None and not (runs_dir / "optuna.db").is_file():
             fail(f"no study storage at {runs_dir / 'optuna.db'}; run the study first or pass --storage / --runs-dir")
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
@@ -457,9 +627,9 @@ def predict_cmd(
     from topocam.deploy.predict import predict_files
 
     try:
-        ensure_writable_dir(out)
-        _, m = _load_model(model, tracking_uri, runs_dir)
-        summary = predict_files(m, files, out, progress=not quiet)
+        with output_dir(out):
+            _, m = _load_model(model, tracking_uri, runs_dir)
+            summary = predict_files(m, files, out, progress=not quiet)
     except TopoCAMError as exc:
         fail(str(exc))
     for r in summary.records:

@@ -54,7 +54,7 @@ def base_config(cache_dir):
 
     return TopoCAMConfig(
         dataset="synthetic2d", size=20, synthetic_n=(80, 30, 30), backbone="small", epochs=10, batch_size=16,
-        seed=1, bins=12, mlp=(32, 16), betti_backend="giotto", n_jobs=1, cache_dir=str(cache_dir),
+        seed=1, bins=12, mlp=(32, 16), betti_backend="fast", n_jobs=1, cache_dir=str(cache_dir),
     )
 
 

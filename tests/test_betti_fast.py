@@ -1,4 +1,6 @@
-"""The fast Betti backend gives exactly the giotto-tda reference's numbers."""
+"""The fast Betti backend gives exactly the numbers of GUDHI's cubical
+persistence (the reference), and of giotto-tda where the optional extra is
+installed."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from hypothesis.extra import numpy as hnp
 from topocam.errors import TopoCAMError
 from topocam.topology import BettiGrid, betti_curves, segment
 
+from .reference import gudhi_betti_curves, needs_giotto
+
 MEDMNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist"
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def both(filtrations: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ref = betti_curves(filtrations, thresholds, backend="giotto")
+    ref = gudhi_betti_curves(filtrations, thresholds)
     fast = betti_curves(filtrations, thresholds, backend="fast")
     return ref, fast
 
@@ -75,13 +79,13 @@ def cases(draw, ndim: int, max_side: int):
 
 @SETTINGS
 @given(cases(ndim=2, max_side=10))
-def test_2d_matches_giotto(case):
+def test_2d_matches_gudhi(case):
     assert_same(*case)
 
 
 @SETTINGS
 @given(cases(ndim=3, max_side=7))
-def test_3d_matches_giotto(case):
+def test_3d_matches_gudhi(case):
     assert_same(*case)
 
 
@@ -98,8 +102,9 @@ def test_odd_shapes_and_real_valued(case, real):
 @settings(max_examples=100, deadline=None)
 @given(batches(ndim=2, max_side=6), st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, 9.0, np.inf, np.nan]), max_size=8))
 def test_non_finite_and_unsorted_thresholds(filtrations, thresholds):
-    """Unsorted thresholds; at NaN and +-inf nothing is alive in giotto
-    (at -inf because giotto stores a birth at -inf as -DBL_MAX)."""
+    """Unsorted thresholds; at NaN and +-inf nothing is alive (at -inf because
+    giotto-tda, whose convention the fast backend keeps, stores a birth at -inf
+    as -DBL_MAX; the GUDHI reference does the same)."""
     assert_same(filtrations, np.array(thresholds, dtype=np.float64))
 
 
@@ -173,7 +178,7 @@ def test_threads_give_identical_output():
     one = betti_curves(f, grid, backend="fast", n_jobs=1)
     np.testing.assert_array_equal(betti_curves(f, grid, backend="fast", n_jobs=2), one)
     np.testing.assert_array_equal(betti_curves(f, grid, backend="fast", n_jobs=-1), one)
-    np.testing.assert_array_equal(betti_curves(f, grid, backend="giotto"), one)
+    np.testing.assert_array_equal(gudhi_betti_curves(f, grid), one)
 
 
 def test_nan_values_are_rejected():
@@ -198,7 +203,7 @@ def _smooth(vol: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("outside", ["zero", "exclude"])
-def test_adrenalmnist3d_matches_giotto(outside):
+def test_adrenalmnist3d_matches_gudhi(outside):
     path = MEDMNIST / "adrenalmnist3d.npz"
     if not path.exists():
         pytest.skip(f"AdrenalMNIST3D not found at {path} (put adrenalmnist3d.npz there to run this test)")
@@ -211,3 +216,34 @@ def test_adrenalmnist3d_matches_giotto(outside):
     grid = BettiGrid.fit(filtrations, 50)
     out = assert_same(filtrations, grid.thresholds)
     assert out[:, 0].max() > 0
+
+
+# ----------------------------------------------------------------------------- giotto-tda (optional extra)
+
+
+@needs_giotto
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("outside", ["zero", "exclude"])
+def test_giotto_backend_matches_fast(ndim, outside):
+    rng = np.random.default_rng(ndim)
+    shape = (12, *([9] * ndim))
+    f = segment(rng.integers(0, 5, shape).astype(np.float64), rng.random(shape) < 0.6, outside)
+    thresholds = np.concatenate([BettiGrid.fit(f, 9).thresholds, [-np.inf, np.inf, np.nan, -1.0]])
+    np.testing.assert_array_equal(
+        betti_curves(f, thresholds, backend="giotto"), betti_curves(f, thresholds, backend="fast")
+    )
+
+
+def test_giotto_backend_missing_names_the_extra(monkeypatch):
+    """Without giotto-tda the backend fails with one sentence naming the extra,
+    before any work (checked by the config too, so a run fails at once)."""
+    import importlib.util
+
+    from topocam.pipeline import TopoCAMConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gtda" else real(name, *a))
+    with pytest.raises(TopoCAMError, match=r"pip install -e '\.\[giotto\]'"):
+        betti_curves(np.zeros((1, 3, 3)), np.array([0.0]), backend="giotto")
+    with pytest.raises(TopoCAMError, match="giotto-tda, which is not installed"):
+        TopoCAMConfig(betti_backend="giotto").validated()

@@ -82,13 +82,17 @@ def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
     "args, message",
     [
         (["--dataset", "nosuchset"], "unknown dataset"),
-        (["--dataset", "synthetic2d", "--backbone", "vgg"], "unknown backbone"),
-        (["--dataset", "synthetic2d", "--cam", "layercam"], "unknown CAM variant"),
+        (["--dataset", "synthetic2d", "--backbone", "vgg"], "'vgg' is not one of 'auto', 'resnet18', 'r3d18', 'small'"),
+        (["--dataset", "synthetic2d", "--cam", "layercam"], "'layercam' is not one of 'gradcam', 'gradcampp', 'scorecam'"),
+        (["--dataset", "synthetic2d", "--preset", "fast"], "'fast' is not one of 'medmnist_v2'"),
+        (["--dataset", "synthetic2d", "--betti-backend", "gudhi"], "'gudhi' is not one of 'fast', 'giotto'"),
+        (["--dataset", "synthetic2d", "--n-jobs", "0"], "--n-jobs must be -1 (all cores) or a number of threads >= 1, got 0"),
+        (["--dataset", "synthetic2d", "--n-jobs", "-2"], "--n-jobs must be -1 (all cores) or a number of threads >= 1, got -2"),
         (["--dataset", "synthetic2d", "--weights", "0.5,-1,0.2"], "non-negative"),
         (["--dataset", "synthetic2d", "--weights", "0,0,0"], "all zero"),
         (["--dataset", "synthetic2d", "--weights", "a,b,c"], "comma-separated numbers"),
         (["--dataset", "synthetic2d", "--tau", "1.5"], "tau must lie in"),
-        (["--dataset", "synthetic2d", "--outside", "inside"], "outside mode"),
+        (["--dataset", "synthetic2d", "--outside", "inside"], "'inside' is not one of 'zero', 'exclude'"),
         (["--dataset", "synthetic2d", "--backbone", "r3d18"], "r3d18 is 3D"),
         (["--dataset", "missing/file.npz"], "does not exist"),
         (["--dataset", "synthetic2d", "--seeds", "0,-1"], "--seeds needs one or more integers >= 0"),
@@ -165,3 +169,87 @@ def test_error_text_in_square_brackets_is_kept(tmp_path):
     study.write_text('[study]\nname = "s"\n[space.cam]\nchoices = ["nope"]\n')
     r = runner.invoke(app, ["study", "run", str(study), "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code != 0 and "[space.cam] choices ['nope']" in r.output
+
+
+def test_help_shows_choices_and_bracketed_text_and_completion():
+    """Choice options list their values; help text is not read as markup (so
+    "[default: 10, or the preset's]" and "'.[giotto]'" survive); completion is on."""
+    r = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    for choices in ("gradcam|gradcampp|scorecam", "zero|exclude", "fast|giotto", "auto|resnet18|r3d18|small", "medmnist_v2"):
+        assert choices in r.output, choices
+    assert "[default: 10, or the preset's]" in r.output and "'.[giotto]'" in r.output
+    study = runner.invoke(app, ["study", "run", "--help"], terminal_width=200)
+    assert "de|de_immediate|tpe|cmaes|random|gp" in study.output and "topocam|topo_original" in study.output
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "run", "STUDY", "--sampler", "bogus"], "'bogus' is not one of 'de', 'de_immediate'"),
+    (["study", "run", "STUDY", "--arm", "cnn"], "'cnn' is not one of 'topocam', 'topo_original'"),
+    (["study", "compare", "STUDY", "--samplers", "de,bogus"], "unknown sampler(s) ['bogus']"),
+    (["study", "run", "STUDY", "--n-trials", "0"], "Invalid value for '--n-trials'"),
+    (["study", "compare", "STUDY", "--seeds", "0"], "Invalid value for '--seeds'"),
+])
+def test_study_choices_fail_at_parse_time_before_any_store(tmp_path, argv, message):
+    study = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
+    runs = tmp_path / "runs"
+    r = runner.invoke(app, [str(study) if a == "STUDY" else a for a in argv] + ["--runs-dir", str(runs)])
+    assert r.exit_code == 2 and message in r.output
+    assert not runs.exists()  # nothing opened: no optuna.db, no mlflow.db
+
+
+def _nothing_created(tmp_path, *keep):
+    made = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.name not in keep)
+    assert made == [], made
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--size", "100000"], {}, "size 100000 is out of range for synthetic2d: synthetic images need 12 <= size <= 1024"),
+    ([], {"TOPOCAM_ROI_CACHE_MB": "abc"}, "TOPOCAM_ROI_CACHE_MB must be a number of MiB >= 0"),
+    ([], {"TOPOCAM_ROI_CACHE_MB": "-5"}, "got '-5'"),
+    (["--cache-dir", "{file}"], {}, "is a file; choose another --cache-dir"),
+    (["--cache-dir", "{file}/sub"], {}, "which is a file; choose another --cache-dir"),
+])
+def test_environment_and_size_mistakes_are_one_sentence_before_anything_is_created(tmp_path, monkeypatch, args, env, message):
+    """No traceback (was: MemoryError, ValueError from float('abc'), NotADirectoryError
+    after the backbone trained), and no output folder, MLflow store or cache left behind."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    argv = ["run", "--dataset", "synthetic2d", *FAST, "--out", str(out), "--runs-dir", str(tmp_path / "mlruns")]
+    if "--cache-dir" not in args:
+        argv += ["--cache-dir", str(tmp_path / "cache")]
+    r = runner.invoke(app, argv + [a.format(file=blocker) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+    _nothing_created(tmp_path, "afile")
+
+
+def test_a_failed_run_leaves_no_output_folder(tmp_path):
+    """The output folder (and missing parents) made for a run that then fails
+    are removed; an existing folder is kept."""
+    out = tmp_path / "a" / "b" / "out"
+    r = _run(["--dataset", str(tmp_path / "missing.npz"), *FAST, "--out", str(out), "--no-tracking"], tmp_path)
+    assert r.exit_code != 0 and "does not exist" in r.output
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    r = _run(["--dataset", str(tmp_path / "missing.npz"), *FAST, "--out", str(kept / "new"), "--no-tracking"], tmp_path)
+    assert r.exit_code != 0 and kept.is_dir() and not (kept / "new").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    ('dataset = "synthetic2d"\nsize = 5000', "size 5000 is out of range for synthetic2d"),
+    ('dataset = "breastmnist"\nsize = 100', "size 100 is not a MedMNIST size"),
+])
+def test_study_data_size_is_checked_before_any_store(tmp_path, data, message):
+    study = tmp_path / "s.toml"
+    study.write_text(f'[study]\nname = "s"\nsamplers = ["random"]\n[data]\n{data}\n')
+    runs = tmp_path / "runs"
+    r = runner.invoke(app, ["study", "run", str(study), "--runs-dir", str(runs)])
+    assert r.exit_code == 2 and message in r.output and str(study) in r.output, r.output
+    assert not runs.exists()

@@ -394,7 +394,7 @@ def test_export_cli_adds_versions_and_moves_the_alias(shipped):
         (["--name", "has space"], ["model name 'has space'"]),
         (["--name", "m", "--trial", "0"], ["--trial 0 is ambiguous", "--sampler and --seed"]),
         (["--name", "m", "--sampler", "tpe", "--seed", "1", "--trial", "99"], ["has no trial 99"]),
-        (["--name", "m", "--sampler", "annealing"], ["unknown sampler"]),
+        (["--name", "m", "--sampler", "annealing"], ["Invalid value for '--sampler'", "'annealing' is not one of 'de'"]),
         (["--name", "m", "--sampler", "tpe", "--seed", "7"], ["no trials of study 'shiptiny' for sampler tpe and seed 7"]),
     ],
 )

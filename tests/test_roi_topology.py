@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 
 from topocam.errors import TopoCAMError
-from topocam.roi import dice, fuse, fusion_weights, pointing_game, random_masks_like, roi_masks
-from topocam.topology import BettiGrid, betti_curves, betti_features, segment
+from topocam.backbone import CAM_LAYERS
+from topocam.roi import dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised
+from topocam.topology import BettiGrid, betti_curves, features_from_filtrations, roi_counts, segment
+
+from .reference import gudhi_betti_curves
 
 
 def test_fusion_weights_on_simplex_and_validated():
@@ -11,6 +14,11 @@ def test_fusion_weights_on_simplex_and_validated():
     for bad, msg in [([1, -1, 1], "non-negative"), ([0, 0, 0], "all zero"), ([1, 2], "need 3"), ([np.nan, 1, 1], "finite")]:
         with pytest.raises(TopoCAMError, match=msg):
             fusion_weights(bad)
+
+
+def fuse(maps, w, shape):
+    """M as pipeline.roi_for computes it."""
+    return fuse_upsampled([upsample_normalised(maps[l], shape) if x else None for l, x in zip(CAM_LAYERS, w)], w)
 
 
 def test_fuse_upsamples_normalises_and_weights():
@@ -51,7 +59,7 @@ def test_known_topology_ring_and_segment_modes():
     img = np.ones((1, 9, 9))
     img[0, 2:7, 2:7] = 0.0  # a dark square ...
     img[0, 4, 4] = 1.0  # ... with a bright centre: at t=0.5 the sublevel set is a ring
-    curves = betti_curves(img, np.array([0.5, 1.0]), backend="giotto")
+    curves = betti_curves(img, np.array([0.5, 1.0]), backend="fast")
     assert curves[0, :, 0].tolist() == [1, 1]  # one component, one hole
     assert curves[0, :, 1].tolist() == [1, 0]  # everything: a filled square
     mask = np.zeros((1, 9, 9), bool)
@@ -66,9 +74,9 @@ def test_features_shape_normalisation_and_empty_roi_kept(outside):
     masks = rng.random((4, 10, 10)) > 0.4
     masks[2] = False  # an empty ROI
     grid = BettiGrid.fit(segment(imgs, masks, outside), 7)
-    f = betti_features(imgs, masks, grid, outside, backend="giotto")
+    f = features_from_filtrations(segment(imgs, masks, outside), roi_counts(masks), grid, backend="fast")
     assert f.shape == (4, 2 * 7 + 1)  # d * N + 1
     assert np.all(f[2] == 0)  # defined: zeros and a count of 0, image kept
     assert f[0, -1] == masks[0].sum()
-    raw = betti_curves(segment(imgs[:1], masks[:1], outside), grid.thresholds, backend="giotto")
+    raw = gudhi_betti_curves(segment(imgs[:1], masks[:1], outside), grid.thresholds)
     assert np.allclose(f[0, :-1], raw.reshape(-1) / masks[0].sum())

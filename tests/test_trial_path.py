@@ -29,8 +29,9 @@ from topocam.cache import CamStore
 from topocam.cam import CamBatch
 from topocam.classifier import MLPSettings, _mlp, fit_mlp, one_thread
 from topocam.data import SPLITS, make_synthetic
-from topocam.roi import UpsampledCache, fuse, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
-from topocam.topology import BettiGrid, betti_features, segment
+from topocam.errors import TopoCAMError
+from topocam.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
+from topocam.topology import BettiGrid, features_from_filtrations, roi_counts, segment
 
 # ------------------------------------------------------------------ references
 
@@ -132,20 +133,26 @@ def test_fuse_equals_per_image_reference(ndim, shape, raw):
     for dtype in (np.float32, np.float64):
         maps = random_maps(rng, 7, ndim, dtype)
         expect = reference_fuse(maps, w, shape)
-        got = fuse(maps, w, shape, chunk=3)  # chunks that do not divide n
-        assert got.dtype == np.float32 and np.array_equal(got, expect)
-        layers = [upsample_normalised(maps[l], shape) if x else None for l, x in zip(CAM_LAYERS, w)]
-        assert np.array_equal(fuse_upsampled(layers, w), expect)
+        for chunk in (3, 256):  # 3: chunks that do not divide n
+            layers = [upsample_normalised(maps[l], shape, chunk=chunk) if x else None for l, x in zip(CAM_LAYERS, w)]
+            got = fuse_upsampled(layers, w)
+            assert got.dtype == np.float32 and np.array_equal(got, expect)
 
 
 def test_upsampling_is_independent_of_chunks_and_threads_and_leaves_input_alone():
     rng = np.random.default_rng(3)
     maps = random_maps(rng, 9, 3)
     before = {k: v.copy() for k, v in maps.items()}
-    ref = upsample_normalised(maps["layer3"], (12, 12, 12), chunk=256)
-    assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12), chunk=2), ref)
-    with one_thread():
-        assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12)), ref)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # more than one, whatever this machine's default
+    try:
+        ref = upsample_normalised(maps["layer3"], (12, 12, 12), chunk=256)
+        assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12), chunk=2), ref)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            assert np.array_equal(upsample_normalised(maps["layer3"], (12, 12, 12)), ref)
+    finally:
+        torch.set_num_threads(threads)
     assert np.array_equal(upsample_normalised(maps["layer3"], (3, 3, 3)), reference_fuse(
         {"layer2": maps["layer3"], "layer3": maps["layer3"], "layer4": maps["layer3"]}, np.array([1.0, 0, 0]), (3, 3, 3)
     ))  # native size: normalised only
@@ -153,9 +160,10 @@ def test_upsampling_is_independent_of_chunks_and_threads_and_leaves_input_alone(
     assert np.all(ref[1] == 0) and ref.min() >= 0 and ref.max() <= 1
 
 
-def test_fuse_with_all_zero_weights_gives_zeros_as_before():
+def test_fuse_with_all_zero_weights_is_refused():
     maps = random_maps(np.random.default_rng(0), 3, 2)
-    assert np.array_equal(fuse(maps, np.zeros(3), (20, 20)), np.zeros((3, 20, 20), np.float32))
+    with pytest.raises(TopoCAMError, match="all zero"):
+        fuse_upsampled([upsample_normalised(maps[l], (20, 20)) for l in CAM_LAYERS], np.zeros(3))
 
 
 # ------------------------------------------------------------------ the context's cache
@@ -208,7 +216,9 @@ def test_features_and_metrics_same_with_and_without_the_cache(fake_ctx):
     masks = {s: reference_fuse(ctx.cams(cfg.cam, s).maps, fusion_weights(cfg.weights), ctx.data.shape) >= cfg.tau for s in SPLITS}
     grid = BettiGrid.fit(segment(ctx.gray("train"), masks["train"], cfg.outside), cfg.bins)
     for s in SPLITS:
-        expect = betti_features(ctx.gray(s), masks[s], grid, cfg.outside, backend="fast", n_jobs=1)
+        expect = features_from_filtrations(
+            segment(ctx.gray(s), masks[s], cfg.outside), roi_counts(masks[s]), grid, backend="fast", n_jobs=1
+        )
         for out in (cold, warm, off):
             assert np.array_equal(out.features.x[s], expect)
     assert cold.val == warm.val == off.val and cold.test == warm.test == off.test
@@ -249,9 +259,15 @@ def test_mlp_fit_is_bitwise_the_plain_loop(hidden, batch):
 
 
 def test_one_thread_restores_the_setting_even_on_error():
+    """From 3 threads (set here: on a one-core machine the default is already 1 and
+    the test would pass with a one_thread() that did nothing)."""
     threads = torch.get_num_threads()
-    with pytest.raises(RuntimeError):
-        with one_thread():
-            assert torch.get_num_threads() == 1
-            raise RuntimeError
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import BACKBONES, PRESETS as PRESET_NAMES
 from .data import Dataset
 from .errors import TopoCAMError
 from .seeding import seed_everything
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
-BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
 CACHE_ENV = "TOPOCAM_CACHE_DIR"
 _CODE_VERSION = "3"  # bump when training code changes what a cached checkpoint means (3: BatchNorm recalibration)
@@ -47,6 +47,24 @@ SELECT_LOSS = "val_loss (validation holds one class: AUC undefined)"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "topocam")
+
+
+def check_cache_dir(path: str | Path | None) -> Path:
+    """The cache folder (``--cache-dir``, TOPOCAM_CACHE_DIR or the default), or a
+    TopoCAMError if it, or the nearest existing folder above it, is a file or
+    not writable: checked before any work, instead of a traceback at the end
+    of backbone training."""
+    folder = Path(path) if path else default_cache_dir()
+    for q in (folder, *folder.parents):
+        if not q.exists():
+            continue
+        if not q.is_dir():
+            where = "is a file" if q == folder else f"lies under {q}, which is a file"
+            raise TopoCAMError(f"cache folder {folder} {where}; choose another --cache-dir (or {CACHE_ENV})")
+        if not os.access(q, os.W_OK | os.X_OK):
+            raise TopoCAMError(f"cache folder {folder}: {q} is not writable; choose another --cache-dir (or {CACHE_ENV})")
+        break
+    return folder
 
 
 def resolve_backbone(name: str, ndim: int) -> str:
@@ -110,15 +128,52 @@ class Backbone(nn.Module):
         return self.net(x)
 
 
+def _weights_path(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
 def _local_weights(weights) -> Path | None:
     """The torchvision weight file if it is already on disk (never downloads)."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    path = _weights_path(weights)
     return path if path.is_file() else None
 
 
-def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int) -> tuple[Backbone, str]:
+INITS: tuple[str, ...] = ("auto", "pretrained", "scratch")
+
+
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise TopoCAMError(f"unknown backbone init {init!r}; choose one of {', '.join(INITS)}")
+    return init
+
+
+def pretrained_weights_file(arch: str) -> tuple[Path | None, str]:
+    """The pretrained weight file an architecture would start from, if on disk, and
+    a sentence saying where it is or why there is none (never downloads)."""
+    if arch == "resnet18":
+        from torchvision.models import ResNet18_Weights as W
+
+        weights = W.IMAGENET1K_V1
+    elif arch == "r3d18":
+        from torchvision.models.video import R3D_18_Weights as W
+
+        weights = W.KINETICS400_V1
+    else:
+        return None, f"the {arch!r} backbone has no pretrained weights (use resnet18 in 2D or r3d18 in 3D)"
+    path = _local_weights(weights)
+    if path is not None:
+        return path, f"pretrained weights from {path}"
+    return None, f"pretrained weight file {_weights_path(weights)} is absent (download {weights.url} there)"
+
+
+def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int, init: str = "auto") -> tuple[Backbone, str]:
     """Returns the model and where its initial weights came from."""
     arch = resolve_backbone(arch, ndim)
+    check_init(init)
+    if init == "pretrained":
+        found, why = pretrained_weights_file(arch)
+        if found is None:
+            raise TopoCAMError(f"backbone init 'pretrained': {why}")
     small = input_size < SMALL_INPUT
     origin = "scratch"
     if arch == "small":
@@ -127,7 +182,7 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int) -> tup
         from torchvision.models import ResNet18_Weights, resnet18
 
         net = resnet18(weights=None)
-        wfile = _local_weights(ResNet18_Weights.IMAGENET1K_V1)
+        wfile = None if init == "scratch" else _local_weights(ResNet18_Weights.IMAGENET1K_V1)
         if wfile is not None:
             net.load_state_dict(torch.load(wfile, map_location="cpu", weights_only=True))
             origin = "imagenet1k_v1"
@@ -140,7 +195,7 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int) -> tup
         from torchvision.models.video import R3D_18_Weights, r3d_18
 
         net = r3d_18(weights=None)
-        wfile = _local_weights(R3D_18_Weights.KINETICS400_V1)
+        wfile = None if init == "scratch" else _local_weights(R3D_18_Weights.KINETICS400_V1)
         if wfile is not None:
             net.load_state_dict(torch.load(wfile, map_location="cpu", weights_only=True))
             origin = "kinetics400_v1"
@@ -163,6 +218,7 @@ class TrainSettings:
     lr: float = DEFAULT_RECIPE["lr"]
     seed: int = 0
     milestones: tuple[int, ...] = DEFAULT_RECIPE["milestones"]  # epochs after which lr is divided by 10 (MultiStepLR)
+    init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
 
 
 # Named training recipes. "medmnist_v2": MedMNIST v2's ResNet baselines (Yang et al. 2023):
@@ -171,6 +227,7 @@ class TrainSettings:
 PRESETS: dict[str, dict] = {
     "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
 }
+assert tuple(PRESETS) == PRESET_NAMES, "declare a new preset's name in topocam.choices too"
 
 
 def training_recipe(preset: str | None = None, **overrides) -> dict:
@@ -222,6 +279,21 @@ def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 128, device
 
 
 @torch.no_grad()
+def embed(model: Backbone, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The pooled embedding the classification layer (``net.fc``) reads, (n, d) float32."""
+    device = next(model.parameters()).device
+    model.eval()
+    seen: list[torch.Tensor] = []
+    hook = model.net.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
+    try:
+        for i in range(0, len(x), batch_size):
+            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device))
+    finally:
+        hook.remove()
+    return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 128, device: torch.device | None = None) -> int:
     """Replace every BatchNorm layer's running statistics by their exact average
     over ``x`` (the training split), in the weights' current state.
@@ -266,7 +338,10 @@ def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
 
 
 def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
-    blob = json.dumps({"data": ds.fingerprint, "arch": arch, "settings": asdict(s), "code": _CODE_VERSION}, sort_keys=True)
+    settings = asdict(s)
+    if settings["init"] == "auto":  # keys of checkpoints trained before the option existed stay valid
+        del settings["init"]
+    blob = json.dumps({"data": ds.fingerprint, "arch": arch, "settings": settings, "code": _CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -299,7 +374,7 @@ def train_backbone(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
     seed_everything(settings.seed)  # before building: the initial weights come from the seed too
-    model, init = build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape))
+    model, init = build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape), settings.init)
     if ckpt.is_file():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["state_dict"])

@@ -50,7 +50,6 @@ of the batch (views, no copies).
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -58,6 +57,7 @@ import numpy as np
 from numba import njit
 
 from .errors import TopoCAMError
+from .jobs import resolve_n_jobs
 
 __all__ = ["betti_curves_fast"]
 
@@ -420,17 +420,6 @@ def _bins_scratch(shape: tuple[int, ...], is3d: bool, n_thresholds: int) -> np.n
     return np.empty(size, dtype=dtype)
 
 
-def _resolve_jobs(n_jobs: int | None) -> int:
-    if n_jobs is None:
-        return 1
-    n_jobs = int(n_jobs)
-    if n_jobs == 0:
-        raise TopoCAMError("n_jobs must be a positive number of threads or -1 for all cores, got 0")
-    if n_jobs < 0:  # joblib convention: -1 all cores, -2 all but one, ...
-        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-    return n_jobs
-
-
 def betti_curves_fast(filtrations: np.ndarray, thresholds: np.ndarray, n_jobs: int = 1) -> np.ndarray:
     """Betti curves beta_k({x <= t}), int64 of shape (n, d, N) for a batch of
     2D (n, H, W) or 3D (n, D, H, W) filtrations at N thresholds.
@@ -462,7 +451,7 @@ def betti_curves_fast(filtrations: np.ndarray, thresholds: np.ndarray, n_jobs: i
     def run(a: int, b: int) -> bool:
         return _betti_batch(F4[a:b], t, out[a:b], is3d, *tables, _CTZ_TABLE, _bins_scratch(F4.shape, is3d, t.size))
 
-    jobs = min(_resolve_jobs(n_jobs), n)
+    jobs = min(resolve_n_jobs(n_jobs), n)
     if jobs == 1:
         ok = run(0, n)
     else:  # a few slices per thread for load balance; slices are views

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import CAM_LAYERS, Backbone
+from .choices import CAM_VARIANTS
 from .errors import TopoCAMError
 
-CAM_VARIANTS: tuple[str, ...] = ("gradcam", "gradcampp", "scorecam")
 TARGET_RULES: tuple[str, ...] = ("predicted", "label")  # "label" = leakage audit only
 
 
@@ -48,14 +48,19 @@ def cam_targets(logits: torch.Tensor, labels: torch.Tensor | None = None, rule: 
     raise TopoCAMError(f"unknown CAM target rule {rule!r}; choose one of {', '.join(TARGET_RULES)}")
 
 
-def normalise_maps(cam: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max to [0, 1]; a constant map becomes all zeros."""
+def normalise_maps(cam: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Per-image min-max to [0, 1] (over every axis but the first); a constant
+    map becomes all zeros. ``inplace=True`` overwrites a contiguous ``cam``
+    instead of allocating a copy (the CAMs here and roi.upsample_normalised)."""
     flat = cam.reshape(cam.shape[0], -1)
-    lo = flat.min(dim=1, keepdim=True).values
-    hi = flat.max(dim=1, keepdim=True).values
+    if not inplace:
+        flat = flat.clone()
+    lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
     span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
-    return out.reshape(cam.shape)
+    # = where(span > 0, (flat - lo) / span.clamp_min(1e-12), 0), in place, same bits
+    flat.sub_(lo).div_(span.clamp_min(1e-12))
+    flat[~(span > 0).reshape(-1)] = 0.0
+    return flat.reshape(cam.shape)
 
 
 def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:

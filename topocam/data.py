@@ -23,6 +23,10 @@ SYNTHETIC = ("synthetic2d", "synthetic3d")
 DATA_DIR_ENV = "TOPOCAM_DATA_DIR"
 OFFLINE_ENV = "TOPOCAM_OFFLINE"  # set to 1 to skip download attempts
 MEDMNIST_SIZES = (28, 64, 128, 224)
+DEFAULT_SYNTHETIC_N: tuple[int, int, int] = (120, 40, 40)  # train, val, test images of a synthetic set
+# Largest synthetic side: the default 200 images at 128^3 are 1.7 GB as float32
+# (2D at 1024: 0.8 GB); beyond that a run would exhaust memory before it starts.
+SYNTHETIC_SIZE_RANGE = {2: (12, 1024), 3: (12, 128)}
 
 
 @dataclass(frozen=True)
@@ -201,14 +205,7 @@ def _try_download(url: str, folder: Path, filename: str, md5: str) -> str | None
 
 def load_medmnist(flag: str, size: int = 28, data_dir: str | Path | None = None) -> Dataset:
     flag = flag.lower()
-    names = medmnist_names()
-    if flag not in names:
-        raise TopoCAMError(
-            f"unknown dataset {flag!r}; choose a MedMNIST set ({', '.join(names)}), "
-            f"{' or '.join(SYNTHETIC)}, or a path to an .npz file"
-        )
-    if size not in MEDMNIST_SIZES:
-        raise TopoCAMError(f"size {size} is not a MedMNIST size; choose one of {MEDMNIST_SIZES}")
+    check_dataset(flag, size)
     info = _medmnist_info(flag)
     sfx = "" if size == 28 else f"_{size}"
     url, md5 = info[f"url{sfx}"], info[f"MD5{sfx}"]
@@ -363,14 +360,13 @@ def synthetic_image(
 
 
 def make_synthetic(
-    ndim: int, size: int = 28, n: tuple[int, int, int] = (120, 40, 40), seed: int = 0, clutter: int = 2
+    ndim: int, size: int = 28, n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N, seed: int = 0, clutter: int = 2
 ) -> Dataset:
     """Balanced, seeded synthetic dataset with ground-truth lesion masks.
     ``seed`` is the DATA seed: models vary their own seeds on these fixed images."""
     if ndim not in (2, 3):
         raise TopoCAMError(f"synthetic data is 2D or 3D, not {ndim}D")
-    if size < 12:
-        raise TopoCAMError(f"synthetic images need size >= 12, got {size}")
+    check_dataset(f"synthetic{ndim}d", size)
     if min(n) < 2:
         raise TopoCAMError(f"each synthetic split needs at least 2 images, got {n}")
     rng = np.random.default_rng(seed)
@@ -390,11 +386,36 @@ def make_synthetic(
                    class_names=["solid lesion", "lesion with hole/cavity"])
 
 
+def _is_path(name: str) -> bool:
+    return name.lower().endswith(".npz") or os.sep in name
+
+
+def check_dataset(name: str, size: int) -> None:
+    """A known dataset name (or an .npz path, checked when read) at a size it can
+    have: a MedMNIST size, or a synthetic side within SYNTHETIC_SIZE_RANGE."""
+    key = name.lower()
+    if key in SYNTHETIC:
+        lo, hi = SYNTHETIC_SIZE_RANGE[int(key[9])]
+        if not lo <= size <= hi:
+            raise TopoCAMError(f"size {size} is out of range for {key}: synthetic images need {lo} <= size <= {hi}")
+        return
+    if _is_path(name):
+        return
+    names = medmnist_names()
+    if key not in names:
+        raise TopoCAMError(
+            f"unknown dataset {key!r}; choose a MedMNIST set ({', '.join(names)}), "
+            f"{' or '.join(SYNTHETIC)}, or a path to an .npz file"
+        )
+    if size not in MEDMNIST_SIZES:
+        raise TopoCAMError(f"size {size} is not a MedMNIST size; choose one of {MEDMNIST_SIZES}")
+
+
 def load_dataset(
     name: str,
     size: int = 28,
     data_dir: str | Path | None = None,
-    synthetic_n: tuple[int, int, int] = (120, 40, 40),
+    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N,
     seed: int = 0,
     clutter: int = 2,
 ) -> Dataset:
@@ -403,6 +424,6 @@ def load_dataset(
     key = name.lower()
     if key in SYNTHETIC:
         return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed, clutter=clutter)
-    if key.endswith(".npz") or os.sep in name:
+    if _is_path(name):
         return load_npz(name)
     return load_medmnist(key, size=size, data_dir=data_dir)

@@ -12,7 +12,6 @@ Two levels, following where the time goes (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,23 +20,33 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, default_cache_dir, device_auto, predict_proba, resolve_backbone, train_backbone
+from .backbone import (
+    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, default_cache_dir, device_auto, embed,
+    predict_proba, resolve_backbone, train_backbone,
+)
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
-from .classifier import MLPSettings, TopoMLP, fit_on_train
-from .data import SPLITS, Dataset, load_dataset
+from .choices import ARMS
+from .classifier import MLPSettings, TopoMLP, fit_mlp, fit_on_train
+from .data import DEFAULT_SYNTHETIC_N, SPLITS, Dataset, check_dataset, load_dataset
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
+from .jobs import check_n_jobs, resolve_n_jobs
 from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
-    UpsampledCache, check_tau, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
-    upsample_normalised,
+    UpsampledCache, check_tau, check_tau_mode, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
+    upsample_normalised, upsampled_cache_bytes,
 )
-from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, roi_counts, segment
+from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, features_per_image_grid, roi_counts, segment
 
 
-METHODS_TUNABLE: tuple[str, ...] = ("topocam", "topo_original")
+METHODS_TUNABLE = ARMS
+BETTI_GRIDS: tuple[str, ...] = ("train", "per_image")  # per_image: the leakage audit's shortcut
+HEADS: tuple[str, ...] = ("betti", "hybrid")
+MLP_STOPS: tuple[str, ...] = ("inner", "val")  # val: the leakage audit's shortcut
+# Options only ablation arms set (a study file cannot): see topocam.search.ablate
+ABLATION_ONLY: tuple[str, ...] = ("tau_mode", "betti_grid", "head", "mlp_stop", "init")
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class TopoCAMConfig:
     dataset: str = "breastmnist"
     data_dir: str | None = None
     size: int = 28
-    synthetic_n: tuple[int, int, int] = (120, 40, 40)
+    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N
     data_seed: int = 0  # synthetic sets only: the images stay fixed while model seeds vary
     clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
     # backbone (f_theta)
@@ -56,18 +65,23 @@ class TopoCAMConfig:
     lr: float = DEFAULT_RECIPE["lr"]
     lr_milestones: tuple[int, ...] = ()  # backbone lr / 10 after these epochs (the medmnist_v2 preset: 50, 75)
     seed: int = 0
+    init: str = "auto"  # backbone start: "auto" (pretrained weights if on disk), "pretrained" (required), "scratch"
     # method: "topocam" (ROI from the CAMs) or "topo_original" (the same phi and g on the whole image)
     method: str = "topocam"
     # CAMs and ROI (A_{w,tau})
     cam: str = "gradcam"
     weights: tuple[float, float, float] = (0.2, 0.3, 0.5)
     tau: float = 0.6
+    tau_mode: str = "absolute"  # "relative": M / max(M) >= tau per image (an ablation arm beyond the paper)
     cam_target: str = "predicted"  # "label" only as the named leakage-audit ablation
     # topology (phi)
     outside: str = "zero"
     bins: int = 50
     betti_backend: str = "fast"
+    betti_grid: str = "train"  # "per_image" only as the named leakage-audit ablation
     # classifier (g_psi)
+    head: str = "betti"  # "hybrid": Betti features and the backbone's pooled embedding
+    mlp_stop: str = "inner"  # "val" (early stopping on validation) only as the named leakage-audit ablation
     mlp: tuple[int, ...] = (128, 64)
     mlp_lr: float = 1e-3
     mlp_weight_decay: float = 0.0
@@ -86,6 +100,12 @@ class TopoCAMConfig:
             raise TopoCAMError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS_TUNABLE)}")
         if self.cam_target not in TARGET_RULES:
             raise TopoCAMError(f"unknown CAM target rule {self.cam_target!r}; choose one of {', '.join(TARGET_RULES)}")
+        check_tau_mode(self.tau_mode)
+        check_init(self.init)
+        for name, value, allowed in (("betti_grid", self.betti_grid, BETTI_GRIDS), ("head", self.head, HEADS),
+                                     ("mlp_stop", self.mlp_stop, MLP_STOPS)):
+            if value not in allowed:
+                raise TopoCAMError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if self.bins < 2:
             raise TopoCAMError(f"bins must be >= 2, got {self.bins}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
@@ -94,24 +114,32 @@ class TopoCAMConfig:
             raise TopoCAMError(f"seeds must be >= 0, got data seed {self.data_seed} and model seed {self.seed}")
         if self.clutter < 1:
             raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
-        if self.n_jobs < -1:
-            raise TopoCAMError(f"n_jobs must be -1 (all cores) or >= 1, got {self.n_jobs}")
+        check_n_jobs(self.n_jobs)
+        check_dataset(self.dataset, self.size)
+        check_cache_dir(self.cache_dir)
+        upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 
+    @property
+    def leaks(self) -> tuple[str, ...]:
+        """The reference implementation's shortcuts this configuration takes (DESIGN.md §2);
+        non-empty only for the leakage audit's arms, whose numbers are invalid by design."""
+        return tuple(name for name, leaky in (
+            ("cam_target=label", self.cam_target == "label"),
+            ("betti_grid=per_image", self.betti_grid == "per_image"),
+            ("mlp_stop=val", self.mlp_stop == "val"),
+        ) if leaky)
+
     def train_settings(self) -> TrainSettings:
         return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                             milestones=tuple(int(m) for m in self.lr_milestones))
+                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init)
 
     def mlp_settings(self) -> MLPSettings:
         return MLPSettings(hidden=tuple(int(h) for h in self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _n_jobs(n: int) -> int:
-    return (os.cpu_count() or 1) if n in (-1, 0) else n
 
 
 @dataclass
@@ -133,6 +161,13 @@ class Context:
 
     def health(self) -> BackboneHealth:
         return backbone_health(self.cnn_probs, self.data.task, self.data.n_classes)
+
+    def embedding(self, split: str) -> np.ndarray:
+        """The backbone's pooled embedding of a split (the hybrid head's second input)."""
+        key = ("embedding", split)
+        if key not in self.trial_cache:
+            self.trial_cache[key] = embed(self.model, self.data.x[split])
+        return self.trial_cache[key]
 
     def gray(self, split: str) -> np.ndarray:
         if split not in self._gray:
@@ -226,7 +261,7 @@ class Features:
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fused map and ROI mask of every image in a split.
 
-    Equal, bit for bit, to ``fuse(ctx.cams(cfg.cam, split).maps, w, shape)``;
+    M = sum_l w_l H_l with H_l = ``upsample_normalised`` of layer l's CAMs;
     the upsampled, normalised per-layer maps (they depend on the CAM variant,
     not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
     memory-bounded LRU, so later trials only sum and threshold."""
@@ -241,7 +276,7 @@ def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, n
         for layer, wl in zip(CAM_LAYERS, w)
     ]
     fused = fuse_upsampled(layers, w)
-    return fused, roi_masks(fused, cfg.tau)
+    return fused, roi_masks(fused, cfg.tau, cfg.tau_mode)
 
 
 def features_from_masks(
@@ -255,13 +290,16 @@ def features_from_masks(
     filtrations = {s: segment(ctx.gray(s), masks[s], cfg.outside) for s in splits}  # once per split, also for the grid
     counts = {s: roi_counts(masks[s]) for s in splits}
     grid = BettiGrid.fit(filtrations["train"], cfg.bins)
-    x = {
-        s: features_from_filtrations(
-            filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=_n_jobs(cfg.n_jobs),
-            progress=progress, desc=f"{label} Betti curves {s}",
-        )
-        for s in splits
-    }
+    if cfg.betti_grid == "per_image":  # the leakage audit's shortcut: every image binned on its own range
+        x = {s: features_per_image_grid(filtrations[s], counts[s], cfg.bins, cfg.betti_backend, resolve_n_jobs(cfg.n_jobs)) for s in splits}
+    else:
+        x = {
+            s: features_from_filtrations(
+                filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=resolve_n_jobs(cfg.n_jobs),
+                progress=progress, desc=f"{label} Betti curves {s}",
+            )
+            for s in splits
+        }
     frac = {s: float(counts[s].sum() / masks[s].size) for s in splits}
     empty = {s: int((counts[s] == 0).sum()) for s in splits}
     return Features(x, grid, frac, empty)
@@ -284,6 +322,16 @@ def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = Fals
     return features_from_masks(ctx, cfg, ones, splits, progress, "Topo-Original")
 
 
+def hybrid_inputs(betti: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    """The hybrid head's input: Betti features, then the backbone's pooled embedding
+    (the MLP standardises every column, so the scales need no care here)."""
+    return np.concatenate([betti, embedding.astype(np.float32)], axis=1)
+
+
+def with_embedding(ctx: Context, feats: Features) -> Features:
+    return replace(feats, x={s: hybrid_inputs(v, ctx.embedding(s)) for s, v in feats.x.items()})
+
+
 # ---------------------------------------------------------------- classifier
 
 
@@ -299,7 +347,10 @@ def fit_and_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, report_test
     """Fit g_psi on train (early stopping on an inner split of train); score it on
     val, and on test only if asked."""
     y = ctx.data.y
-    mlp = fit_on_train(feats.x["train"], y["train"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
+    if cfg.mlp_stop == "val":  # the leakage audit's shortcut: validation stops the MLP it then scores
+        mlp = fit_mlp(feats.x["train"], y["train"], feats.x["val"], y["val"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
+    else:
+        mlp = fit_on_train(feats.x["train"], y["train"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
     probs = {s: mlp.predict_proba(feats.x[s]) for s in (("val", "test") if report_test else ("val",))}
     val = score(y["val"], probs["val"], ctx.data.task)
     test = score(y["test"], probs["test"], ctx.data.task) if report_test else None
@@ -364,6 +415,8 @@ def evaluate(
         ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
         t1 = time.perf_counter()
         feats = topocam_features(ctx, cfg, report_test, progress)
+    if cfg.head == "hybrid":
+        feats = with_embedding(ctx, feats)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     cv = cv_score(ctx, cfg, feats, cv_folds) if cv_folds else None
@@ -400,10 +453,14 @@ def predict_images(
     fused = fuse_upsampled(
         [None if wl == 0 else upsample_normalised(cams.maps[layer], shape) for layer, wl in zip(CAM_LAYERS, w)], w
     )
-    masks = roi_masks(fused, cfg.tau)
+    masks = roi_masks(fused, cfg.tau, cfg.tau_mode)
     gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
     counts = roi_counts(masks)
+    if cfg.leaks:
+        raise TopoCAMError(f"a leakage-audit configuration ({', '.join(cfg.leaks)}) cannot predict new images")
     feats = features_from_filtrations(segment(gray, masks, cfg.outside), counts, grid, backend=cfg.betti_backend, n_jobs=n_jobs)
+    if cfg.head == "hybrid":
+        feats = hybrid_inputs(feats, embed(model, x))
     frac = counts / float(np.prod(shape))
     return ImagePredictions(mlp.predict_proba(feats), fused, masks, frac, cams.probs)
 

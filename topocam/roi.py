@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbone import CAM_LAYERS
+from .cam import normalise_maps
 from .errors import TopoCAMError
 
 UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
@@ -58,13 +59,7 @@ def upsample_normalised(maps: np.ndarray, shape: tuple[int, ...], chunk: int = 2
         h = torch.from_numpy(np.array(maps[i : i + chunk], dtype=np.float32)).unsqueeze(1)
         if tuple(h.shape[2:]) != tuple(shape):
             h = F.interpolate(h, size=shape, mode=mode, align_corners=False)
-        flat = h.reshape(h.shape[0], -1)
-        lo, hi = torch.aminmax(flat, dim=1, keepdim=True)
-        span = hi - lo
-        # = where(span > 0, (flat - lo) / span.clamp_min(1e-12), 0), in place, same bits
-        flat.sub_(lo).div_(span.clamp_min(1e-12))
-        flat[~(span > 0).reshape(-1)] = 0.0
-        flat_out[i : i + chunk] = flat.numpy()
+        flat_out[i : i + chunk] = normalise_maps(h.reshape(h.shape[0], -1), inplace=True).numpy()
     return out
 
 
@@ -87,13 +82,22 @@ def fuse_upsampled(layers: Sequence[np.ndarray | None], weights: np.ndarray) -> 
     return out
 
 
-def fuse(maps: Mapping[str, np.ndarray], weights: np.ndarray, shape: tuple[int, ...], chunk: int = 256) -> np.ndarray:
-    """Fused map M, (n, *shape) float32 in [0, 1]. Layers with weight 0 are
-    not even read (their maps may stay on disk)."""
-    if not np.any(np.asarray(weights) != 0):
-        return np.zeros((len(maps[CAM_LAYERS[0]]), *shape), dtype=np.float32)
-    layers = [upsample_normalised(maps[layer], shape, chunk) if w != 0 else None for layer, w in zip(CAM_LAYERS, weights)]
-    return fuse_upsampled(layers, weights)
+def upsampled_cache_bytes() -> int:
+    """The budget from ``TOPOCAM_ROI_CACHE_MB`` (MiB; unset: the default), or a
+    TopoCAMError naming the variable and its value."""
+    raw = os.environ.get(UPSAMPLED_CACHE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_UPSAMPLED_CACHE_MB * 2**20
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not (mb >= 0 and mb != float("inf")):
+        raise TopoCAMError(
+            f"{UPSAMPLED_CACHE_ENV} must be a number of MiB >= 0 (0 turns the cache off; default "
+            f"{DEFAULT_UPSAMPLED_CACHE_MB}), got {raw!r}"
+        )
+    return int(mb * 2**20)
 
 
 class UpsampledCache:
@@ -110,7 +114,7 @@ class UpsampledCache:
 
     def __init__(self, max_bytes: int | None = None):
         if max_bytes is None:
-            max_bytes = int(float(os.environ.get(UPSAMPLED_CACHE_ENV, DEFAULT_UPSAMPLED_CACHE_MB)) * 2**20)
+            max_bytes = upsampled_cache_bytes()
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -149,8 +153,25 @@ class UpsampledCache:
             self._items.clear()
 
 
-def roi_masks(fused: np.ndarray, tau: float) -> np.ndarray:
-    return fused >= check_tau(tau)
+TAU_MODES: tuple[str, ...] = ("absolute", "relative")
+
+
+def check_tau_mode(mode: str) -> str:
+    if mode not in TAU_MODES:
+        raise TopoCAMError(f"unknown tau mode {mode!r}; choose one of {', '.join(TAU_MODES)}")
+    return mode
+
+
+def roi_masks(fused: np.ndarray, tau: float, mode: str = "absolute") -> np.ndarray:
+    """ROI = M >= tau (the paper), or M / max(M) >= tau per image (``relative``): a fused
+    map whose layers peak apart, or with a dead (constant) layer, never reaches an
+    absolute tau and gives an empty ROI; relative to its own maximum it cannot be
+    empty unless the whole map is zero."""
+    tau = check_tau(tau)
+    if check_tau_mode(mode) == "absolute":
+        return fused >= tau
+    peak = fused.reshape(len(fused), -1).max(axis=1).reshape(-1, *([1] * (fused.ndim - 1)))
+    return (fused >= tau * peak) & (peak > 0)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -104,3 +104,27 @@ def summarise_method(
         if m in CI_METRICS:
             out[m]["ci95"] = seed_mean_ci(y_true, probs_per_seed, task, m)
     return out
+
+
+def seed_mean_difference_ci(
+    y_a: np.ndarray, probs_a: Sequence[np.ndarray], y_b: np.ndarray, probs_b: Sequence[np.ndarray], task: str, metric: str,
+    paired: bool, n_boot: int = N_BOOTSTRAP, seed: int = 0, level: float = 0.95,
+) -> list[float]:
+    """Bootstrap interval of (seed-mean of A) - (seed-mean of B).
+
+    ``paired``: A and B are scored on the same images (one split), so every resample
+    draws the same images for both and the image-to-image variation cancels, as in a
+    paired test. Otherwise (e.g. a validation number against a test number) the two
+    sets are resampled independently."""
+    rng = np.random.default_rng(seed)
+    idx_a = stratified_indices(y_a, n_boot, rng)
+    idx_b = idx_a if paired else stratified_indices(y_b, n_boot, rng)
+    if paired and np.asarray(y_a).shape != np.asarray(y_b).shape:
+        raise ValueError("a paired difference needs both arms scored on the same images")
+    a = np.mean([resampled_metric(y_a, p, task, metric, idx_a) for p in probs_a], axis=0)
+    b = np.mean([resampled_metric(y_b, p, task, metric, idx_b) for p in probs_b], axis=0)
+    d = (a - b)[np.isfinite(a - b)]
+    if d.size == 0:
+        return [float("nan"), float("nan")]
+    q = (1 - level) / 2
+    return [float(np.quantile(d, q)), float(np.quantile(d, 1 - q))]

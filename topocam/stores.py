@@ -37,6 +37,12 @@ class StoreURL:
         return None if self.path is None else self.path.with_name(f".{self.path.name}.topocam.lock")
 
 
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` URL of a database file, its folder made absolute."""
+    path = Path(path)
+    return f"sqlite:///{path.parent.resolve() / path.name}"
+
+
 def parse_store_url(url: str) -> StoreURL:
     """Classify a store URL; never raises (an unknown scheme is ``kind="unknown"``)."""
     url = url.strip()

@@ -17,23 +17,27 @@ essential classes never die (death = +inf). Pixels are the top-dimensional
 cubes of the complex (giotto-tda / GUDHI convention), so the sublevel set is
 8-connected in 2D and 26-connected in 3D.
 
-Backends: ``giotto`` (the reference, giotto-tda ``CubicalPersistence``) and
-``fast`` (exact union-find / Euler characteristic, see ``betti_fast``).
+Backends: ``fast`` (exact union-find / Euler characteristic, see
+``betti_fast``; the default) and ``giotto`` (giotto-tda ``CubicalPersistence``,
+an optional extra: ``pip install -e '.[giotto]'``). The tests check ``fast``
+against GUDHI's cubical persistence, and against giotto-tda where it is
+installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from .choices import BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 
 Outside = Literal["zero", "exclude"]
 Backend = Literal["fast", "giotto"]
-OUTSIDE_MODES: tuple[str, ...] = ("zero", "exclude")
-BACKENDS: tuple[str, ...] = ("fast", "giotto")
+BACKENDS = BETTI_BACKENDS
 
 
 def check_outside(outside: str) -> None:
@@ -41,9 +45,19 @@ def check_outside(outside: str) -> None:
         raise TopoCAMError(f"unknown outside mode {outside!r}; choose one of {', '.join(OUTSIDE_MODES)}")
 
 
+GIOTTO_MISSING = (
+    "the giotto Betti backend needs giotto-tda, which is not installed; "
+    "install the extra with: pip install -e '.[giotto]' "
+    "(or use --betti-backend fast, which gives the same numbers)"
+)
+
+
 def check_backend(backend: str) -> None:
+    """A known backend whose package is installed (giotto-tda is an optional extra)."""
     if backend not in BACKENDS:
         raise TopoCAMError(f"unknown Betti backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "giotto" and importlib.util.find_spec("gtda") is None:
+        raise TopoCAMError(GIOTTO_MISSING)
 
 
 def segment(images: np.ndarray, masks: np.ndarray, outside: Outside) -> np.ndarray:
@@ -85,9 +99,19 @@ class BettiGrid:
         return cls(np.linspace(lo, hi, n_bins))
 
 
+def _alive_counts(diagrams: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Intervals [b, d) alive at each threshold (b <= t < d), per image:
+    (n_images, n_thresholds) from diagrams (n_images, n_points, 2)."""
+    t = np.asarray(thresholds, dtype=np.float64).reshape(1, 1, -1)
+    alive = (diagrams[:, :, 0, None] <= t) & (t < diagrams[:, :, 1, None])
+    return alive.sum(axis=1)
+
+
 def _betti_curves_giotto(filtrations: np.ndarray, thresholds: np.ndarray, n_jobs: int = 1) -> np.ndarray:
-    from gtda.diagrams._metrics import betti_curves as _gtda_betti_curves
-    from gtda.homology import CubicalPersistence
+    try:
+        from gtda.homology import CubicalPersistence
+    except ImportError as exc:
+        raise TopoCAMError(GIOTTO_MISSING) from exc
 
     n, *shape = filtrations.shape
     dims = tuple(range(len(shape)))
@@ -96,12 +120,11 @@ def _betti_curves_giotto(filtrations: np.ndarray, thresholds: np.ndarray, n_jobs
     )
     diagrams = cp.fit_transform(filtrations)
     out = np.zeros((n, len(dims), thresholds.size), dtype=np.int64)
-    sampling = np.asarray(thresholds, dtype=np.float64).reshape(-1, 1, 1)
     for k in dims:
         dk = diagrams[:, :, :2].copy()
         other = diagrams[:, :, 2] != k
         dk[other, 1] = dk[other, 0]  # an empty interval [b, b) is never alive
-        out[:, k, :] = _gtda_betti_curves(dk, sampling).astype(np.int64)
+        out[:, k, :] = _alive_counts(dk, thresholds)
     return out
 
 
@@ -123,24 +146,6 @@ def betti_curves(
     return betti_curves_fast(filtrations, thresholds, n_jobs=n_jobs)
 
 
-def betti_features(
-    images: np.ndarray,
-    masks: np.ndarray,
-    grid: BettiGrid,
-    outside: Outside,
-    backend: Backend = "fast",
-    n_jobs: int = 1,
-    progress: bool = False,
-    desc: str = "Betti curves",
-) -> np.ndarray:
-    """phi: Betti curves divided by the ROI voxel count, with the count
-    appended: (n, d * n_bins + 1) float32. An empty ROI gives zeros and a
-    count of 0 (its image is kept, never dropped)."""
-    return features_from_filtrations(
-        segment(images, masks, outside), roi_counts(masks), grid, backend, n_jobs, progress, desc
-    )
-
-
 def roi_counts(masks: np.ndarray) -> np.ndarray:
     """Voxels in each image's ROI, (n,) int64."""
     masks = np.asarray(masks, dtype=bool)
@@ -156,8 +161,10 @@ def features_from_filtrations(
     progress: bool = False,
     desc: str = "Betti curves",
 ) -> np.ndarray:
-    """:func:`betti_features` from already segmented images (``segment``) and their
-    ROI counts, for callers that also fit the grid on the same filtrations."""
+    """phi from segmented images (``segment``) and their ROI counts
+    (``roi_counts``): Betti curves divided by the ROI voxel count, with the count
+    appended, (n, d * n_bins + 1) float32. An empty ROI gives zeros and a count
+    of 0 (its image is kept, never dropped)."""
     n = filtrations.shape[0]
     d = filtrations.ndim - 1
     feats = np.zeros((n, d * grid.n_bins + 1), dtype=np.float32)
@@ -173,4 +180,21 @@ def features_from_filtrations(
             curves = betti_curves(filtrations[idx], grid.thresholds, backend=backend, n_jobs=n_jobs)
             feats[idx, :-1] = (curves.reshape(idx.size, -1) / counts[idx, None]).astype(np.float32)
             bar.update(idx.size)
+    return feats
+
+
+def features_per_image_grid(
+    filtrations: np.ndarray, counts: np.ndarray, n_bins: int, backend: Backend = "fast", n_jobs: int = 1,
+) -> np.ndarray:
+    """The reference implementation's shortcut, for the leakage audit only: each image's
+    Betti curves sampled on a grid fitted to that image's own filtration range (so a
+    curve's bins mean something different in every image, and test images shape their
+    own features). The honest path is :meth:`BettiGrid.fit` on the training split."""
+    n = filtrations.shape[0]
+    feats = np.zeros((n, (filtrations.ndim - 1) * n_bins + 1), dtype=np.float32)
+    feats[:, -1] = counts
+    for i in np.flatnonzero(counts > 0):
+        grid = BettiGrid.fit(filtrations[i : i + 1], n_bins)
+        curves = betti_curves(filtrations[i : i + 1], grid.thresholds, backend=backend, n_jobs=n_jobs)
+        feats[i, :-1] = (curves.reshape(-1) / counts[i]).astype(np.float32)
     return feats

@@ -14,6 +14,11 @@ Structure of one study in MLflow (one experiment per study):
 Every run carries the tags ``study``, ``dataset``, ``kind`` and, where they
 apply, ``sampler`` and ``seed``, so runs can be filtered in the UI.
 
+In the MLflow UI: every experiment is tagged a model-training experiment
+(``mlflow.experimentKind``), and :meth:`Tracker.runs_table_url` gives the one
+link the CLI prints: the runs table with the runs to compare and their metric
+columns already chosen, in a browser that has never opened MLflow before.
+
 Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
 artifacts beside it (``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
@@ -26,6 +31,8 @@ names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -34,13 +41,29 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopoCAMError
-from .stores import FileLock, parse_store_url
+from .stores import FileLock, parse_store_url, sqlite_url
 
 DEFAULT_RUNS_DIR = Path("mlruns")
 
+# What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
+# * the experiment tag ``mlflow.experimentKind`` (experiment-tracking/utils/ExperimentKindUtils.ts;
+#   values: ExperimentKind in experiment-tracking/constants.ts) marks a model-training experiment;
+# * which side of the GenAI / Model training switch a page shows comes from the URL parameter
+#   ``workflowType``, else the browser's local storage ``mlflow.workflowType``, whose default is GenAI
+#   (common/contexts/WorkflowTypeContext.tsx): in 3.17.2 a fresh browser opens every experiment, even
+#   a tagged one, on the empty GenAI overview, so the link names ``workflowType=machine_learning``;
+# * the runs table's columns are not URL parameters; a view saved as the experiment tag
+#   ``mlflow.sharedViewState.<id>`` (value: the envelope of experiment-page/utils/savedViewEnvelope.ts
+#   around the UI state and search facets) is applied by ``?viewStateShareKey=<id>``
+#   (experiment-page/hooks/useSharedExperimentViewState.ts) and listed in the page's "Views" menu.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens unless told otherwise
+
 
 def default_tracking_uri(runs_dir: Path) -> str:
-    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+    return sqlite_url(Path(runs_dir) / "mlflow.db")
 
 
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
@@ -101,22 +124,69 @@ class Tracker:
                     f"MLflow experiment {name!r} in {self.uri} is deleted; restore it (mlflow experiments restore "
                     f"--experiment-id {exp.experiment_id}), purge it (mlflow gc), or rename the study"
                 )
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # a store written before the tag was set
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         artifacts = None
         if self.store.kind in ("sqlite", "file"):
             artifacts = (self.runs_dir / "artifacts" / name).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifacts)
+            return self.client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created concurrently by another worker: use theirs
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
 
+    # -- the MLflow UI ---------------------------------------------------------
+    def ui_command(self) -> str | None:
+        """The command that serves this store's UI at :data:`UI_URL`; None for a tracking server,
+        which serves its own UI."""
+        return None if self.uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {self.uri}"
+
+    def runs_table_url(
+        self, experiment_id: str, *, filter: str = "", metrics: list[str] | tuple[str, ...] = (),
+        params: list[str] | tuple[str, ...] = (), tags: list[str] | tuple[str, ...] = (),
+        order_by: str | None = None, ascending: bool = False, name: str | None = None, ui_url: str | None = None,
+    ) -> str:
+        """The link to the experiment's runs table showing the runs that match ``filter`` (MLflow
+        search syntax, e.g. ``tags.ablation = 'cam'``) with these metric, parameter and tag
+        columns, sorted by the metric ``order_by`` (descending unless ``ascending``).
+
+        The view is saved once as an experiment tag, so the link works in any browser, also one
+        that never opened MLflow; the same view asked for again reuses the tag. With a ``name``
+        the view is also listed in the page's "Views" menu, which holds 40 views per experiment
+        (give one to a few broad views, not to one per sampler and seed); without, only the link
+        reaches it. The link's host is the tracking server for an ``http(s)``
+        tracking URI, else ``ui_url`` (default :data:`UI_URL`, where the command of
+        :meth:`ui_command` serves a local store). Should the view not be saved (say, a server
+        that refuses tags), the link still opens the runs table, with MLflow's default columns."""
+        base = (ui_url or (self.uri if self.ui_command() is None else UI_URL)).rstrip("/")
+        url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        keys = {f"{kind}.`{k}`": k for kind, names in (("metrics", map(metric_key, metrics)), ("params", map(metric_key, params)),
+                                                         ("tags", tags)) for k in names}
+        state: dict[str, Any] = {  # the UI's column ids are these keys (makeCanonicalSortKey)
+            "searchFilter": filter,
+            "selectedColumns": list(keys),
+            "columnOrder": list(keys),  # as given, first after the run's name and times
+            "columnWidths": {col: max(100, 7 * len(k) + 40) for col, k in keys.items()},  # the whole name in view
+        }
+        if order_by:
+            state.update(orderByKey=f"metrics.`{metric_key(order_by)}`", orderByAsc=bool(ascending))
+        blob = json.dumps(state, sort_keys=True)
+        view_id = "topocam-" + hashlib.sha256(f"{name}\n{blob}".encode()).hexdigest()[:16]
+        key = VIEW_TAG_PREFIX + view_id
+        try:
+            if key not in self.client.get_experiment(experiment_id).tags:  # a saved view's envelope, or a bare shared state
+                value = json.dumps({"name": name[:200], "createdAt": int(time.time() * 1000), "state": blob}) if name else blob
+                self.client.set_experiment_tag(experiment_id, key, value)
+        except Exception:  # the link without the view is still the right page
+            return url
+        return f"{url}&viewStateShareKey={view_id}"
+
     def find_runs(self, experiment_id: str, tags: dict[str, Any], max_results: int = 1000, status: str | None = None) -> list:
         """Active runs carrying all these tags (and this status), newest first."""
-        flt = " and ".join([f"tags.`{k}` = '{_quote(v)}'" for k, v in tags.items()]
-                           + ([f"attributes.status = '{status}'"] if status else []))
+        flt = " and ".join(([tags_filter(tags)] if tags else []) + ([f"attributes.status = '{status}'"] if status else []))
         return list(self.client.search_runs([experiment_id], filter_string=flt, max_results=max_results,
                                             order_by=["attributes.start_time DESC"]))
 
@@ -168,6 +238,15 @@ class Tracker:
 def _quote(v: Any) -> str:
     """A value inside a single-quoted MLflow filter string."""
     return str(v).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def tags_filter(tags: dict[str, Any]) -> str:
+    """An MLflow search filter for runs carrying all these tags: ``tags.arm = 'x' and ...`` (a key
+    other than a plain identifier in backquotes), as a person would type it in the UI's search box."""
+    return " and ".join(f"tags.{k if _IDENTIFIER.fullmatch(k) else f'`{k}`'} = '{_quote(v)}'" for k, v in tags.items())
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
 
 def flat_metrics(prefix: str, metrics: dict[str, float] | None) -> dict[str, float]:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import math
 import re
@@ -94,17 +95,23 @@ def redact_url(url: str) -> str:
 
 
 def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
-                 trial: int | None = None) -> Choice:
-    """The trial to export (see the module doc). Reads the storage only."""
+                 trial: int | None = None, arm: str = "topocam") -> Choice:
+    """The trial to export (see the module doc). Reads the storage only. ``arm``:
+    "topo_original" chooses among the equal-budget Topo-Original searches instead."""
     import optuna
 
     from ..search.runner import ATTR_DEFINITION, definition, open_storage
+    from ..search.trials import is_scored, scored_trials
+    from ..search.space import arm_space
+
+    if arm != "topocam":
+        spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, method=arm), space=arm_space(spec.space, arm))
 
     storage = open_storage(storage_url)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     mine = sorted(
         (s for s in summaries if s.user_attrs.get("topocam_study") == spec.name
-         and s.user_attrs.get("arm", "topocam") == "topocam"  # not the Topo-Original baseline's searches
+         and s.user_attrs.get("arm", "topocam") == arm  # TopoCAM's searches, or the Topo-Original baseline's
          and (sampler is None or s.user_attrs.get("sampler") == sampler)
          and (seed is None or s.user_attrs.get("seed") == seed)),
         key=lambda s: (str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed", -1))),
@@ -137,14 +144,13 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
             if not found:
                 raise TopoCAMError(f"study {s.study_name!r} has no trial {trial} (it has {len(trials)} trials, numbered from 0)")
             t = found[0]
-            if t.state != optuna.trial.TrialState.COMPLETE or t.value is None or not math.isfinite(t.value):
+            if not is_scored(t):
                 raise TopoCAMError(f"trial {trial} of {s.study_name!r} is {t.state.name}, without an objective value; pick a completed trial")
             best = (t.value, s, t)
             break
-        for t in trials:
-            if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-                if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
-                    best = (t.value, s, t)
+        for t in scored_trials(trials):
+            if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
+                best = (t.value, s, t)
     if best is None:
         raise TopoCAMError(f"no completed trial with a finite objective in {', '.join(s.study_name for s in mine)}")
     value, s, t = best

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
+from ..choices import check_n_trials, check_samplers
 from ..errors import TopoCAMError
 from ..metrics import evaluate as score
 from ..stats import format_mean_sd, mean_sd
@@ -244,8 +245,10 @@ def _json_safe(obj):
 def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials: int, out_dir: Path) -> Comparison:
     spec = runner.spec
     samplers, seeds = list(dict.fromkeys(samplers)), list(dict.fromkeys(seeds))  # a repeated name would count twice
-    if not samplers or not seeds or n_trials < 1:
-        raise TopoCAMError(f"compare needs samplers, seeds and a budget >= 1; got {samplers}, {seeds}, {n_trials}")
+    check_samplers(samplers, "compare")
+    check_n_trials(n_trials)
+    if not seeds:
+        raise TopoCAMError("compare needs one or more seeds")
     runner.log_baselines()
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
     rows, curves = summarise(runs, n_trials, spec.metric, spec.objective)

@@ -50,15 +50,17 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
+from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..metrics import evaluate as score
-from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
+from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
 from ..stores import FileLock
 from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
 from .studyfile import StudySpec
+from .trials import scored_trials
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
@@ -124,6 +126,10 @@ def definition(spec: StudySpec) -> dict[str, Any]:
     base = spec.base.as_dict()
     for k in ("data_dir", "cache_dir", "n_jobs"):
         base.pop(k, None)
+    defaults = TopoCAMConfig().as_dict()
+    for k in ABLATION_ONLY:  # never set by a study file: left out at their defaults, so stored studies stay comparable
+        if base.get(k) == defaults[k]:
+            base.pop(k, None)
     space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
     return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))
 
@@ -425,10 +431,9 @@ class StudyRunner:
             raise infra from exc
 
     def _run(self, sampler: str, seed: int, n_trials: int | None) -> SamplerRun:
-        if sampler not in SAMPLERS:
-            raise TopoCAMError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if n_trials is not None and (isinstance(n_trials, bool) or n_trials < 1):
-            raise TopoCAMError(f"the budget (n_trials) must be >= 1, got {n_trials}")
+        check_samplers(sampler)
+        if n_trials is not None:
+            check_n_trials(n_trials)
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
         with quiet_experimental():
             study = optuna.create_study(
@@ -561,7 +566,7 @@ class StudyRunner:
             for t in trials
         ]
         numbers = [t.number for t in trials]
-        complete = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        complete = scored_trials(trials)
         n_failed = len(trials) - len(complete)
         failures = failure_groups(trials)
         if not complete:
@@ -642,7 +647,7 @@ class _TrialBar:
 
     def _postfix(self, study: optuna.Study) -> None:
         trials = [t for t in study.get_trials(deepcopy=False) if counts(t)]
-        good = [t.value for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+        good = [t.value for t in scored_trials(trials)]
         post = {"best": f"{max(good):.4f}" if good else "—"}
         failed = sum(t.state == S.FAIL for t in trials)
         if failed:
@@ -683,7 +688,7 @@ def _owner_from_name(optuna_study: str) -> str:
 def _status_row(study: optuna.Study) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     count = {st: sum(t.state == st for t in trials) for st in (S.COMPLETE, S.RUNNING, S.FAIL, S.PRUNED, S.WAITING)}
-    good = [t for t in trials if t.state == S.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    good = scored_trials(trials)
     best = max(good, key=lambda t: (t.value, -t.number)) if good else None
     parts = study.study_name.rsplit(".", 2)
     sampler = study.user_attrs.get("sampler", parts[1] if len(parts) == 3 else "?")

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 
 from ..errors import TopoCAMError
-from ..stores import FileLock, StoreURL, parse_store_url
+from ..stores import FileLock, StoreURL, parse_store_url, sqlite_url
 from ..tracking import DEFAULT_RUNS_DIR
 
 SUPPORTED = "sqlite:///path.db, postgresql://user:pw@host:port/db, mysql://... or journal:/path.log"
@@ -35,7 +35,7 @@ def quiet_experimental() -> Iterator[None]:
 
 
 def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
-    return f"sqlite:///{Path(runs_dir).resolve() / 'optuna.db'}"
+    return sqlite_url(Path(runs_dir) / "optuna.db")
 
 
 MAX_RETRY = 3  # a configuration whose worker dies every time is re-run at most this often

@@ -18,7 +18,6 @@ optimisers, not the luck of the backbone.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from typing import Any
 
 from ..errors import TopoCAMError
 from ..pipeline import TopoCAMConfig
-from .samplers import SAMPLERS, make_sampler
+from ..choices import check_n_trials, check_samplers
+from .samplers import make_sampler
 from .space import Param, build_space
 
 DEFAULT_GRACE_PERIOD = 20  # seconds; heartbeats every grace_period // 4
@@ -84,7 +84,7 @@ class StudySpec:
 
 def _typed(section: str, key: str, value: Any, want, where: str) -> Any:
     types = want if isinstance(want, tuple) else (want,)
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
         raise TopoCAMError(f"{where}: [{section}] {key} must be {names}, got {value!r}")
     return value
@@ -126,12 +126,8 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     if objective not in OBJECTIVES:
         raise TopoCAMError(f"{where}: [study] objective {objective!r} not one of {list(OBJECTIVES)}")
     n_trials = st.get("n_trials", 50)
-    if n_trials < 1:
-        raise TopoCAMError(f"{where}: [study] n_trials must be >= 1, got {n_trials}")
-    samplers = tuple(st.get("samplers", ["de", "tpe", "cmaes", "random"]))
-    bad = [s for s in samplers if s not in SAMPLERS]
-    if bad or not samplers:
-        raise TopoCAMError(f"{where}: [study] samplers {bad or samplers} unknown; choose from {list(SAMPLERS)}")
+    check_n_trials(n_trials, f"{where}: [study] n_trials")
+    samplers = check_samplers(st.get("samplers", ["de", "tpe", "cmaes", "random"]), f"{where}: [study] samplers")
     seeds = tuple(st.get("seeds", [0, 1, 2]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise TopoCAMError(f"{where}: [study] seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
@@ -156,7 +152,7 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
         raise TopoCAMError(f"{where}: [backbone] preset: {exc}") from None
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in recipe["milestones"]):
         raise TopoCAMError(f"{where}: [backbone] milestones must be epochs >= 1, got {list(recipe['milestones'])}")
-    synthetic_n = data.get("synthetic_n", [120, 40, 40])
+    synthetic_n = data.get("synthetic_n", list(TopoCAMConfig.synthetic_n))
     if len(synthetic_n) != 3 or not all(isinstance(v, int) and v >= 2 for v in synthetic_n):
         raise TopoCAMError(f"{where}: [data] synthetic_n must be three integers >= 2 (train, val, test), got {synthetic_n}")
     base = TopoCAMConfig(
@@ -205,7 +201,3 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""),
                      sampler_options=options, replicate_seeds=replicate_seeds,
                      tune_topo_original=st.get("tune_topo_original", True), grace_period=grace_period)
-
-
-def with_overrides(spec: StudySpec, **changes: Any) -> StudySpec:
-    return dataclasses.replace(spec, **{k: v for k, v in changes.items() if v is not None})
