@@ -360,7 +360,12 @@ class StudyRunner:
             except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops)
                 # the configuration raised; else the worker was stopped (Ctrl-C) or its disk failed
                 broken = isinstance(exc, Exception) and not (isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS)
-                reason = f"{type(exc).__name__}: {exc}" if broken else f"worker stopped ({type(exc).__name__}: {exc})".replace(": )", ")")
+                if broken:
+                    reason = f"{type(exc).__name__}: {exc}"
+                elif isinstance(exc, KeyboardInterrupt):
+                    reason = "worker interrupted (KeyboardInterrupt: Ctrl-C or SIGTERM)"
+                else:
+                    reason = f"worker stopped: the disk failed ({type(exc).__name__}: {exc})"
                 trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
                 if rid is not None:
                     self.tracker.set_tags(rid, {"error": reason[:5000]})
