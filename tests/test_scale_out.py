@@ -353,7 +353,8 @@ def test_a_failing_store_stops_the_study_and_spares_the_budget(env, tmp_path, mo
     """The study stops at once with one clear message; the trial it was running does not count
     and is re-queued; once the store is back the same command completes the budget."""
     from topocam.errors import InfrastructureError
-    from topocam.search.runner import StudyRunner, counts
+    from topocam.search.runner import StudyRunner
+    from topocam.search.trials import counts
     from topocam.search.studyfile import load_study
     from topocam.tracking import Tracker
 

@@ -60,13 +60,11 @@ from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
 from .studyfile import StudySpec
-from .trials import scored_trials
+from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
 ATTR_DEFINITION = "topocam_definition"
-ATTR_ERROR = "error"  # user attr of a trial its configuration failed: what went wrong
-ATTR_STOPPED = "stopped"  # user attr of a trial its worker stopped (Ctrl-C, ...): why; it is re-queued
 
 
 def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
@@ -85,13 +83,6 @@ class _ConfigurationFailed(Exception):
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-
-
-def counts(t: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial uses up budget: it finished (COMPLETE, PRUNED), or its configuration
-    failed (FAIL with an ``error``: a broken configuration cannot loop forever). A trial lost
-    with its worker (killed, interrupted: FAIL without ``error``) does not; it is re-run."""
-    return t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and ATTR_ERROR in t.user_attrs)
 
 
 def _used(study: optuna.Study) -> int:
