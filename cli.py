@@ -669,7 +669,14 @@ def app_cmd(
     run_app(m, model, host, port)
 
 
+def _stop(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops a worker as Ctrl-C does
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         app()
     except KeyboardInterrupt:

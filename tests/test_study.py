@@ -508,10 +508,17 @@ def test_interrupted_run_is_marked_and_resumes(env, warm, tmp_path, monkeypatch)
     assert parent.info.status == "KILLED"
     runs = {int(r.data.tags["trial"]): r for r in mlflow_runs(env.tracker, "interrupted", kind="trial")}
     assert runs[1].info.status == "KILLED" and "KeyboardInterrupt" in runs[1].data.tags["error"]
+    stopped = trials_of(storage, "interrupted.random.s0")
+    assert [t.state for t in stopped] == [S.COMPLETE, S.FAIL, S.WAITING]  # the stopped trial is re-queued
+    assert "KeyboardInterrupt" in stopped[1].user_attrs["stopped"] and "error" not in stopped[1].user_attrs
+    assert stopped[2].params == stopped[1].params and stopped[2].system_attrs["failed_trial"] == 1
     monkeypatch.undo()
     result = make_runner(path, storage, env.tracker).run("random", 0, 4)
-    assert [t.state for t in trials_of(storage, "interrupted.random.s0")] == [S.COMPLETE, S.FAIL, S.COMPLETE, S.COMPLETE]
-    assert result.n_failed == 1
+    # the interrupted trial does not count: 4 COMPLETE, its configuration among them
+    trials = trials_of(storage, "interrupted.random.s0")
+    assert [t.state for t in trials] == [S.COMPLETE, S.FAIL, S.COMPLETE, S.COMPLETE, S.COMPLETE]
+    assert trials[2].params == trials[1].params
+    assert result.n_failed == 0 and result.numbers == [0, 2, 3, 4]
     (parent,) = mlflow_runs(env.tracker, "interrupted", kind="sampler")
     assert parent.info.status == "FINISHED"
 
@@ -529,7 +536,8 @@ def test_killed_worker_trial_is_closed_in_mlflow(env, warm, tmp_path):
     make_runner(path, storage, env.tracker).run("random", 0, 3)
     run = env.tracker.client.get_run(rid)
     assert run.info.status == "KILLED" and "stale heartbeat" in run.data.tags["error"]
-    assert [t.state for t in trials_of(storage, "killed.random.s0")] == [S.COMPLETE, S.FAIL, S.COMPLETE]
+    # the lost trial does not count toward the budget of 3
+    assert [t.state for t in trials_of(storage, "killed.random.s0")] == [S.COMPLETE, S.FAIL, S.COMPLETE, S.COMPLETE]
 
 
 def test_a_better_trial_supersedes_the_best_run(env, warm, tmp_path, monkeypatch):

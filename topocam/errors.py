@@ -12,3 +12,8 @@ class TopoCAMError(Exception):
 class DegenerateBackboneWarning(UserWarning):
     """The backbone predicts a single class on validation: its predicted-class CAMs
     all explain that class. Reported, never silently used (DESIGN.md §2.10)."""
+
+
+class InfrastructureError(TopoCAMError):
+    """The Optuna storage, the MLflow tracking store or the disk failed: not the fault of the
+    configuration being tried. A study stops on it (the trial does not count toward the budget)."""

@@ -23,7 +23,8 @@ Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
 artifacts beside it (``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
 several threads or workers cannot cross wires; find-or-create steps (baselines,
-sampler run, best run) hold a file lock beside a local store, so workers
+sampler run, best run) hold a lock (a file lock beside a local store; with a
+tracking server, a lock in the Optuna storage the workers share), so workers
 starting or finishing together do not log them twice. Metric and parameter
 names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
 """
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopoCAMError
+from .stores import FileLock, parse_store_url, sqlite_url
 
 DEFAULT_RUNS_DIR = Path("mlruns")
 
@@ -60,19 +62,6 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens unless told otherwise
 
 
-def sqlite_url(path: Path) -> str:
-    """``sqlite:///`` URL of a database file, its folder made absolute."""
-    path = Path(path)
-    return f"sqlite:///{path.parent.resolve() / path.name}"
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a ``sqlite:///path[?options]`` URL; None for any other URL."""
-    if not url.startswith("sqlite:///"):
-        return None
-    return Path(url.removeprefix("sqlite:///").split("?")[0])
-
-
 def default_tracking_uri(runs_dir: Path) -> str:
     return sqlite_url(Path(runs_dir) / "mlflow.db")
 
@@ -86,52 +75,6 @@ def metric_key(name: str) -> str:
     return _BAD_KEY_CHARS.sub("_", name.replace("@", "_at").replace("%", "pct"))
 
 
-def lock_path_for(url: str) -> Path | None:
-    """A lock file beside a local store (``sqlite:///file`` or ``journal:file``), else None."""
-    path = sqlite_path(url)
-    if path is None and url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-    if path is None:
-        return None
-    return path.with_name(f".{path.name}.topocam.lock")
-
-
-class FileLock:
-    """Exclusive ``flock`` on a file beside a local store, between processes and between
-    threads (each acquisition opens the file anew); a no-op for ``None``. ``release``
-    may be called early (the runner releases its claim once the trial exists)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._fh = None
-
-    def acquire(self) -> "FileLock":
-        if self.path is None or self._fh is not None:
-            return self
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
-            return self
-        fh = open(self.path, "a")
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        self._fh = fh
-        return self
-
-    def release(self) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            fh.close()
-
-    def __enter__(self) -> "FileLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 class Tracker:
     def __init__(self, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR):
         # fail within seconds on an unreachable server instead of retrying for minutes
@@ -143,10 +86,12 @@ class Tracker:
         if tracking_uri is None:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             tracking_uri = default_tracking_uri(self.runs_dir)
+        self.store = parse_store_url(tracking_uri)
+        if self.store.kind == "postgresql":  # the driver installed with the project
+            tracking_uri = self.store.url
         self.uri = tracking_uri
-        db = sqlite_path(tracking_uri)
-        if db is not None:
-            folder = db.parent
+        if self.store.kind == "sqlite":
+            folder = self.store.path.parent
             if not folder.is_dir():
                 raise TopoCAMError(
                     f"cannot open the MLflow tracking store {tracking_uri!r}: folder {folder} does not exist; "
@@ -155,7 +100,7 @@ class Tracker:
         try:
             # the first call creates or migrates a database store, which is not safe between
             # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
-            with FileLock(lock_path_for(tracking_uri)):
+            with FileLock(self.store.lock_path):
                 self.client = MlflowClient(tracking_uri)
                 self.client.search_experiments(max_results=1)
         except Exception as exc:  # mlflow raises many types for a bad URI; all mean "cannot track here"
@@ -169,7 +114,7 @@ class Tracker:
     @property
     def lock_path(self) -> Path | None:
         """Serialises find-or-create of runs between workers sharing a local store."""
-        return lock_path_for(self.uri)
+        return self.store.lock_path
 
     def experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -183,7 +128,7 @@ class Tracker:
                 self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         artifacts = None
-        if self.uri.startswith("sqlite:") or self.uri.startswith("file:"):
+        if self.store.kind in ("sqlite", "file"):
             artifacts = (self.runs_dir / "artifacts" / name).as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})

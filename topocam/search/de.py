@@ -92,6 +92,11 @@ parameter for parameter).
   factor of generation ``g`` from ``(seed, g)`` in both modes; nothing depends on the order of
   calls, on the process, or on restarts.
 
+* A trial lost with its worker and re-run under a new number (Optuna's retry callback copies
+  its ``"de"`` record and names it in ``failed_trial``) is the evaluation of the lost trial's
+  (generation, slot); the number the re-run occupies evaluates nothing (that slot's parent
+  stays for that generation). So no evaluation is lost and no individual is duplicated.
+
 Per-process caches (decoded search space, finished-trial vectors, populations of generations
 whose trials have all finished) only memoise functions of immutable stored data.
 
@@ -275,6 +280,22 @@ def _seed_entropy(seed: int) -> int:
 
 def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
+
+
+def _trials_by_slot(by_number: list[FrozenTrial], n_pop: int) -> dict[tuple[int, int], list[FrozenTrial]]:
+    """Trials by the (generation, slot) they evaluate, in number order: a trial's own number,
+    except a re-run of a trial lost with its worker (Optuna's ``RetryHeartbeatStaleTrialCallback``
+    marks it ``failed_trial`` and copies the lost trial's ``"de"`` record), which evaluates the
+    lost trial's slot. The number a re-run occupies then evaluates nothing: its slot's parent
+    stays for that generation."""
+    out: dict[tuple[int, int], list[FrozenTrial]] = {}
+    for t in by_number:
+        key = divmod(t.number, n_pop)
+        if t.system_attrs.get("failed_trial") is not None:
+            rec = t.system_attrs.get(ATTR_TRIAL)
+            key = (rec["generation"], rec["slot"]) if isinstance(rec, dict) else divmod(t.system_attrs["failed_trial"], n_pop)
+        out.setdefault(key, []).append(t)
+    return out
 
 
 def _trials_by_number(study: optuna.Study) -> list[FrozenTrial]:
@@ -485,8 +506,10 @@ class DifferentialEvolutionSampler(BaseSampler):
             known = self._fix_space(study, cache, extra=trial)
         if known and ATTR_TRIAL not in trial.system_attrs:
             # A trial that DE did not sample (warm-up, enqueued with all params fixed, ...)
-            # still occupies its slot; record it for the bookkeeping.
-            generation, slot = divmod(trial.number, cache.popsize)
+            # still occupies its slot; record it for the bookkeeping. A re-run of a trial lost
+            # before it was recorded evaluates the lost trial's slot (see _trials_by_slot).
+            lost = trial.system_attrs.get("failed_trial")
+            generation, slot = divmod(trial.number if lost is None else int(lost), cache.popsize)
             study._storage.set_trial_system_attr(
                 trial._trial_id, ATTR_TRIAL, {"generation": generation, "slot": slot, "x": None}
             )
@@ -710,19 +733,22 @@ class DifferentialEvolutionSampler(BaseSampler):
                 pop = cache.init_pop.copy()
                 scores = np.full(cache.popsize, np.inf)
             all_finished = True
+            members = _trials_by_slot(by_number, n_pop)
             for gen in range(start + 1, upto + 1):
                 for slot in range(n_pop):
-                    number = gen * n_pop + slot
-                    t = by_number[number] if number < len(by_number) else None
-                    if t is None or t.number != number or not t.state.is_finished():
-                        all_finished = False
-                        continue
-                    if t.state != TrialState.COMPLETE:
-                        continue  # FAIL / PRUNED: loser, the parent stays
-                    vec, score = self._trial_point(cache, t, slot)
-                    if score <= scores[slot]:
-                        pop[slot] = vec
-                        scores[slot] = score
+                    evaluations = members.get((gen, slot), [])
+                    if not evaluations and gen * n_pop + slot >= len(by_number):
+                        all_finished = False  # not created yet
+                    for t in evaluations:
+                        if not t.state.is_finished():
+                            all_finished = False
+                            continue
+                        if t.state != TrialState.COMPLETE:
+                            continue  # FAIL / PRUNED: loser, the parent stays
+                        vec, score = self._trial_point(cache, t, slot)
+                        if score <= scores[slot]:
+                            pop[slot] = vec
+                            scores[slot] = score
                 if all_finished:
                     cache.final[gen] = (pop.copy(), scores.copy())
             return pop, scores

@@ -7,13 +7,24 @@ thresholds, computes Betti curves and fits the MLP, on train and val. Test
 metrics are computed for the best trial of each (sampler, seed) only, after
 the search, and never feed back into it.
 
-Budget. ``n_trials`` counts every trial of the (sampler, seed) study, failed
-ones included, whichever worker ran it. A worker creates a trial only while the
-study holds fewer than ``n_trials`` trials; with a local storage (SQLite or
-journal file) the check and the creation happen under a file lock, so any
-number of workers (processes or threads) together finish exactly the budget.
-With a database server there is no such lock: two workers that claim the last
-slot within the same few milliseconds can overshoot by one.
+Budget. ``n_trials`` is the number of trials that count (:func:`counts`):
+COMPLETE ones, and FAILED ones whose configuration raised (so a broken
+configuration cannot loop forever), whichever worker ran them. A trial lost with
+its worker does not count and its configuration is run again: a worker killed
+mid-trial stops sending Optuna heartbeats (every ``grace_period // 4`` s; the
+study file's ``[study] grace_period``, default 20 s), and after the grace period
+the next worker that looks marks the trial FAIL and re-queues its parameters
+(Optuna's retry callback); a worker stopped by Ctrl-C or SIGTERM records the
+reason (user attr ``stopped``), re-queues the trial and exits with code 130.
+A worker creates (or takes a re-queued) trial only while the trials that count
+plus those running number fewer than ``n_trials``; the check and the creation
+happen under one lock all workers of the storage share (``storage.storage_lock``:
+a file lock beside a SQLite or journal file, an advisory lock inside a
+PostgreSQL/MySQL server, so it holds across machines and dies with a killed
+worker's connection). When the rest of the budget is running elsewhere a worker
+waits, so a lost trial is re-run by a survivor. Any number of workers together
+finish exactly ``n_trials``. Optuna's journal storage has no heartbeat: there a
+killed worker's trial stays RUNNING and counts.
 
 Resume. A study that already exists is continued (same name in the same
 storage) provided it was defined the same way: the objective, the fixed
@@ -24,34 +35,58 @@ mismatch is an error rather than a silent mix of incomparable trials.
 from __future__ import annotations
 
 import hashlib
+import errno
 import json
+import logging
 import math
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import optuna
 
 from ..choices import check_n_trials, check_samplers
-from ..errors import DegenerateBackboneWarning, TopoCAMError
+from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
-from ..tracking import DEFAULT_RUNS_DIR, FileLock, Tracker, flat_metrics, lock_path_for, sqlite_path, sqlite_url
+from ..stores import FileLock
+from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
+from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
 from .studyfile import StudySpec
-from .trials import scored_trials
+from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
 ATTR_DEFINITION = "topocam_definition"
-ATTR_ERROR = "error"  # user attr of a failed trial: what went wrong
+
+
+def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C with a traceback: the stop is intended, say it in one line."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_no_interrupt_traceback)
+
+
+class _ConfigurationFailed(Exception):
+    """A configuration raised (recorded in ``error``): Optuna records the trial FAIL and the study
+    goes on. Anything else raised in a trial (storage, tracking, disk) stops the study."""
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _used(study: optuna.Study) -> int:
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
 def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
@@ -69,54 +104,6 @@ def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str,
         out.append({"error": message, "count": len(members), "trials": [m.number for m in members],
                     "shared_params": shared if len(members) > 1 else {}})
     return out
-
-
-@contextmanager
-def _quiet_experimental() -> Iterator[None]:
-    """Heartbeats and ``fail_stale_trials`` are marked experimental by Optuna: not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        yield
-
-
-def default_storage(runs_dir: Path = DEFAULT_RUNS_DIR) -> str:
-    return sqlite_url(Path(runs_dir) / "optuna.db")
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for a URL, or a clear error within seconds."""
-    try:
-        with _quiet_experimental():
-            if (db := sqlite_path(url)) is not None:
-                folder = db.parent
-                if not folder.is_dir():
-                    raise TopoCAMError(f"storage {url!r}: folder {folder} does not exist; create it or choose another --storage")
-                # schema creation is not safe between processes (two workers on a fresh file:
-                # "table study_directions already exists"): create or check it under the store's lock
-                with FileLock(lock_path_for(url)):
-                    return optuna.storages.RDBStorage(
-                        url, engine_kwargs={"connect_args": {"timeout": 60}}, heartbeat_interval=60, grace_period=180
-                    )
-            if url.startswith(("postgresql", "mysql")):
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True},
-                    heartbeat_interval=60, grace_period=180,
-                )
-            if url.startswith("journal:"):
-                from optuna.storages.journal import JournalFileBackend
-
-                path = Path(url.removeprefix("journal:"))
-                if not path.parent.is_dir():
-                    raise TopoCAMError(f"storage {url!r}: folder {path.parent} does not exist")
-                return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    except TopoCAMError:
-        raise
-    except Exception as exc:  # sqlalchemy/driver errors: all mean "cannot open this storage"
-        msg = (str(exc).splitlines() or [""])[0][:300]
-        raise TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg}); check --storage") from None
-    raise TopoCAMError(
-        f"unsupported storage URL {url!r}; use sqlite:///path.db, postgresql://user:pw@host/db, mysql://... or journal:/path.log"
-    )
 
 
 def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
@@ -183,6 +170,7 @@ class StudyRunner:
     log: Callable[[str], None] = print
     timings_s: dict[str, float] = field(default_factory=dict)
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
+    _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
 
     def for_arm(self, arm: str) -> "StudyRunner":
@@ -198,7 +186,7 @@ class StudyRunner:
     @property
     def storage(self):
         if self._storage is None:
-            self._storage = open_storage(self.storage_url)
+            self._storage = open_storage(self.storage_url, self.spec.grace_period)
         return self._storage
 
     @property
@@ -280,8 +268,14 @@ class StudyRunner:
         """Run names of the Topo-Original arm start with it; TopoCAM's keep their names."""
         return "" if self.arm == "topocam" else f"{self.arm}-"
 
-    def _tracking_lock(self) -> FileLock:
-        return FileLock(self.tracker.lock_path if self.tracker is not None else None)
+    def _tracking_lock(self) -> FileLock | DatabaseLock:
+        """Serialises find-or-create of MLflow runs between workers: a file lock beside a local
+        MLflow store; with a tracking server, a lock in the Optuna storage all workers share."""
+        if self.tracker is None:
+            return FileLock(None)
+        if self.tracker.lock_path is not None:
+            return FileLock(self.tracker.lock_path)
+        return storage_lock(self.storage_url, self.storage, f"tracking:{self.spec.name}")
 
     # ------------------------------------------------------------ baselines
     def log_baselines(self) -> dict[str, dict]:
@@ -334,11 +328,12 @@ class StudyRunner:
             self.tracker.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(self.ctx.health().degenerate).lower()})
         return rid
 
-    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | None = None):
+    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | DatabaseLock | None = None):
         ctx = self.ctx
         spec = self.spec
 
         def objective(trial: optuna.Trial) -> float:
+            self._running = trial.number
             if claim is not None:
                 claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
@@ -353,12 +348,22 @@ class StudyRunner:
             try:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
-            except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops on Ctrl-C)
-                trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+            except BaseException as exc:  # recorded, then Optuna marks the trial FAIL (or the run stops)
+                # the configuration raised; else the worker was stopped (Ctrl-C) or its disk failed
+                broken = isinstance(exc, Exception) and not (isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS)
+                if broken:
+                    reason = f"{type(exc).__name__}: {exc}"
+                elif isinstance(exc, KeyboardInterrupt):
+                    reason = "worker interrupted (KeyboardInterrupt: Ctrl-C or SIGTERM)"
+                else:
+                    reason = f"worker stopped: the disk failed ({type(exc).__name__}: {exc})"
+                trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
                 if rid is not None:
-                    self.tracker.set_tags(rid, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+                    self.tracker.set_tags(rid, {"error": reason[:5000]})
                     self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
-                    self.tracker.finish(rid, "FAILED" if isinstance(exc, Exception) else "KILLED")
+                    self.tracker.finish(rid, "FAILED" if broken else "KILLED")
+                if broken:
+                    raise _ConfigurationFailed(reason) from exc
                 raise
             value = (out.cv if spec.cv_folds else out.val)[spec.metric]
             not_finite = f"objective {spec.objective} is {value} (e.g. one class only in the split it is scored on)"
@@ -409,25 +414,38 @@ class StudyRunner:
             )
 
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
-        """Run (or resume) one (sampler, seed) up to the budget; return its history."""
+        """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
+        storage, tracking store or disk stops it with an :class:`InfrastructureError`."""
+        try:
+            return self._run(sampler, seed, n_trials)
+        except TopoCAMError:
+            raise
+        except Exception as exc:
+            infra = self._infrastructure(exc)
+            if infra is None:
+                raise
+            raise infra from exc
+
+    def _run(self, sampler: str, seed: int, n_trials: int | None) -> SamplerRun:
         check_samplers(sampler)
         if n_trials is not None:
             check_n_trials(n_trials)
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
-        with _quiet_experimental():
+        with quiet_experimental():
             study = optuna.create_study(
                 study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
             self._check_definition(study, sampler, seed)
-            optuna.storages.fail_stale_trials(study)
+            with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
+                optuna.storages.fail_stale_trials(study)
         parent = self._parent_run(sampler, seed, n_trials)
         status = "FAILED"
         try:
             self._sync_failed_trials(study, sampler, seed)
-            if len(study.get_trials(deepcopy=False)) < n_trials:
+            if _used(study) < n_trials:
                 self.warm_up()  # backbone, data and CAMs before the trial bar starts
-                done = len(study.get_trials(deepcopy=False, states=FINISHED))
+                done = _used(study)
                 bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
                 try:
                     self._optimize(study, parent, sampler, seed, n_trials, bar)
@@ -444,22 +462,75 @@ class StudyRunner:
             raise
         finally:
             if parent is not None:
-                self.tracker.finish(parent, status)
+                try:
+                    self.tracker.finish(parent, status)
+                except Exception:  # noqa: BLE001 - the store is what failed: the error raised says so
+                    if status == "FINISHED":
+                        raise
+
+    def _claim(self, study: optuna.Study) -> FileLock | DatabaseLock:
+        """The lock under which a worker checks the budget and creates a trial (``storage_lock``)."""
+        return storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
 
     def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
-        """One trial at a time, each claimed under the storage lock while the study holds fewer
-        than ``n_trials`` trials (of any state): the budget holds across workers."""
-        claim = FileLock(lock_path_for(self.storage_url))
+        """One trial at a time, each claimed under the storage's lock: a new trial (or a re-queued
+        one) starts only while the trials that count (:func:`counts`) plus those running number
+        fewer than ``n_trials``, so the budget holds across workers. When the rest of the budget
+        is running elsewhere the worker waits: a trial lost with its worker is failed by the
+        heartbeat check after the grace period, re-queued, and run here. Without a heartbeat
+        (journal storage) a running trial counts as it is."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        claim = self._claim(study)
         objective = self._objective(parent, sampler, seed, claim)
+        heartbeat = is_heartbeat_enabled(self.storage)
         while True:
-            claim.acquire()
-            try:
-                if len(study.get_trials(deepcopy=False)) >= n_trials:
+            with claim:
+                with quiet_experimental():
+                    optuna.storages.fail_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                done = sum(counts(t) for t in trials)
+                running = sum(t.state == S.RUNNING for t in trials)
+                if done >= n_trials or (not heartbeat and done + running >= n_trials):
                     return
-                with _quiet_experimental():  # the lock is released by the objective once the trial exists
-                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[bar])
-            finally:
-                claim.release()
+                if done + running < n_trials:
+                    try:
+                        with quiet_experimental():  # the lock is released by the objective once the trial exists
+                            study.optimize(objective, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
+                    except BaseException:
+                        self._requeue_lost(study)
+                        raise
+                    continue
+            time.sleep(min(5.0, max(1.0, self.spec.grace_period / 4)))  # the rest is running elsewhere
+
+    def _requeue_lost(self, study: optuna.Study) -> None:
+        """Re-queue the trial this worker was running when it stopped (Ctrl-C, storage, tracking
+        or disk failure), as the heartbeat check does for a killed worker's: it does not count,
+        its configuration runs again. Best effort: the storage may be what failed."""
+        try:
+            for t in study.get_trials(deepcopy=False, states=(S.FAIL,)):
+                if t.number == self._running and not counts(t):
+                    retry_callback()(study, t)
+        except Exception:  # noqa: BLE001 - the error being raised says what failed
+            pass
+
+    def _infrastructure(self, exc: Exception) -> InfrastructureError | None:
+        """The error a failing store or disk raised, as one clear message (None: not one)."""
+        where = type(exc).__module__.split(".")[0]
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+        msg = next((ln for ln in lines if "Error" in ln), lines[0])[:300]  # the driver's own words
+        if where in ("mlflow", "requests", "urllib3"):
+            what = f"the MLflow tracking store {self.tracker.uri if self.tracker else ''}"
+        elif where in ("sqlalchemy", "psycopg", "sqlite3", "optuna"):
+            what = f"the Optuna storage {self.storage_url}"
+        elif isinstance(exc, OSError):
+            what = "the disk"
+        else:
+            return None
+        return InfrastructureError(
+            f"{what} failed ({type(exc).__name__}: {msg}); the study stopped. Finished trials are kept and the "
+            "interrupted one does not count: run the same command again once the store is back"
+        )
 
     def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
         """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
@@ -479,7 +550,7 @@ class StudyRunner:
     def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
         """History of the first ``budget`` finished trials (all by default): a study that
         holds more (run earlier with a larger budget) is summarised on the budget asked for."""
-        trials = sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number)
+        trials = sorted((t for t in study.get_trials(deepcopy=False) if counts(t)), key=lambda t: t.number)
         if budget is not None and len(trials) > budget:
             self.log(f"{study.study_name}: {len(trials)} finished trials; reporting the first {budget} (the budget asked for)")
             trials = trials[:budget]
@@ -571,7 +642,7 @@ class _TrialBar:
         self._postfix(study)
 
     def _postfix(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        trials = [t for t in study.get_trials(deepcopy=False) if counts(t)]
         good = [t.value for t in scored_trials(trials)]
         post = {"best": f"{max(good):.4f}" if good else "—"}
         failed = sum(t.state == S.FAIL for t in trials)
@@ -591,7 +662,7 @@ class _TrialBar:
 def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
     """One row per (sampler, seed) study of ``name``: trial counts and best value."""
     storage = open_storage(storage_url)
-    with _quiet_experimental():
+    with quiet_experimental():
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}
     mine = sorted(n for n, o in owner.items() if o == name)

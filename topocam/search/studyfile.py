@@ -1,7 +1,7 @@
 """Study definitions (``studies/*.toml``): parsed strictly, errors name the key and the file.
 
     [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds,
-                tune_topo_original (default true), description
+                tune_topo_original (default true), description, grace_period (seconds, default 20)
     [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
     [backbone]  arch, epochs, batch_size, lr, seed, milestones, preset (medmnist_v2; explicit keys win)
     [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
@@ -30,10 +30,12 @@ from ..choices import check_n_trials, check_samplers
 from .samplers import make_sampler
 from .space import Param, build_space
 
+DEFAULT_GRACE_PERIOD = 20  # seconds; heartbeats every grace_period // 4
 OBJECTIVES = ("val_auc", "val_acc", "cv_auc", "cv_acc")  # cv_*: 5-fold on the training split
 _SECTIONS: dict[str, dict[str, type | tuple]] = {
     "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
-              "replicate_seeds": list, "tune_topo_original": bool, "description": str},
+              "replicate_seeds": list, "tune_topo_original": bool, "description": str,
+              "grace_period": int},
     "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list, "seed": int, "clutter": int},
     "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int, "preset": str,
                  "milestones": list},
@@ -63,6 +65,9 @@ class StudySpec:
     # compare also searches Topo-Original (whole image) with the same sampler, budget and MLP space
     tune_topo_original: bool = True
     sampler_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a running trial whose worker has not sent a heartbeat for this long is failed and re-queued
+    # (its worker was killed); not part of the study's definition
+    grace_period: int = DEFAULT_GRACE_PERIOD
 
     @property
     def metric(self) -> str:
@@ -126,6 +131,9 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     seeds = tuple(st.get("seeds", [0, 1, 2]))
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise TopoCAMError(f"{where}: [study] seeds must be a non-empty list of non-negative integers, got {list(seeds)}")
+    grace_period = st.get("grace_period", DEFAULT_GRACE_PERIOD)
+    if not 4 <= grace_period <= 3600:
+        raise TopoCAMError(f"{where}: [study] grace_period must be 4 to 3600 seconds, got {grace_period}")
     replicate_seeds = tuple(dict.fromkeys(st.get("replicate_seeds", [])))
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in replicate_seeds):
         raise TopoCAMError(
@@ -192,4 +200,4 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
             raise TopoCAMError(f"{where}: {exc}") from None
     return StudySpec(name, path, text, base, space, objective, n_trials, samplers, seeds, st.get("description", ""),
                      sampler_options=options, replicate_seeds=replicate_seeds,
-                     tune_topo_original=st.get("tune_topo_original", True))
+                     tune_topo_original=st.get("tune_topo_original", True), grace_period=grace_period)

@@ -1,5 +1,5 @@
-"""Which Optuna trials count as scored: the one filter the runner, the status
-table and the export use to pick the best trial."""
+"""Which Optuna trials count as scored (the one filter the runner, the status table and
+the export use to pick the best trial), and which count toward a study's budget."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import math
 from collections.abc import Iterable
 
 from optuna.trial import FrozenTrial, TrialState
+
+ATTR_ERROR = "error"  # user attr of a trial its configuration failed: what went wrong
+ATTR_STOPPED = "stopped"  # user attr of a trial its worker stopped (Ctrl-C, disk): why; it is re-queued
 
 
 def is_scored(trial: FrozenTrial) -> bool:
@@ -17,3 +20,10 @@ def is_scored(trial: FrozenTrial) -> bool:
 def scored_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """The completed trials with a finite objective value, in the given order."""
     return [t for t in trials if is_scored(t)]
+
+
+def counts(t: FrozenTrial) -> bool:
+    """Whether a trial uses up budget: it finished (COMPLETE, PRUNED), or its configuration
+    failed (FAIL with an ``error``: a broken configuration cannot loop forever). A trial lost
+    with its worker (killed, interrupted: FAIL without ``error``) does not; it is re-run."""
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and ATTR_ERROR in t.user_attrs)

@@ -1,0 +1,99 @@
+"""Store URLs (Optuna storage, MLflow tracking) parsed in one place, and the file lock
+that serialises processes sharing a local store.
+
+Accepted forms:
+
+* ``sqlite:///PATH`` (a local file; Optuna or MLflow);
+* ``postgresql://USER:PW@HOST:PORT/DB`` (also ``postgres://`` and any
+  ``postgresql+DRIVER://``): normalised to SQLAlchemy's ``postgresql+psycopg://``,
+  the driver installed with the project;
+* ``mysql://...`` (SQLAlchemy's own driver resolution; untested here);
+* ``journal:PATH`` (Optuna's journal file, Optuna storage only);
+* ``http(s)://HOST:PORT`` (an MLflow tracking server) and ``file:`` (MLflow only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["sqlite", "postgresql", "mysql", "journal", "http", "file", "unknown"]
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    url: str  # normalised (the PostgreSQL driver made explicit)
+    kind: Kind
+    path: Path | None = None  # the local file of a sqlite or journal store
+
+    @property
+    def is_database_server(self) -> bool:
+        return self.kind in ("postgresql", "mysql")
+
+    @property
+    def lock_path(self) -> Path | None:
+        """A lock file beside a local store, else None."""
+        return None if self.path is None else self.path.with_name(f".{self.path.name}.topocam.lock")
+
+
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` URL of a database file, its folder made absolute."""
+    path = Path(path)
+    return f"sqlite:///{path.parent.resolve() / path.name}"
+
+
+def parse_store_url(url: str) -> StoreURL:
+    """Classify a store URL; never raises (an unknown scheme is ``kind="unknown"``)."""
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    base = scheme.split("+", 1)[0].lower()
+    if url.startswith("sqlite:///"):
+        return StoreURL(url, "sqlite", Path(url.removeprefix("sqlite:///").split("?")[0]))
+    if url.startswith("journal:"):
+        return StoreURL(url, "journal", Path(url.removeprefix("journal:").removeprefix("//")))
+    if sep and base in ("postgresql", "postgres"):
+        return StoreURL(f"postgresql+psycopg://{rest}", "postgresql")
+    if sep and base == "mysql":
+        return StoreURL(url, "mysql")
+    if sep and base in ("http", "https"):
+        return StoreURL(url, "http")
+    if url.startswith("file:"):
+        return StoreURL(url, "file")
+    return StoreURL(url, "unknown")
+
+
+class FileLock:
+    """Exclusive ``flock`` on a file beside a local store, between processes and between
+    threads (each acquisition opens the file anew); a no-op for ``None``. ``release``
+    may be called early (the runner releases its claim once the trial exists)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fh = None
+
+    def acquire(self) -> "FileLock":
+        if self.path is None or self._fh is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
+            return self
+        fh = open(self.path, "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
