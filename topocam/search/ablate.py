@@ -385,10 +385,12 @@ def reference_configs(spec, storage_url: str, base: str) -> tuple[TopoCAMConfig,
     tuned: dict[str, dict[str, Any]] = {}
     try:
         orig = choose_trial(spec, storage_url, arm="topo_original")
-        tuned["topo_original"] = {"params": orig.params, "source": f"tuned: {orig.how}, trial {orig.trial} of {orig.optuna_study}"}
+        tuned["topo_original"] = {"params": orig.params,
+                                  "source": f"tuned: its best {spec.objective} (validation) is trial {orig.trial} of {orig.optuna_study}"}
     except TopoCAMError:
         pass
-    return ref, f"{choice.how}: trial {choice.trial} of {choice.optuna_study} ({spec.objective} {choice.value:.4f})", tuned
+    return ref, (f"the study's best {spec.objective} (validation only; test never used): trial {choice.trial} of "
+                 f"{choice.optuna_study} ({spec.objective} {choice.value:.4f})"), tuned
 
 
 def select_arms(suite: Suite, only: list[str] | None, skip: list[str] | None) -> tuple[list[Arm], dict[str, str]]:
