@@ -1,25 +1,63 @@
-"""Write a file so that readers see the old content or the new, never half of it:
-write a temporary file beside it, then rename it into place (``os.replace``)."""
+"""Write a file or a folder so that readers see the old content or the new, never half
+of it: write a temporary path beside it, then rename it into place (``os.replace``).
+A write that fails (disk full, an exception, Ctrl-C) leaves no temporary behind."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+TMP_MARK = ".tmp"  # temporaries are ``.<name>.tmp<pid>``: hidden, and found by :func:`temporaries_of`
 
 
 def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """Temporaries of ``path`` left by any process (a kill -9 between write and rename)."""
+    return sorted(Path(path).parent.glob(f".{Path(path).name}{TMP_MARK}*"))
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree; absent is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit rename it onto ``path``.
+
+    The caller writes a file there, or makes a folder and fills it. A folder already
+    at ``path`` is moved aside first (``os.replace`` cannot overwrite a non-empty
+    folder), so a reader finds the old entry, none, or the new one. Why a path and
+    not bytes: ``torch.save`` and ``np.save`` write large arrays straight to disk."""
+    path = Path(path)
+    tmp = _tmp_for(path)
+    remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = tmp.with_name(f"{tmp.name}.old")  # a temporary too: swept if we die here
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        remove(tmp)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _tmp_for(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

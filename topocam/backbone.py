@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .choices import BACKBONES, PRESETS as PRESET_NAMES
 from .data import Dataset
-from .errors import TopoCAMError
+from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
+from .stores import BadEntry, load_or_build
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
@@ -363,9 +365,10 @@ def train_backbone(
     split (:func:`recalibrate_batchnorm`), so the network validated, selected,
     cached and used for CAMs is the one that eval mode actually runs. The test
     split is never read here. Cached on disk by everything that determines the
-    result; a second call with the same inputs loads it."""
-    from .metrics import evaluate  # local: metrics is a leaf, keeps import order simple
-
+    result; a second call with the same inputs loads it. Processes sharing the cache
+    train a given backbone once: the others wait for the checkpoint and load it
+    (:func:`topocam.stores.load_or_build`); a checkpoint that cannot be read back is
+    named in a ``CorruptCacheWarning`` and retrained."""
     arch = resolve_backbone(settings.arch, ds.ndim)
     if settings.epochs < 1:
         raise TopoCAMError(f"epochs must be >= 1, got {settings.epochs}")
@@ -373,15 +376,61 @@ def train_backbone(
     key = _cache_key(ds, settings, arch)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
-    seed_everything(settings.seed)  # before building: the initial weights come from the seed too
-    model, init = build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape), settings.init)
-    if ckpt.is_file():
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["state_dict"])
-        info = BackboneInfo(**blob["info"])
-        info.cached = True
-        return model.to(device).eval(), info
 
+    def fresh() -> tuple[Backbone, str]:
+        seed_everything(settings.seed)  # before building: the initial weights come from the seed too
+        return build_backbone(arch, ds.ndim, ds.n_classes, min(ds.shape), settings.init)
+
+    def load() -> tuple[Backbone, BackboneInfo] | None:
+        if not ckpt.is_file():
+            return None
+        model, _ = fresh()  # a new model each time: a failed load_state_dict leaves one half-loaded
+        return model, _read_checkpoint(ckpt, model)
+
+    def build() -> tuple[Backbone, BackboneInfo]:
+        model, init = fresh()
+        info = _fit(model, init, ds, settings, arch, key, progress, device)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": asdict(info)}
+        try:
+            with atomic_path(ckpt) as tmp:
+                torch.save(blob, tmp)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise InfrastructureError(f"could not write the backbone checkpoint {ckpt}: {exc}") from exc
+        return model, info
+
+    (model, info), cached = load_or_build(ckpt, load, build)
+    info.cached = cached
+    return model.to(device).eval(), info
+
+
+def _read_checkpoint(ckpt: Path, model: Backbone) -> BackboneInfo:
+    """Load a cached checkpoint into ``model`` and return its info; :class:`BadEntry` if
+    the file is truncated or unreadable, does not fit the model, or holds non-finite
+    weights (all of which a kill -9 or a disk error can leave), so it is rebuilt
+    rather than used or reported as a raw torch traceback."""
+    try:
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = blob["state_dict"]
+        nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if nonfinite:
+            raise BadEntry(f"non-finite values in {nonfinite[0]}")
+        model.load_state_dict(state)
+        info = BackboneInfo(**blob["info"])
+    except BadEntry:
+        raise
+    except Exception as exc:  # torch's zip reader, unpickling, a missing key, shapes that do not fit
+        raise BadEntry.because(exc) from exc
+    return info
+
+
+def _fit(
+    model: Backbone, init: str, ds: Dataset, settings: TrainSettings, arch: str, key: str, progress: bool, device: torch.device
+) -> BackboneInfo:
+    """Train ``model`` in place; it ends holding the selected epoch's weights."""
+    from .metrics import evaluate  # local: metrics is a leaf, keeps import order simple
+
+    one_class_val = np.unique(ds.y["val"]).size < 2
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     if any(m < 1 for m in settings.milestones):
@@ -391,7 +440,6 @@ def train_backbone(
     xtr = torch.from_numpy(ds.x["train"])
     ytr = torch.from_numpy(ds.y["train"])
     yval = ds.y["val"]
-    one_class_val = np.unique(yval).size < 2
     gen = torch.Generator().manual_seed(settings.seed)
     best_key, best_epoch, best_state, best_auc, best_loss = None, 0, None, float("nan"), float("nan")
     history = []
@@ -434,8 +482,4 @@ def train_backbone(
         best_val_auc=float(best_auc), best_val_loss=float(best_loss), selected_by=SELECT_LOSS if one_class_val else SELECT_AUC,
         history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
     )
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": asdict(info)}, tmp)
-    os.replace(tmp, ckpt)
-    return model.eval(), info
+    return info

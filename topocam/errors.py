@@ -14,6 +14,11 @@ class DegenerateBackboneWarning(UserWarning):
     all explain that class. Reported, never silently used (DESIGN.md §2.10)."""
 
 
+class CorruptCacheWarning(UserWarning):
+    """A cache entry (backbone checkpoint, CAM folder) could not be read back: it is
+    named and rebuilt, never used (a kill -9 or a disk error can leave one)."""
+
+
 class InfrastructureError(TopoCAMError):
     """The Optuna storage, the MLflow tracking store or the disk failed: not the fault of the
     configuration being tried. A study stops on it (the trial does not count toward the budget)."""

@@ -155,6 +155,7 @@ class Context:
     progress: bool = True
     timings_s: dict[str, float] = field(default_factory=dict)
     _gray: dict[str, np.ndarray] = field(default_factory=dict)
+    _cams_checked: set[str] = field(default_factory=set)  # variants whose cache entry read back whole
     # per-study memo of trial inputs that do not depend on the trial's
     # configuration; "upsampled": roi.UpsampledCache of per-layer maps (see roi_for)
     trial_cache: dict[str, object] = field(default_factory=dict)
@@ -175,19 +176,25 @@ class Context:
         return self._gray[split]
 
     def cams(self, variant: str, split: str) -> CamBatch:
-        """Per-layer maps of one split, computed for all splits on first use."""
+        """Per-layer maps of one split, computed for all splits on first use (by one of
+        the processes sharing the cache; ``timings_s["cams_<variant>"]`` is set where
+        they were computed). The entry is checked once per context, not per call."""
         check_variant(variant)
-        if not self.store.has(variant):
+        if variant not in self._cams_checked:
             t0 = time.perf_counter()
-            batches = {
-                s: compute_cams(
-                    self.model, self.data.x[s], variant, labels=self.data.y[s], rule=self.config.cam_target,
-                    progress=self.progress, desc=f"{variant} {s}",
-                )
-                for s in SPLITS
-            }
-            self.store.save(variant, batches)
-            self.timings_s[f"cams_{variant}"] = time.perf_counter() - t0
+
+            def compute() -> dict[str, CamBatch]:
+                return {
+                    s: compute_cams(
+                        self.model, self.data.x[s], variant, labels=self.data.y[s], rule=self.config.cam_target,
+                        progress=self.progress, desc=f"{variant} {s}",
+                    )
+                    for s in SPLITS
+                }
+
+            if self.store.ensure(variant, compute):
+                self.timings_s[f"cams_{variant}"] = time.perf_counter() - t0
+            self._cams_checked.add(variant)
         return self.store.load(variant, split)
 
 

@@ -1,5 +1,6 @@
-"""Store URLs (Optuna storage, MLflow tracking) parsed in one place, and the file lock
-that serialises processes sharing a local store.
+"""Store URLs (Optuna storage, MLflow tracking) parsed in one place, the file lock
+that serialises processes sharing a local store, and :func:`load_or_build`, which
+uses it so that processes sharing a cache build each entry once.
 
 Accepted forms:
 
@@ -14,9 +15,14 @@ Accepted forms:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
+
+from .atomic import remove, temporaries_of
+from .errors import CorruptCacheWarning, TopoCAMError
 
 Kind = Literal["sqlite", "postgresql", "mysql", "journal", "http", "file", "unknown"]
 
@@ -97,3 +103,47 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+T = TypeVar("T")
+
+
+class BadEntry(TopoCAMError):
+    """Raised by a cache loader: the entry on disk must not be used (truncated,
+    unreadable, wrong shape); :func:`load_or_build` names it and rebuilds it.
+    A TopoCAMError so that one met elsewhere is a one-line message, not a traceback."""
+
+    @classmethod
+    def because(cls, exc: BaseException, where: str = "") -> "BadEntry":
+        """One short line from a reader's exception (torch appends a paragraph of advice)."""
+        text = str(exc).strip().split(". ")[0].splitlines()
+        return cls(f"{where + ': ' if where else ''}{type(exc).__name__}: {text[0] if text else 'unreadable'}")
+
+
+def load_or_build(entry: Path, load: Callable[[], T | None], build: Callable[[], T]) -> tuple[T, bool]:
+    """The value of a cache entry and True if it was read back, False if ``build`` made it.
+
+    ``load`` returns None when the entry is absent and raises :class:`BadEntry` when it
+    is unusable; ``build`` writes the entry atomically (:func:`topocam.atomic.atomic_path`)
+    and returns its value. Why the lock: workers sharing a machine share the cache, and
+    without it each would train the same backbone and race to rename it into place.
+    The first to take ``.<name>.lock`` builds; the others wait on it and then load what
+    it built. An entry found good needs no lock (it only appears by a rename), so a
+    read-only cache still serves."""
+    try:
+        found = load()
+    except BadEntry:
+        found = None  # judged again under the lock, where it is named and rebuilt
+    if found is not None:
+        return found, True
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(entry.with_name(f".{entry.name}.lock")):
+        try:
+            found = load()
+        except BadEntry as exc:
+            warnings.warn(CorruptCacheWarning(f"cache entry {entry} is unusable ({exc}); rebuilding it"), stacklevel=3)
+        if found is not None:
+            return found, True
+        for stale in temporaries_of(entry):  # a killed builder's: no one else builds this entry now
+            remove(stale)
+        return build(), False
