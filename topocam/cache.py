@@ -7,7 +7,10 @@ variant and every trial reads them from here. Layout:
     <cache_dir>/cams/<key>/<variant>/<split>/{layer2,layer3,layer4,targets,probs}.npy
 
 A variant's folder is written under a temporary name and renamed into place,
-so a cache entry is either complete or absent.
+so a cache entry is either complete or absent. An entry damaged later (a file
+truncated, removed or replaced by one of another length) is not read as if it
+were whole: :meth:`CamStore.load` raises :class:`CorruptCamCache`, and
+:meth:`topocam.pipeline.Context.cams` then discards the entry and recomputes it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,17 @@ import numpy as np
 
 from .backbone import CAM_LAYERS
 from .cam import CamBatch
+from .errors import TopoCAMError
 
 _CODE_VERSION = "1"  # bump when cam.py changes what a cached map means
+
+
+class CorruptCamCache(TopoCAMError):
+    """A complete-marked cache entry whose files cannot be read as one batch of maps."""
+
+    def __init__(self, damage: str, entry: Path):
+        super().__init__(f"{damage}; delete {entry} to recompute it")
+        self.damage = damage  # what is wrong, without the advice
 
 
 def cam_cache_key(backbone_key: str, data_fingerprint: str, rule: str) -> str:
@@ -59,9 +71,22 @@ class CamStore:
         os.replace(tmp, final)
 
     def load(self, variant: str, split: str) -> CamBatch:
+        """One split's maps (memory-mapped), targets and probabilities; :class:`CorruptCamCache`
+        when a file is missing, truncated or of another length than the rest."""
         d = self._dir(variant) / split
-        maps = {layer: np.load(d / f"{layer}.npy", mmap_mode="r") for layer in CAM_LAYERS}
-        return CamBatch(maps=maps, targets=np.load(d / "targets.npy"), probs=np.load(d / "probs.npy"))
+        try:
+            maps = {layer: np.load(d / f"{layer}.npy", mmap_mode="r") for layer in CAM_LAYERS}
+            targets, probs = np.load(d / "targets.npy"), np.load(d / "probs.npy")
+        except (OSError, ValueError, EOFError) as exc:  # missing (OSError), truncated (ValueError, EOFError)
+            raise CorruptCamCache(f"CAM cache {d} is damaged ({type(exc).__name__}: {exc})", self._dir(variant)) from None
+        lengths = {**{layer: len(m) for layer, m in maps.items()}, "targets": len(targets), "probs": len(probs)}
+        if len(set(lengths.values())) != 1:
+            raise CorruptCamCache(f"CAM cache {d} is damaged (images per file differ: {lengths})", self._dir(variant))
+        return CamBatch(maps=maps, targets=targets, probs=probs)
+
+    def discard(self, variant: str) -> None:
+        """Remove a variant's entry (a damaged one), so the next use recomputes it."""
+        shutil.rmtree(self._dir(variant), ignore_errors=True)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*.npy")) if self.root.exists() else 0

@@ -24,7 +24,7 @@ from .backbone import (
     CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, default_cache_dir, device_auto, embed,
     predict_proba, resolve_backbone, train_backbone,
 )
-from .cache import CamStore, cam_cache_key
+from .cache import CamStore, CorruptCamCache, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
 from .choices import ARMS
 from .classifier import MLPSettings, TopoMLP, fit_mlp, fit_on_train
@@ -177,6 +177,12 @@ class Context:
     def cams(self, variant: str, split: str) -> CamBatch:
         """Per-layer maps of one split, computed for all splits on first use."""
         check_variant(variant)
+        if self.store.has(variant):
+            try:
+                return self.store.load(variant, split)
+            except CorruptCamCache as exc:  # recomputed below: the maps are a pure function of the key
+                warnings.warn(f"{exc.damage}; recomputing it", stacklevel=2)
+                self.store.discard(variant)
         if not self.store.has(variant):
             t0 = time.perf_counter()
             batches = {
