@@ -308,38 +308,29 @@ TRIAL_VARIANTS = (
 LARGE_ROI = TRIAL_VARIANTS[1]  # ~1/3 of the volume in the ROI with the 1-epoch backbone
 
 
-def staged_trial(ctx, cfg) -> tuple[dict[str, float], object]:
-    """The steps of ``pipeline.evaluate(ctx, cfg, report_test=False)`` one by
-    one (the same calls ``topocam_features`` and ``evaluate`` make), timed:
-    fuse + threshold, Betti features (grid fit, segment, curves), MLP fit + val
-    metrics. Returns the seconds per stage and the fit."""
-    from topocam import pipeline
-
-    cfg = cfg.validated()
-    splits = ("train", "val")
-    t0 = time.perf_counter()
-    masks = {s: pipeline.roi_for(ctx, cfg, s)[1] for s in splits}
-    t1 = time.perf_counter()
-    feats = pipeline.features_from_masks(ctx, cfg, masks, splits)
-    t2 = time.perf_counter()
-    fit = pipeline.fit_and_score(ctx, cfg, feats, report_test=False)
-    t3 = time.perf_counter()
-    return {"fuse_threshold": t1 - t0, "betti": t2 - t1, "mlp": t3 - t2}, fit
+def stages(out) -> dict[str, float]:
+    """A trial's stages as ``pipeline.evaluate`` times them: fuse + threshold
+    (``roi``), Betti features (``betti``: segment, grid fit, curves), MLP fit +
+    val metrics (``classifier``)."""
+    t = out.timings_s
+    return {"fuse_threshold": t["roi"], "betti": t["betti"], "mlp": t["classifier"]}
 
 
-def timed_trials(ctx, cfg, reps: int) -> tuple[list[float], list[float], object]:
+def timed_trials(ctx, cfg, reps: int) -> tuple[list[float], list[float], dict[str, float], object]:
     """Wall and process-CPU seconds of ``reps`` calls of evaluate (after one
-    excluded warm-up call) and the last outcome."""
+    excluded warm-up call), the median of each stage over those calls, and the
+    last outcome."""
     from topocam import pipeline
 
     pipeline.evaluate(ctx, cfg, report_test=False)  # warm-up, excluded
-    walls, cpus, out = [], [], None
+    walls, cpus, runs, out = [], [], [], None
     for _ in range(reps):
         t0, c0 = time.perf_counter(), time.process_time()
         out = pipeline.evaluate(ctx, cfg, report_test=False)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-    return walls, cpus, out
+        runs.append(stages(out))
+    return walls, cpus, {k: statistics.median(r[k] for r in runs) for k in runs[0]}, out
 
 
 def trial_section(args: argparse.Namespace) -> dict:
@@ -388,14 +379,12 @@ def trial_section(args: argparse.Namespace) -> dict:
     cold_t0 = time.perf_counter()
     first = pipeline.evaluate(ctx, base, report_test=False)  # upsampled-map cache fill, numba cache load
     first_s = time.perf_counter() - cold_t0
-    walls, cpus, out = timed_trials(ctx, base, reps)
-    stages_runs = [staged_trial(ctx, base)[0] for _ in range(reps)]
-    stages = {k: statistics.median(r[k] for r in stages_runs) for k in stages_runs[0]}
+    walls, cpus, stage_s, out = timed_trials(ctx, base, reps)
     trial_s = statistics.median(walls)
     rows = [[
         "fast (default cfg)", base.cam, f"{base.tau}", f"{out.features.roi_fraction['train']:.3f}",
         len(out.model.history), f"{out.val['auc']:.3f}", trial_s, statistics.median(cpus),
-        stages["fuse_threshold"], stages["betti"], stages["mlp"],
+        stage_s["fuse_threshold"], stage_s["betti"], stage_s["mlp"],
     ]]
 
     by_config = []
@@ -403,8 +392,7 @@ def trial_section(args: argparse.Namespace) -> dict:
         if cam not in cached:
             continue
         cfg = dataclasses.replace(base, cam=cam, weights=w, tau=tau)
-        cw, cc, o = timed_trials(ctx, cfg, 1 if args.quick else 3)
-        st = staged_trial(ctx, cfg)[0]
+        cw, cc, st, o = timed_trials(ctx, cfg, 1 if args.quick else 3)
         by_config.append({
             "cam": cam, "weights": list(w), "tau": tau, "seconds": statistics.median(cw), "cpu_seconds": statistics.median(cc),
             "stages": st, "mlp_epochs": len(o.model.history), "roi_fraction_train": o.features.roi_fraction["train"],
@@ -473,7 +461,7 @@ def trial_section(args: argparse.Namespace) -> dict:
         "trial_first_call_seconds_adrenal28": first_s,
         "trial_cpu_seconds_adrenal28": statistics.median(cpus),
         "trial_repeats_seconds_adrenal28": walls,
-        "trial_stages_adrenal28": stages,
+        "trial_stages_adrenal28": stage_s,
         "giotto_trial_stages_adrenal28": giotto_stages,
         "giotto_trial_large_roi_adrenal28": giotto_large,
         "trial_giotto_identical": giotto_identical,

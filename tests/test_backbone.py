@@ -98,3 +98,70 @@ def test_medmnist_v2_preset_and_milestones(tmp_path):
     ds = make_synthetic(2, size=16, n=(24, 6, 6), seed=0, clutter=1)
     _, info = train_backbone(ds, replace(QUICKSTART, epochs=3, milestones=(1, 2)), cache_dir=tmp_path, progress=False)
     assert [h["lr"] for h in info.history] == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+# ----------------------------------------------------------------------------- units: cache key, embed, weights
+
+
+def test_cache_key_ignores_init_auto_and_follows_every_setting():
+    """init='auto' keeps the key that checkpoints had before the option existed (the blob
+    without 'init'); every other setting, the architecture and the data change it."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    ds = make_synthetic(2, size=16, n=(6, 4, 4), seed=0, clutter=1)
+    s = TrainSettings(arch="small", epochs=2, batch_size=16, lr=1e-3, seed=0)
+    legacy = {k: v for k, v in asdict(s).items() if k != "init"}
+    blob = json.dumps({"data": ds.fingerprint, "arch": "small", "settings": legacy, "code": bb._CODE_VERSION}, sort_keys=True)
+    key = bb._cache_key(ds, s, "small")
+    assert key == hashlib.sha256(blob.encode()).hexdigest()[:20]
+    assert bb._cache_key(ds, replace(s), "small") == key  # the same inputs, the same key
+    changed = [
+        bb._cache_key(ds, replace(s, **change), "small")
+        for change in ({"init": "scratch"}, {"init": "pretrained"}, {"epochs": 3}, {"batch_size": 8}, {"lr": 2e-3},
+                       {"seed": 1}, {"milestones": (1,)})
+    ]
+    changed += [bb._cache_key(ds, s, "resnet18"), bb._cache_key(replace(ds, fingerprint=ds.fingerprint + "x"), s, "small")]
+    assert key not in changed and len(set(changed)) == len(changed)
+
+
+def test_a_trained_backbone_is_cached_under_its_key(tmp_path):
+    ds = make_synthetic(2, size=16, n=(12, 6, 6), seed=0, clutter=1)
+    s = replace(QUICKSTART, epochs=1)
+    _, first = train_backbone(ds, s, cache_dir=tmp_path, progress=False)
+    model, again = train_backbone(ds, s, cache_dir=tmp_path, progress=False)
+    assert not first.cached and again.cached and again.cache_key == first.cache_key
+    assert (tmp_path / "backbones" / f"{first.cache_key}.pt").is_file()
+    _, other = train_backbone(ds, replace(s, seed=1), cache_dir=tmp_path, progress=False)
+    assert not other.cached and other.cache_key != first.cache_key
+
+
+@pytest.mark.parametrize("ndim, side", [(2, 16), (3, 8)])
+def test_embed_is_the_pooled_input_of_the_classifier(ndim, side):
+    torch.manual_seed(0)
+    model, _ = bb.build_backbone("small", ndim, 3, side, init="scratch")
+    model.eval()
+    x = np.random.default_rng(0).random((5, 1, *([side] * ndim)), dtype=np.float32)
+    e = bb.embed(model, x)
+    assert e.shape == (5, model.net.fc.in_features) and e.dtype == np.float32
+    np.testing.assert_allclose(bb.embed(model, x, batch_size=2), e, rtol=1e-5, atol=1e-6)  # batching changes nothing
+    with torch.no_grad():  # the classifier applied to the embedding gives the model's logits
+        logits = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(model.net.fc(torch.from_numpy(e)).numpy(), logits, rtol=1e-4, atol=1e-5)
+    assert bb.embed(model, x[:0]).shape == (0, 0)
+
+
+def test_pretrained_weights_file_says_why_there_is_none(tmp_path, monkeypatch):
+    path, why = bb.pretrained_weights_file("small")
+    assert path is None and why == "the 'small' backbone has no pretrained weights (use resnet18 in 2D or r3d18 in 3D)"
+    with pytest.raises(bb.TopoCAMError, match=r"backbone init 'pretrained': the 'small' backbone has no pretrained weights"):
+        bb.build_backbone("small", 2, 2, 16, init="pretrained")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub: nothing on disk
+    path, why = bb.pretrained_weights_file("resnet18")
+    expected = tmp_path / "checkpoints" / "resnet18-f37072fd.pth"
+    assert path is None and why.startswith(f"pretrained weight file {expected} is absent (download https://")
+    expected.parent.mkdir()
+    expected.write_bytes(b"")
+    assert bb.pretrained_weights_file("resnet18") == (expected, f"pretrained weights from {expected}")

@@ -271,3 +271,19 @@ def test_one_thread_restores_the_setting_even_on_error():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluate_times_its_stages(fake_ctx):
+    """What benchmarks/betti.py reports per trial: fuse + threshold (roi) and Betti
+    features (betti) inside features, then the classifier."""
+    import dataclasses
+
+    out = pipeline.evaluate(fake_ctx, fake_ctx.config)
+    t = out.timings_s
+    assert list(t) == ["cams", "features", "roi", "betti", "classifier"] and min(t.values()) >= 0
+    assert t["roi"] + t["betti"] <= t["features"] <= t["roi"] + t["betti"] + 0.05
+    timings: dict[str, float] = {}
+    pipeline.topocam_features(fake_ctx, fake_ctx.config, timings=timings)
+    assert set(timings) == {"roi", "betti"}
+    original = pipeline.evaluate(fake_ctx, dataclasses.replace(fake_ctx.config, method="topo_original"))
+    assert list(original.timings_s) == ["cams", "features", "classifier"]  # memoised features: no stages

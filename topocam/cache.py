@@ -31,6 +31,7 @@ _CODE_VERSION = "1"  # bump when cam.py changes what a cached map means
 _COMPLETE = "complete"  # written last into the temporary folder: its absence means a foreign or damaged folder
 
 
+
 def cam_cache_key(backbone_key: str, data_fingerprint: str, rule: str) -> str:
     blob = json.dumps([backbone_key, data_fingerprint, rule, _CODE_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -317,9 +317,20 @@ def _splits(report_test: bool) -> tuple[str, ...]:
     return SPLITS if report_test else ("train", "val")
 
 
-def topocam_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
+def topocam_features(
+    ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False,
+    timings: dict[str, float] | None = None,
+) -> Features:
+    """phi of the CAM-selected ROI; ``timings``, when given, receives the seconds of
+    its two stages: ``roi`` (fuse + threshold) and ``betti`` (segment, grid, curves)."""
     splits = _splits(report_test)
-    return features_from_masks(ctx, cfg, {s: roi_for(ctx, cfg, s)[1] for s in splits}, splits, progress, "TopoCAM")
+    t0 = time.perf_counter()
+    masks = {s: roi_for(ctx, cfg, s)[1] for s in splits}
+    t1 = time.perf_counter()
+    feats = features_from_masks(ctx, cfg, masks, splits, progress, "TopoCAM")
+    if timings is not None:
+        timings.update(roi=t1 - t0, betti=time.perf_counter() - t1)
+    return feats
 
 
 def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
@@ -414,6 +425,7 @@ def evaluate(
     validation metrics, K-fold training metrics when ``cv_folds``, test metrics only
     when ``report_test``."""
     cfg = cfg.validated()
+    stages: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.method == "topo_original":
         t1 = t0
@@ -421,14 +433,16 @@ def evaluate(
     else:
         ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
         t1 = time.perf_counter()
-        feats = topocam_features(ctx, cfg, report_test, progress)
+        feats = topocam_features(ctx, cfg, report_test, progress, timings=stages)
     if cfg.head == "hybrid":
         feats = with_embedding(ctx, feats)
     t2 = time.perf_counter()
     fit = fit_and_score(ctx, cfg, feats, report_test)
     cv = cv_score(ctx, cfg, feats, cv_folds) if cv_folds else None
     t3 = time.perf_counter()
-    timings = {"cams": t1 - t0, "features": t2 - t1, "classifier": t3 - t2}
+    # features = roi (fuse + threshold) + betti (+ the embedding, hybrid head); roi and
+    # betti are TopoCAM's only (Topo-Original's features are memoised per context)
+    timings = {"cams": t1 - t0, "features": t2 - t1, **stages, "classifier": t3 - t2}
     return TrialOutcome(fit.val, fit.test, feats, fit.model, timings, fit.probs, cv)
 
 

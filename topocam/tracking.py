@@ -187,11 +187,13 @@ class Tracker:
     def find_runs(self, experiment_id: str, tags: dict[str, Any], max_results: int = 1000, status: str | None = None) -> list:
         """Active runs carrying all these tags (and this status), newest first."""
         flt = " and ".join(([tags_filter(tags)] if tags else []) + ([f"attributes.status = '{status}'"] if status else []))
-        return list(self.client.search_runs([experiment_id], filter_string=flt, max_results=max_results,
-                                            order_by=["attributes.start_time DESC"]))
+        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=max_results,
+                                       order_by=["attributes.start_time DESC"])
+        want = {k: str(v) for k, v in tags.items()}
+        return [r for r in runs if all(r.data.tags.get(k) == v for k, v in want.items())]  # LIKE's near misses out
 
     def find_run(self, experiment_id: str, tags: dict[str, Any]) -> str | None:
-        runs = self.find_runs(experiment_id, tags, max_results=1)
+        runs = self.find_runs(experiment_id, tags, max_results=1 if all(map(_exact, tags.values())) else 1000)
         return runs[0].info.run_id if runs else None
 
     def start_run(
@@ -235,15 +237,29 @@ class Tracker:
         self.client.log_text(run_id, text, artifact_file)
 
 
-def _quote(v: Any) -> str:
-    """A value inside a single-quoted MLflow filter string."""
-    return str(v).replace("\\", "\\\\").replace("'", "\\'")
+def _exact(v: Any) -> bool:
+    """Whether an MLflow filter can name this value exactly: not when it holds both quote kinds."""
+    return not ("'" in str(v) and '"' in str(v))
+
+
+def _tag_condition(key: str, value: Any) -> str:
+    """``tags.key = 'value'``. MLflow's filter parser takes a string literal verbatim between its
+    quotes (a backslash escapes nothing: ``'o\\'brien'`` matches nothing), so a value holding a
+    single quote is written in double quotes. One holding both kinds cannot be written at all; it
+    is matched with LIKE, each quote the one-character wildcard ``_``, which may match a few
+    other values too (:meth:`Tracker.find_runs` keeps the exact ones)."""
+    v = str(value)
+    name = f"tags.{key if _IDENTIFIER.fullmatch(key) else f'`{key}`'}"
+    if not _exact(v):
+        pattern = v.replace("'", "_").replace('"', "_")
+        return f"{name} LIKE '{pattern}'"
+    return f'{name} = "{v}"' if "'" in v else f"{name} = '{v}'"
 
 
 def tags_filter(tags: dict[str, Any]) -> str:
     """An MLflow search filter for runs carrying all these tags: ``tags.arm = 'x' and ...`` (a key
     other than a plain identifier in backquotes), as a person would type it in the UI's search box."""
-    return " and ".join(f"tags.{k if _IDENTIFIER.fullmatch(k) else f'`{k}`'} = '{_quote(v)}'" for k, v in tags.items())
+    return " and ".join(_tag_condition(k, v) for k, v in tags.items())
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
