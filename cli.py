@@ -677,6 +677,10 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _stop)
+    # A process started in the background by a script (`worker &`, nohup) or by a parent that
+    # ignores SIGINT inherits SIG_IGN, and Python then never raises KeyboardInterrupt: `kill -INT`
+    # would be ignored and the worker never stopped cleanly. Ctrl-C means stop, wherever we run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ tests/test_study.py, sharing one backbone/CAM cache built once by the ``warm`` f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -185,7 +186,10 @@ def start_slow_worker(env, folder: Path, study: Path, *args: str) -> tuple[subpr
     script, log = folder / "slow_worker.py", folder / "trials.log"
     script.write_text(SLOW_WORKER.format(repo=str(REPO)))
     cmd = [sys.executable, str(script), "study", "run", str(study), "--runs-dir", str(folder / "mlruns"), "--quiet", *args]
+    # started as a script starts a background worker (`worker &`, nohup): SIGINT ignored on entry,
+    # which Python keeps unless the CLI installs its handler (without it, `kill -INT` did nothing)
     proc = subprocess.Popen(cmd, cwd=folder, env=worker_env(env, TRIAL_LOG=str(log), TRIAL_SLEEP=str(SLOW_TRIAL_S)),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while not (log.is_file() and log.read_text()):
