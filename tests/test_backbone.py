@@ -119,11 +119,15 @@ def test_cache_key_ignores_init_auto_and_follows_every_setting():
     assert bb._cache_key(ds, replace(s), "small") == key  # the same inputs, the same key
     changed = [
         bb._cache_key(ds, replace(s, **change), "small")
-        for change in ({"init": "scratch"}, {"init": "pretrained"}, {"epochs": 3}, {"batch_size": 8}, {"lr": 2e-3},
+        for change in ({"init": "pretrained"}, {"epochs": 3}, {"batch_size": 8}, {"lr": 2e-3},
                        {"seed": 1}, {"milestones": (1,)})
     ]
     changed += [bb._cache_key(ds, s, "resnet18"), bb._cache_key(replace(ds, fingerprint=ds.fingerprint + "x"), s, "small")]
     assert key not in changed and len(set(changed)) == len(changed)
+    # the small CNN has no pretrained weights: "scratch" is the network "auto" trains, and reuses it;
+    # for ResNet-18, whose weights may be on disk, the two stay apart
+    assert bb._cache_key(ds, replace(s, init="scratch"), "small") == key
+    assert bb._cache_key(ds, replace(s, init="scratch"), "resnet18") != bb._cache_key(ds, s, "resnet18")
 
 
 def test_a_trained_backbone_is_cached_under_its_key(tmp_path):

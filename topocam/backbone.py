@@ -341,7 +341,9 @@ def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
 
 def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
     settings = asdict(s)
-    if settings["init"] == "auto":  # keys of checkpoints trained before the option existed stay valid
+    # "auto" keeps the keys of checkpoints trained before the option existed; an architecture without
+    # pretrained weights starts from scratch whatever is asked, so "scratch" must not train it again
+    if settings["init"] == "auto" or (arch == "small" and settings["init"] == "scratch"):
         del settings["init"]
     blob = json.dumps({"data": ds.fingerprint, "arch": arch, "settings": settings, "code": _CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
