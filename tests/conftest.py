@@ -106,9 +106,10 @@ def postgres():
     As root the server runs as the ``postgres`` user (PostgreSQL refuses to run as root)."""
     import pwd
     import shutil
-    import socket
     import subprocess
     import tempfile
+
+    from .shipping import free_port
     from types import SimpleNamespace
 
     bindir = _postgres_bin()
@@ -128,9 +129,7 @@ def postgres():
     if owner is not None:
         for p in (root, sock):
             os.chown(p, owner.pw_uid, owner.pw_gid)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     def pg(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*run_as, *args], capture_output=True, text=True, timeout=120, cwd=root)
@@ -166,16 +165,14 @@ def postgres():
 def mlflow_server(postgres, tmp_path_factory):
     """An MLflow tracking server on loopback with its backend store in the private PostgreSQL
     server (what several machines share); yields its http:// URL."""
-    import signal
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from .shipping import free_port, stop_group
+
+    port = free_port()
     store = postgres.database("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
     root = tmp_path_factory.mktemp("mlflow-server")
     log = open(root / "server.log", "w")
@@ -197,9 +194,5 @@ def mlflow_server(postgres, tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, timeout=20)
         log.close()
