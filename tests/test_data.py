@@ -25,8 +25,43 @@ def test_own_npz_roundtrip(tmp_path):
     ds = load_npz(p)
     assert ds.ndim == 2 and ds.n_classes == 2 and ds.task == "binary-class"
     assert ds.x["train"].shape == (6, 1, 12, 12) and ds.x["train"].dtype == np.float32
-    assert 0.0 <= ds.x["train"].min() and ds.x["train"].max() <= 1.0
+    x = np.asarray(ds.x["train"])
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
     assert load_dataset(str(p)).fingerprint == ds.fingerprint
+
+
+@pytest.mark.parametrize("dtype, scale, channels", [(np.uint8, 255.0, 1), (np.uint16, 65535.0, 1), (np.uint8, 255.0, 3)])
+def test_integer_images_are_read_a_chunk_at_a_time_as_the_whole_conversion(tmp_path, dtype, scale, channels):
+    """Integer images stay as stored (a quarter of float32's memory for uint8) and every
+    selection reads back as float32 equal, bit for bit, to converting the whole array;
+    the fingerprint hashes those float32 bytes, as it did when the whole split was converted."""
+    from topocam.data import SPLITS, images_in
+
+    rng = np.random.default_rng(0)
+    shape = (7, 9, 9, 3) if channels == 3 else (7, 9, 9)
+    arrays = {f"{s}_images": rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True, dtype=dtype) for s in SPLITS}
+    arrays["train_images"][0, 0, 0] = np.iinfo(dtype).max  # the extremes convert exactly
+    arrays["train_images"][0, 0, 1] = 0
+    arrays |= {f"{s}_labels": np.arange(7)[:, None] % 2 for s in SPLITS}
+    np.savez(tmp_path / "ints.npz", **arrays)
+    ds = load_npz(tmp_path / "ints.npz")
+    raw = arrays["train_images"]
+    whole = raw.astype(np.float32) / scale  # what loading did before images were kept as stored
+    whole = np.moveaxis(whole, -1, 1) if channels == 3 else whole[:, None]
+    x = ds.x["train"]
+    assert ds.x["train"].nbytes == raw.nbytes and x.shape == whole.shape and len(x) == 7
+    assert np.asarray(x).tobytes() == whole.tobytes()
+    for sel in (slice(2, 5), np.array([6, 0, 3]), 4):
+        assert x[sel].dtype == np.float32 and x[sel].tobytes() == whole[sel].tobytes()
+    assert images_in(x, 1, 4).flags.c_contiguous and images_in(x, 1, 4).tobytes() == whole[1:4].tobytes()
+    gray = whole[:, 0] if channels == 1 else whole.mean(axis=1)
+    assert ds.gray("train", 2, 6).tobytes() == gray[2:6].tobytes() and ds.gray("train").tobytes() == gray.tobytes()
+    h = hashlib.sha256()
+    for s in SPLITS:
+        w = arrays[f"{s}_images"].astype(np.float32) / scale
+        h.update(np.ascontiguousarray(np.moveaxis(w, -1, 1) if channels == 3 else w[:, None]).tobytes())
+        h.update((np.arange(7) % 2).astype(np.int64).tobytes())
+    assert ds.fingerprint == f"ints-{h.hexdigest()[:16]}"
 
 
 @pytest.mark.parametrize(

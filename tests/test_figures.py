@@ -148,8 +148,8 @@ def test_a_trial_never_touches_the_test_split(tiny, monkeypatch):
     ctx, cfg, _ = tiny
     seen: list[str] = []
     real_roi_for, real_gray = pipeline.roi_for, type(ctx).gray
-    monkeypatch.setattr(pipeline, "roi_for", lambda c, k, split: seen.append(split) or real_roi_for(c, k, split))
-    monkeypatch.setattr(type(ctx), "gray", lambda self, split: seen.append(split) or real_gray(self, split))
+    monkeypatch.setattr(pipeline, "roi_for", lambda c, k, split, *a: seen.append(split) or real_roi_for(c, k, split, *a))
+    monkeypatch.setattr(type(ctx), "gray", lambda self, split, *a: seen.append(split) or real_gray(self, split, *a))
     figs = figures.explain(ctx, cfg, report_test=False, variants=("gradcam",), taus=(0.5,))
     assert set(figs) == EXPECTED and "test" not in figs.metrics
     assert seen and "test" not in seen

@@ -28,8 +28,14 @@ def test_cam_target_is_the_predicted_class_in_every_split(base_config, synth2d, 
 
 def test_betti_grid_fitted_on_train_only(ctx2d, base_config, monkeypatch):
     seen = []
-    real_fit = pipeline.BettiGrid.fit
-    monkeypatch.setattr(pipeline.BettiGrid, "fit", classmethod(lambda cls, v, n: seen.append(np.array(v)) or real_fit(v, n)))
+    real_fit = pipeline.BettiGrid.fit_chunks
+
+    def fit_chunks(cls, chunks, n):
+        chunks = list(chunks)  # the training split, a chunk of images at a time
+        seen.append(np.concatenate(chunks))
+        return real_fit(chunks, n)
+
+    monkeypatch.setattr(pipeline.BettiGrid, "fit_chunks", classmethod(fit_chunks))
     feats = topocam_features(ctx2d, base_config, report_test=True)
     assert len(seen) == 1
     train_masks = pipeline.roi_for(ctx2d, base_config, "train")[1]

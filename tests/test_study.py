@@ -589,7 +589,7 @@ def test_test_metrics_only_after_the_search(env, warm, tmp_path, monkeypatch):
     real_gray = Context.gray
     touched = []
     monkeypatch.setattr(runner_mod, "evaluate", spy)
-    monkeypatch.setattr(Context, "gray", lambda self, split: touched.append((split, phase["in_eval"])) or real_gray(self, split))
+    monkeypatch.setattr(Context, "gray", lambda self, split, *a: touched.append((split, phase["in_eval"])) or real_gray(self, split, *a))
     runner = make_runner(write_study(tmp_path, "choose"), storage, None)
     results = [runner.run("random", seed, 3) for seed in (0, 1)]
 

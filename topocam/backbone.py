@@ -34,7 +34,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .choices import BACKBONES, PRESETS as PRESET_NAMES
-from .data import Dataset
+from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
 from .stores import BadEntry, load_or_build
@@ -270,18 +270,23 @@ def device_auto() -> torch.device:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 128, device: torch.device | None = None) -> np.ndarray:
+def predict_proba(
+    model: nn.Module, x: "np.ndarray | Images", batch_size: int = 128, device: torch.device | None = None,
+) -> np.ndarray:
+    """Softmax outputs, (n, k) float32. The batch stays 128 whatever the image size:
+    on a CPU an image's outputs can differ in the last bit between batch sizes
+    (tests/test_memory.py shows it), and these feed the CAM target rule."""
     device = device or next(model.parameters()).device
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)
+        xb = torch.from_numpy(images_in(x, i, i + batch_size)).to(device)
         out.append(torch.softmax(model(xb), dim=1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
 @torch.no_grad()
-def embed(model: Backbone, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def embed(model: Backbone, x: "np.ndarray | Images", batch_size: int = 128) -> np.ndarray:
     """The pooled embedding the classification layer (``net.fc``) reads, (n, d) float32."""
     device = next(model.parameters()).device
     model.eval()
@@ -289,14 +294,16 @@ def embed(model: Backbone, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
     hook = model.net.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     try:
         for i in range(0, len(x), batch_size):
-            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device))
+            model(torch.from_numpy(images_in(x, i, i + batch_size)).to(device))
     finally:
         hook.remove()
     return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 128, device: torch.device | None = None) -> int:
+@torch.no_grad()  # statistics only: no autograd graph (at 64^3 it held every activation of a 128-volume batch)
+def recalibrate_batchnorm(
+    model: nn.Module, x: "np.ndarray | Images", batch_size: int = 128, device: torch.device | None = None,
+) -> int:
     """Replace every BatchNorm layer's running statistics by their exact average
     over ``x`` (the training split), in the weights' current state.
 
@@ -323,7 +330,7 @@ def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 128
             starts.pop()
         for k, i in enumerate(starts):
             j = starts[k + 1] if k + 1 < len(starts) else len(x)
-            model(torch.from_numpy(np.ascontiguousarray(x[i:j])).to(device))
+            model(torch.from_numpy(images_in(x, i, j)).to(device))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -406,6 +413,39 @@ def train_backbone(
     return model.to(device).eval(), info
 
 
+def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """:func:`predict_proba` of every split, cached next to the checkpoint (a function of
+    the checkpoint and the data, both in its key). Why: a study worker with a warm
+    cache then never runs the backbone, whose batch of 128 volumes of 64^3 alone held
+    over 4 GB; the values are the ones computed, bit for bit."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    entry = cache_dir / "backbones" / f"{info.cache_key}.probs.npz"
+
+    def load() -> dict[str, np.ndarray] | None:
+        if not entry.is_file():
+            return None
+        try:
+            with np.load(entry, allow_pickle=False) as z:
+                probs = {s: z[s] for s in SPLITS}
+        except Exception as exc:  # zip, header or a missing split: all mean "not this entry"
+            raise BadEntry.because(exc, str(entry)) from exc
+        for s, p in probs.items():
+            if p.shape != (len(ds.y[s]), ds.n_classes) or not np.isfinite(p).all():
+                raise BadEntry(f"{entry}: split {s} holds {p.shape} (expected {(len(ds.y[s]), ds.n_classes)}) or non-finite values")
+        return probs
+
+    def build() -> dict[str, np.ndarray]:
+        probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
+        try:
+            with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **probs)
+        except OSError as exc:
+            raise InfrastructureError(f"could not write the CNN probabilities {entry}: {exc}") from exc
+        return probs
+
+    return load_or_build(entry, load, build)[0]
+
+
 def _read_checkpoint(ckpt: Path, model: Backbone) -> BackboneInfo:
     """Load a cached checkpoint into ``model`` and return its info; :class:`BadEntry` if
     the file is truncated or unreadable, does not fit the model, or holds non-finite
@@ -439,7 +479,7 @@ def _fit(
         raise TopoCAMError(f"lr milestones are epochs >= 1, got {list(settings.milestones)}")
     schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(settings.milestones), gamma=0.1)
     loss_fn = nn.CrossEntropyLoss()
-    xtr = torch.from_numpy(ds.x["train"])
+    xtr = ds.x["train"]  # read a batch at a time (Images hold integer images, converted per batch)
     ytr = torch.from_numpy(ds.y["train"])
     yval = ds.y["val"]
     gen = torch.Generator().manual_seed(settings.seed)
@@ -459,7 +499,7 @@ def _fit(
             idx = perm[i : i + settings.batch_size]
             if len(idx) < 2 and len(xtr) >= 2:  # BatchNorm cannot train on a batch of one
                 idx = perm[-2:]
-            xb, yb = xtr[idx].to(device), ytr[idx].to(device)
+            xb, yb = torch.from_numpy(np.ascontiguousarray(xtr[idx.numpy()])).to(device), ytr[idx].to(device)
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()

@@ -19,15 +19,18 @@ Each map is ReLU'd and min-max normalised to [0, 1] per image at its native
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .backbone import CAM_LAYERS, Backbone
 from .choices import CAM_VARIANTS
+from .data import images_in
 from .errors import TopoCAMError
 
 TARGET_RULES: tuple[str, ...] = ("predicted", "label")  # "label" = leakage audit only
@@ -99,18 +102,45 @@ class CamBatch:
 
 
 class _Activations:
-    """Forward hooks that keep the CAM layers' outputs of the last forward."""
+    """Forward hooks that keep the CAM layers' outputs of the last forward.
 
-    def __init__(self, model: Backbone):
+    ``graph_from_first``: the first CAM layer's output becomes a leaf that requires
+    grad, so that (with the parameters frozen, :func:`_frozen`) autograd records
+    nothing before it: Grad-CAM needs gradients with respect to the CAM layers'
+    outputs only, and the stem and layer1, at full resolution, held most of a
+    batch's graph (about 4 GB for 64 volumes of 64^3). The maps are the same bits."""
+
+    def __init__(self, model: Backbone, graph_from_first: bool = False):
         self.out: dict[str, torch.Tensor] = {}
+        first = CAM_LAYERS[0]
+
+        def keep(name: str, out: torch.Tensor) -> torch.Tensor:
+            if graph_from_first and name == first:
+                out = out.detach().requires_grad_()
+            self.out[name] = out
+            return out
+
         self.handles = [
-            layer.register_forward_hook(lambda mod, inp, out, name=name: self.out.__setitem__(name, out))
+            layer.register_forward_hook(lambda mod, inp, out, name=name: keep(name, out))
             for name, layer in model.cam_layers().items()
         ]
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside (restored after): CAMs need no weight gradients."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _scoring_net(model: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -173,35 +203,36 @@ def compute_cams(
     model.eval()
     scorer = _scoring_net(model) if variant == "scorecam" else None  # before the hooks: fuse copies the model
     chunk = score_chunk or max(1, min(SCORE_CHUNK_MAX, SCORE_CHUNK_PIXELS // int(np.prod(x.shape[2:]))))
-    hooks = _Activations(model)
+    hooks = _Activations(model, graph_from_first=variant != "scorecam")
     maps: dict[str, list[np.ndarray]] = {name: [] for name in CAM_LAYERS}
     targets_all, probs_all = [], []
     from tqdm.auto import tqdm
 
     try:
-        for i in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)
-            lb = None if labels is None else torch.from_numpy(np.asarray(labels[i : i + batch_size])).to(device)
-            with torch.enable_grad():
-                logits = model(xb)
-                acts = {name: hooks.out[name] for name in CAM_LAYERS}
-                targets = cam_targets(logits.detach(), lb, rule)
-                if variant != "scorecam":
-                    score = logits.gather(1, targets[:, None]).sum()
-                    grads = torch.autograd.grad(score, [acts[n] for n in CAM_LAYERS])
-            with torch.no_grad():
-                for name, g in zip(CAM_LAYERS, grads if variant != "scorecam" else [None] * len(CAM_LAYERS)):
-                    a = acts[name].detach()
-                    if variant == "gradcam":
-                        w = _gradcam_weights(a, g)
-                    elif variant == "gradcampp":
-                        w = _gradcampp_weights(a, g)
-                    else:
-                        with torch.inference_mode():
-                            w = _score_cam_weights(scorer, xb, a, targets, chunk)
-                    maps[name].append(_combine(a, w).float().cpu().numpy())
-            targets_all.append(targets.cpu().numpy())
-            probs_all.append(torch.softmax(logits.detach(), dim=1).float().cpu().numpy())
+        with _frozen(model):
+            for i in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+                xb = torch.from_numpy(images_in(x, i, i + batch_size)).to(device)
+                lb = None if labels is None else torch.from_numpy(np.asarray(labels[i : i + batch_size])).to(device)
+                with torch.enable_grad():
+                    logits = model(xb)
+                    acts = {name: hooks.out[name] for name in CAM_LAYERS}
+                    targets = cam_targets(logits.detach(), lb, rule)
+                    if variant != "scorecam":
+                        score = logits.gather(1, targets[:, None]).sum()
+                        grads = torch.autograd.grad(score, [acts[n] for n in CAM_LAYERS])
+                with torch.no_grad():
+                    for name, g in zip(CAM_LAYERS, grads if variant != "scorecam" else [None] * len(CAM_LAYERS)):
+                        a = acts[name].detach()
+                        if variant == "gradcam":
+                            w = _gradcam_weights(a, g)
+                        elif variant == "gradcampp":
+                            w = _gradcampp_weights(a, g)
+                        else:
+                            with torch.inference_mode():
+                                w = _score_cam_weights(scorer, xb, a, targets, chunk)
+                        maps[name].append(_combine(a, w).float().cpu().numpy())
+                targets_all.append(targets.cpu().numpy())
+                probs_all.append(torch.softmax(logits.detach(), dim=1).float().cpu().numpy())
     finally:
         hooks.close()
     return CamBatch(

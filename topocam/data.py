@@ -29,6 +29,48 @@ DEFAULT_SYNTHETIC_N: tuple[int, int, int] = (120, 40, 40)  # train, val, test im
 SYNTHETIC_SIZE_RANGE = {2: (12, 1024), 3: (12, 128)}
 
 
+class Images:
+    """A split's images kept as stored (uint8 or uint16: a quarter or half the memory
+    of float32) and read as float32 scaled to [0, 1] a selection at a time, e.g.
+    ``images[lo:hi]`` or ``images[idx]``: the same values, bit for bit, as converting
+    the whole array at load time (the conversion is elementwise). Has the shape,
+    ``len`` and ``ndim`` of the float32 array it stands for; ``np.asarray`` gives that
+    whole array (for small sets and tests; the pipeline reads chunks)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray, scale: float):
+        self.raw = raw
+        self.scale = scale
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.raw.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self.raw[key]).astype(np.float32) / self.scale
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+def images_in(x: "np.ndarray | Images", lo: int, hi: int) -> np.ndarray:
+    """Images lo..hi of a split as a C-contiguous float32 array."""
+    return np.ascontiguousarray(x[lo:hi])
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One dataset with its three official splits."""
@@ -36,7 +78,7 @@ class Dataset:
     name: str
     task: str  # "binary-class" or "multi-class" (MedMNIST's task names)
     n_classes: int
-    x: dict[str, np.ndarray]  # split -> (n, C, *spatial) float32
+    x: dict[str, "np.ndarray | Images"]  # split -> (n, C, *spatial) float32 (Images: read a chunk at a time)
     y: dict[str, np.ndarray]  # split -> (n,) int64
     fingerprint: str  # content hash: part of every cache key built on this data
     source: str  # where it came from (file path or generator settings)
@@ -56,20 +98,22 @@ class Dataset:
     def n_channels(self) -> int:
         return int(self.x["train"].shape[1])
 
-    def gray(self, split: str) -> np.ndarray:
-        """(n, *spatial) single-channel images: what the topology sees."""
-        x = self.x[split]
+    def gray(self, split: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(hi - lo, *spatial) single-channel images lo..hi of a split: what the topology sees."""
+        x = self.x[split][lo:hi]
         return x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)
 
 
 # ---------------------------------------------------------------- validation
 
 
-def _to_float_images(arr: np.ndarray, where: str) -> np.ndarray:
+def _to_float_images(arr: np.ndarray, where: str) -> "np.ndarray | Images":
+    """Float images are converted and checked now; integer ones stay as stored and are
+    converted a chunk at a time when read (:class:`Images`)."""
     if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
+        return Images(arr, 255.0)
     if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
+        return Images(arr, 65535.0)
     if np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float32)
         bad = ~np.isfinite(out)
@@ -80,8 +124,10 @@ def _to_float_images(arr: np.ndarray, where: str) -> np.ndarray:
     raise TopoCAMError(f"{where}: images have dtype {arr.dtype}; expected uint8, uint16 or float")
 
 
-def _channels_first(arr: np.ndarray, where: str) -> np.ndarray:
+def _channels_first(arr: "np.ndarray | Images", where: str) -> "np.ndarray | Images":
     """(n,H,W) -> (n,1,H,W); (n,H,W,3) -> (n,3,H,W); (n,D,H,W) -> (n,1,D,H,W)."""
+    if isinstance(arr, Images):
+        return Images(_channels_first(arr.raw, where), arr.scale)
     if arr.ndim == 3:
         return arr[:, None]
     if arr.ndim == 4 and arr.shape[-1] == 3 and arr.shape[1] != 3:
@@ -146,7 +192,8 @@ def validate_arrays(
 def _hash_arrays(xs: dict[str, np.ndarray], ys: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for s in SPLITS:
-        h.update(np.ascontiguousarray(xs[s]).tobytes())
+        for lo in range(0, len(xs[s]), 256):  # the float32 bytes, a chunk at a time (Images are never whole)
+            h.update(images_in(xs[s], lo, lo + 256).tobytes())
         h.update(np.ascontiguousarray(ys[s]).tobytes())
     return h.hexdigest()[:16]
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .backbone import (
-    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, default_cache_dir, device_auto, embed,
-    predict_proba, resolve_backbone, train_backbone,
+    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, cnn_probabilities, default_cache_dir,
+    device_auto, embed, resolve_backbone, train_backbone,
 )
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
@@ -32,6 +32,7 @@ from .data import DEFAULT_SYNTHETIC_N, SPLITS, Dataset, check_dataset, load_data
 from .stats import summarise_method
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .jobs import check_n_jobs, resolve_n_jobs
+from .memory import chunk_voxels, chunks, images_per_chunk
 from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
@@ -118,6 +119,7 @@ class TopoCAMConfig:
         check_dataset(self.dataset, self.size)
         check_cache_dir(self.cache_dir)
         upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
+        chunk_voxels()  # TOPOCAM_CHUNK_VOXELS: likewise
         MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
         return self
 
@@ -154,7 +156,7 @@ class Context:
     store: CamStore
     progress: bool = True
     timings_s: dict[str, float] = field(default_factory=dict)
-    _gray: dict[str, np.ndarray] = field(default_factory=dict)
+    _gray: dict[str, np.ndarray] = field(default_factory=dict)  # overrides of data.gray (tests only)
     _cams_checked: set[str] = field(default_factory=set)  # variants whose cache entry read back whole
     # per-study memo of trial inputs that do not depend on the trial's
     # configuration; "upsampled": roi.UpsampledCache of per-layer maps (see roi_for)
@@ -170,10 +172,12 @@ class Context:
             self.trial_cache[key] = embed(self.model, self.data.x[split])
         return self.trial_cache[key]
 
-    def gray(self, split: str) -> np.ndarray:
-        if split not in self._gray:
-            self._gray[split] = self.data.gray(split)
-        return self._gray[split]
+    def gray(self, split: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Single-channel images lo..hi of a split, read when asked (never held whole);
+        ``_gray[split]``, where set, replaces a split's images (tests)."""
+        if split in self._gray:
+            return self._gray[split][lo:hi]
+        return self.data.gray(split, lo, hi)
 
     def cams(self, variant: str, split: str) -> CamBatch:
         """Per-layer maps of one split, computed for all splits on first use (by one of
@@ -208,7 +212,7 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
     model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress, device=device_auto())
-    probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
+    probs = cnn_probabilities(model, info, ds, cache_dir)
     t_backbone = time.perf_counter() - t0
     store = CamStore(cache_dir, cam_cache_key(info.cache_key, ds.fingerprint, config.cam_target))
     ctx = Context(config, ds, model, info, probs, store, progress, {"data": t_data, "backbone": t_backbone})
@@ -265,51 +269,97 @@ class Features:
     empty_rois: dict[str, int]  # images whose ROI is empty (kept, with zero features)
 
 
-def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fused map and ROI mask of every image in a split.
+def upsampled(ctx: Context, cam: str, split: str, layer: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """H_l of images lo..hi of a split: ``upsample_normalised`` of layer l's CAMs.
 
-    M = sum_l w_l H_l with H_l = ``upsample_normalised`` of layer l's CAMs;
-    the upsampled, normalised per-layer maps (they depend on the CAM variant,
-    not on w or tau) are kept in ``ctx.trial_cache["upsampled"]``, a
-    memory-bounded LRU, so later trials only sum and threshold."""
-    w = fusion_weights(cfg.weights)
+    H_l depends on the CAM variant, not on w or tau: where a split's H_l fits the
+    memory-bounded LRU ``ctx.trial_cache["upsampled"]`` it is computed once and
+    later trials only sum and threshold; where it does not (64^3 volumes), the
+    chunk asked for is computed from the memory-mapped CAMs and not kept."""
     cache = ctx.trial_cache.setdefault("upsampled", UpsampledCache())
     shape = tuple(ctx.data.shape)
-    layers = [
-        None if wl == 0 else cache.get(
-            (str(ctx.store.root), cfg.cam, split, layer, shape),
-            lambda layer=layer: upsample_normalised(ctx.cams(cfg.cam, split).maps[layer], shape),
-        )
-        for layer, wl in zip(CAM_LAYERS, w)
-    ]
+    maps = ctx.cams(cam, split).maps[layer]
+    if len(maps) * int(np.prod(shape)) * 4 <= cache.max_bytes:
+        key = (str(ctx.store.root), cam, split, layer, shape)
+        return cache.get(key, lambda: upsample_normalised(maps, shape))[lo:hi]
+    return upsample_normalised(maps[lo:hi], shape)
+
+
+def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fused map M = sum_l w_l H_l and ROI mask of images lo..hi of a split."""
+    w = fusion_weights(cfg.weights)
+    layers = [None if wl == 0 else upsampled(ctx, cfg.cam, split, layer, lo, hi) for layer, wl in zip(CAM_LAYERS, w)]
     fused = fuse_upsampled(layers, w)
     return fused, roi_masks(fused, cfg.tau, cfg.tau_mode)
 
 
+RoiFn = Callable[[str, int, int], np.ndarray]  # (split, lo, hi) -> ROI masks of images lo..hi
+
+
 def features_from_masks(
-    ctx: Context, cfg: TopoCAMConfig, masks: dict[str, np.ndarray], splits: tuple[str, ...] = SPLITS,
+    ctx: Context, cfg: TopoCAMConfig, roi: RoiFn, splits: tuple[str, ...] = SPLITS,
     progress: bool = False, label: str = "TopoCAM",
 ) -> Features:
     """phi for the given splits; the Betti grid is fitted on the training split only.
-    ``progress`` shows a bar per split (a single run; study trials keep quiet)."""
+
+    A split is worked through a chunk of images at a time (``topocam.memory``):
+    ROI, segmented float64 filtration and Betti curves of one chunk are all that is
+    held, besides the training ROIs (packed bits) kept between the two passes over
+    train (the grid needs all of train before any curve). Every feature is the same,
+    bit for bit, whatever the chunk. ``progress`` shows a bar per split."""
     if "train" not in splits:
         raise ValueError("features need the training split: it is what the Betti grid is fitted on")
-    filtrations = {s: segment(ctx.gray(s), masks[s], cfg.outside) for s in splits}  # once per split, also for the grid
-    counts = {s: roi_counts(masks[s]) for s in splits}
-    grid = BettiGrid.fit(filtrations["train"], cfg.bins)
-    if cfg.betti_grid == "per_image":  # the leakage audit's shortcut: every image binned on its own range
-        x = {s: features_per_image_grid(filtrations[s], counts[s], cfg.bins, cfg.betti_backend, resolve_n_jobs(cfg.n_jobs)) for s in splits}
-    else:
-        x = {
-            s: features_from_filtrations(
-                filtrations[s], counts[s], grid, backend=cfg.betti_backend, n_jobs=resolve_n_jobs(cfg.n_jobs),
-                progress=progress, desc=f"{label} Betti curves {s}",
-            )
-            for s in splits
-        }
-    frac = {s: float(counts[s].sum() / masks[s].size) for s in splits}
-    empty = {s: int((counts[s] == 0).sum()) for s in splits}
+    from tqdm.auto import tqdm
+
+    shape = tuple(ctx.data.shape)
+    per = images_per_chunk(shape)
+    n = {s: len(ctx.data.y[s]) for s in splits}
+    kept: dict[int, np.ndarray] = {}
+
+    def train_filtrations():
+        for lo, hi in chunks(n["train"], per):
+            m = roi("train", lo, hi)
+            kept[lo] = np.packbits(m)
+            yield segment(ctx.gray("train", lo, hi), m, cfg.outside)
+
+    grid = BettiGrid.fit_chunks(train_filtrations(), cfg.bins)
+
+    def masks(s: str, lo: int, hi: int) -> np.ndarray:
+        if s == "train":
+            return np.unpackbits(kept.pop(lo), count=(hi - lo) * int(np.prod(shape))).view(bool).reshape(hi - lo, *shape)
+        return roi(s, lo, hi)
+
+    n_jobs = resolve_n_jobs(cfg.n_jobs)
+    x, frac, empty = {}, {}, {}
+    for s in splits:
+        rows, counts = [], []
+        with tqdm(total=n[s], desc=f"{label} Betti curves {s}", unit="img", disable=not progress, leave=False) as bar:
+            for lo, hi in chunks(n[s], per):
+                m = masks(s, lo, hi)
+                c = roi_counts(m)
+                f = segment(ctx.gray(s, lo, hi), m, cfg.outside)
+                if cfg.betti_grid == "per_image":  # the leakage audit's shortcut: every image binned on its own range
+                    rows.append(features_per_image_grid(f, c, cfg.bins, cfg.betti_backend, n_jobs))
+                else:
+                    rows.append(features_from_filtrations(f, c, grid, backend=cfg.betti_backend, n_jobs=n_jobs))
+                counts.append(c)
+                bar.update(hi - lo)
+        c = np.concatenate(counts)
+        x[s] = np.concatenate(rows)
+        frac[s] = float(c.sum() / (n[s] * int(np.prod(shape))))
+        empty[s] = int((c == 0).sum())
     return Features(x, grid, frac, empty)
+
+
+def _timed(fn: Callable, spent: list[float]) -> Callable:
+    def wrapped(*args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    return wrapped
 
 
 def _splits(report_test: bool) -> tuple[str, ...]:
@@ -324,20 +374,20 @@ def topocam_features(
     """phi of the CAM-selected ROI; ``timings``, when given, receives the seconds of
     its two stages: ``roi`` (fuse + threshold) and ``betti`` (segment, grid, curves)."""
     splits = _splits(report_test)
+    spent: list[float] = []
     t0 = time.perf_counter()
-    masks = {s: roi_for(ctx, cfg, s)[1] for s in splits}
-    t1 = time.perf_counter()
-    feats = features_from_masks(ctx, cfg, masks, splits, progress, "TopoCAM")
+    feats = features_from_masks(ctx, cfg, _timed(lambda s, lo, hi: roi_for(ctx, cfg, s, lo, hi)[1], spent), splits, progress, "TopoCAM")
     if timings is not None:
-        timings.update(roi=t1 - t0, betti=time.perf_counter() - t1)
+        timings.update(roi=sum(spent), betti=time.perf_counter() - t0 - sum(spent))
     return feats
 
 
 def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
     """Topo-Original: the same phi on the whole image (an all-ones mask)."""
-    splits = _splits(report_test)
-    ones = {s: np.ones(ctx.gray(s).shape, dtype=bool) for s in splits}
-    return features_from_masks(ctx, cfg, ones, splits, progress, "Topo-Original")
+    shape = tuple(ctx.data.shape)
+    return features_from_masks(
+        ctx, cfg, lambda s, lo, hi: np.ones((hi - lo, *shape), dtype=bool), _splits(report_test), progress, "Topo-Original"
+    )
 
 
 def hybrid_inputs(betti: np.ndarray, embedding: np.ndarray) -> np.ndarray:

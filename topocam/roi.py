@@ -22,7 +22,9 @@ from .cam import normalise_maps
 from .errors import TopoCAMError
 
 UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
-DEFAULT_UPSAMPLED_CACHE_MB = 2048  # AdrenalMNIST3D 28^3: 417 MB per CAM variant (all splits)
+# AdrenalMNIST3D 28^3: 339 MB per CAM variant for train + val (a study trial's splits), so two
+# variants stay cached; at 64^3 a layer of train is 1.25 GB: not kept, streamed a chunk at a time
+DEFAULT_UPSAMPLED_CACHE_MB = 1024
 
 
 def fusion_weights(raw: Sequence[float]) -> np.ndarray:
@@ -107,9 +109,10 @@ class UpsampledCache:
     tau; so after the first trial with a variant, a trial only sums and
     thresholds. Values are stored read-only and returned as they were
     computed, so the cache can save time but never change a result. Entries
-    larger than the budget are not kept (64^3 volumes under the default
-    budget: 1.35 GB per layer of AdrenalMNIST3D's train+val). The budget is
-    ``TOPOCAM_ROI_CACHE_MB`` (MiB, default 2048; 0 turns the cache off).
+    larger than the budget are not kept (the pipeline does not even build them:
+    64^3 volumes under the default budget, 1.25 GB per layer of AdrenalMNIST3D's
+    train split, are streamed in chunks). The budget is ``TOPOCAM_ROI_CACHE_MB``
+    (MiB, default 1024; 0 turns the cache off).
     Thread-safe (two threads missing the same key both compute it)."""
 
     def __init__(self, max_bytes: int | None = None):

@@ -27,6 +27,7 @@ installed.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,16 +87,24 @@ class BettiGrid:
     def fit(cls, train_filtrations: np.ndarray, n_bins: int) -> "BettiGrid":
         """Evenly spaced thresholds over the finite filtration values of the
         *training* split. Pass nothing but training data here."""
+        return cls.fit_chunks([train_filtrations], n_bins)
+
+    @classmethod
+    def fit_chunks(cls, train_chunks: Iterable[np.ndarray], n_bins: int) -> "BettiGrid":
+        """:meth:`fit` over the training split given a chunk of images at a time:
+        the same grid, bit for bit (only the finite minimum and maximum matter)."""
         if n_bins < 2:
             raise TopoCAMError(f"bins must be at least 2, got {n_bins}")
-        values = np.asarray(train_filtrations, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:  # every training ROI empty (exclude mode): a defined, documented fallback
+        lo, hi = np.inf, -np.inf
+        for chunk in train_chunks:
+            values = np.asarray(chunk, dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        if lo > hi:  # every training ROI empty (exclude mode): a defined, documented fallback
             lo, hi = 0.0, 1.0
-        else:
-            lo, hi = float(finite.min()), float(finite.max())
-            if hi <= lo:
-                hi = lo + 1.0
+        elif hi <= lo:
+            hi = lo + 1.0
         return cls(np.linspace(lo, hi, n_bins))
 
 
