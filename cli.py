@@ -270,7 +270,8 @@ RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflo
 
 
 def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
-    from topocam.search.runner import StudyRunner, default_storage
+    from topocam.search.runner import StudyRunner
+    from topocam.search.storage import default_storage
     from topocam.search.studyfile import load_study
     from topocam.tracking import Tracker
 
@@ -386,7 +387,8 @@ def study_status_cmd(
 ):
     """Trials done / running / failed and the best value, per sampler and seed."""
     from topocam import TopoCAMError
-    from topocam.search.runner import default_storage, study_status
+    from topocam.search.runner import study_status
+    from topocam.search.storage import default_storage
 
     if storage is None:
         if not (runs_dir / "optuna.db").is_file():

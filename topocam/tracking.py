@@ -41,9 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopoCAMError
-from .stores import FileLock, parse_store_url, sqlite_url
-
-DEFAULT_RUNS_DIR = Path("mlruns")
+from .stores import DEFAULT_RUNS_DIR, FileLock, parse_store_url, sqlite_url
 
 # What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
 # * the experiment tag ``mlflow.experimentKind`` (experiment-tracking/utils/ExperimentKindUtils.ts;
@@ -280,8 +278,6 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
     counts and timings. A degenerate backbone is tagged ``degenerate_backbone=true``, a
     leakage audit ``leakage_audit=true`` (its numbers are not a valid result).
     Returns the experiment name."""
-    import json
-
     name = run_experiment_name(result["dataset"]["name"])
     exp = tracker.experiment(name)
     audit = "leakage_audit" in result

@@ -54,11 +54,11 @@ from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..metrics import evaluate as score
 from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
-from ..stores import FileLock
-from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
+from ..stores import DEFAULT_RUNS_DIR, FileLock
+from ..tracking import Tracker, flat_metrics
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
-from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
+from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
 from .studyfile import StudySpec
 from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
