@@ -27,14 +27,11 @@ finish exactly ``n_trials``. Optuna's journal storage has no heartbeat: there a
 killed worker's trial stays RUNNING and counts.
 
 Resume. A study that already exists is continued (same name in the same
-storage) provided it was defined the same way: the objective, the fixed
-configuration and the search space are recorded with the study, and a
-mismatch is an error rather than a silent mix of incomparable trials.
+storage) provided it was defined the same way (:mod:`.fingerprint`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import errno
 import json
 import logging
@@ -53,9 +50,10 @@ import optuna
 from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..metrics import evaluate as score
-from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
+from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..stores import DEFAULT_RUNS_DIR, FileLock
 from ..tracking import Tracker, flat_metrics
+from .fingerprint import check_definition
 from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
@@ -64,7 +62,6 @@ from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
 S = optuna.trial.TrialState
 FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
-ATTR_DEFINITION = "topocam_definition"
 
 
 def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
@@ -109,29 +106,6 @@ def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str,
 def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
     """``<study>.<sampler>.s<seed>``; the tuned Topo-Original baseline is ``<study>-topo_original.<sampler>.s<seed>``."""
     return f"{spec.name}{'' if arm == 'topocam' else '-' + arm}.{sampler}.s{seed}"
-
-
-def definition(spec: StudySpec) -> dict[str, Any]:
-    """What makes trials comparable: objective, fixed configuration and search space
-    (not where the data lives, the cache folder or the number of CPU jobs)."""
-    base = spec.base.as_dict()
-    for k in ("data_dir", "cache_dir", "n_jobs"):
-        base.pop(k, None)
-    defaults = TopoCAMConfig().as_dict()
-    for k in ABLATION_ONLY:  # never set by a study file: left out at their defaults, so stored studies stay comparable
-        if base.get(k) == defaults[k]:
-            base.pop(k, None)
-    space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
-    return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: d}
 
 
 @dataclass
@@ -386,33 +360,6 @@ class StudyRunner:
 
         return objective
 
-    def _check_definition(self, study: optuna.Study, sampler: str, seed: int) -> None:
-        """Resume only a study defined the same way; record the definition of a new one."""
-        attrs = study.user_attrs
-        for k, want in (("topocam_study", self.spec.name), ("sampler", sampler), ("seed", seed)):
-            if k in attrs and attrs[k] != want:
-                raise TopoCAMError(
-                    f"Optuna study {study.study_name!r} in {self.storage_url} belongs to {k} {attrs[k]!r}, not {want!r}; "
-                    "rename [study] name or use another --storage"
-                )
-        mine = definition(self.spec)
-        stored = attrs.get(ATTR_DEFINITION)
-        if stored is None:
-            for k, v in {"topocam_study": self.spec.name, "arm": self.arm, "sampler": sampler, "seed": seed,
-                         "objective": self.spec.objective,
-                         ATTR_DEFINITION: mine,
-                         "topocam_definition_sha": hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]}.items():
-                study.set_user_attr(k, v)
-            return
-        if stored != mine:
-            a, b = _flatten(stored), _flatten(mine)
-            changed = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise TopoCAMError(
-                f"{self.spec.path}: study {study.study_name!r} in {self.storage_url} was run with a different definition "
-                f"({'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); its trials would not be comparable. "
-                "Rename [study] name for the new definition, or use another --storage"
-            )
-
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
         """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
         storage, tracking store or disk stops it with an :class:`InfrastructureError`."""
@@ -436,7 +383,7 @@ class StudyRunner:
                 study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
-            self._check_definition(study, sampler, seed)
+            check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url)
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
         parent = self._parent_run(sampler, seed, n_trials)
