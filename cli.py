@@ -387,7 +387,7 @@ def study_status_cmd(
 ):
     """Trials done / running / failed and the best value, per sampler and seed."""
     from topocam import TopoCAMError
-    from topocam.search.runner import study_status
+    from topocam.search.status import study_status
     from topocam.search.storage import default_storage
 
     if storage is None:
