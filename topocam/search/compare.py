@@ -306,7 +306,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
     if runner.tracker is not None:
         t = runner.tracker
-        rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner._tags(kind="comparison"),
+        rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner.runs.tags(kind="comparison"),
                           params={"samplers": ",".join(samplers), "seeds": ",".join(map(str, seeds)), "n_trials": n_trials})
         for r in rows:
             t.log_metrics(rid, {f"{r['sampler']}_{k}_{stat}": v[stat] for k, v in r.items() if isinstance(v, dict)

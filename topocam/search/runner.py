@@ -33,10 +33,8 @@ storage) provided it was defined the same way (:mod:`.fingerprint`).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,8 +50,9 @@ from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMErro
 from ..metrics import evaluate as score
 from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
 from ..stores import DEFAULT_RUNS_DIR, FileLock
-from ..tracking import Tracker, flat_metrics
+from ..tracking import Tracker
 from .fingerprint import check_definition
+from .mlflow_runs import StudyRuns
 from .samplers import OPTIONS_SECTION, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
@@ -62,7 +61,6 @@ from .studyfile import StudySpec
 from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
 S = optuna.trial.TrialState
-FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
 
 
 def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
@@ -219,29 +217,23 @@ class StudyRunner:
             self._exp = self.tracker.experiment(self.spec.name)
         return self._exp
 
-    def _tags(self, **extra) -> dict[str, Any]:
-        return {"study": self.spec.name, "dataset": self.spec.base.dataset, "arm": self.arm, **extra}
+    @property
+    def runs(self) -> StudyRuns:
+        """This arm's runs in MLflow (:mod:`.mlflow_runs`); without a tracker, nothing is logged."""
+        return StudyRuns(self.tracker, self.experiment, self.spec, self.arm, self._storage_lock)
 
-    def _prefix(self) -> str:
-        """Run names of the Topo-Original arm start with it; TopoCAM's keep their names."""
-        return "" if self.arm == "topocam" else f"{self.arm}-"
-
-    def _tracking_lock(self) -> FileLock | DatabaseLock:
-        """Serialises find-or-create of MLflow runs between workers: a file lock beside a local
-        MLflow store; with a tracking server, a lock in the Optuna storage all workers share."""
-        if self.tracker is None:
-            return FileLock(None)
-        if self.tracker.lock_path is not None:
-            return FileLock(self.tracker.lock_path)
-        return storage_lock(self.storage_url, self.storage, f"tracking:{self.spec.name}")
+    def _storage_lock(self, name: str) -> FileLock | DatabaseLock:
+        """The lock ``name`` all workers of this storage share (``storage.storage_lock``)."""
+        return storage_lock(self.storage_url, self.storage, name)
 
     # ------------------------------------------------------------ baselines
     def log_baselines(self) -> dict[str, dict]:
         """CNN and Topo-Original, once per study (skipped if already logged)."""
         out: dict[str, dict] = {}
-        with self._tracking_lock():  # two workers starting together log them once
+        runs = self.runs
+        with runs.lock():  # two workers starting together log them once
             for name in ("cnn", "topo_original"):
-                if self.tracker is not None and self.tracker.find_run(self.experiment, {"kind": "baseline", "baseline": name, "study": self.spec.name}):
+                if runs.baseline_logged(name):
                     continue
                 ctx, cfg = self.ctx, self.spec.base
                 if name == "cnn":
@@ -250,45 +242,12 @@ class StudyRunner:
                     fit = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True)
                     res = {"val": fit.val, "test": fit.test}
                 out[name] = res
-                if self.tracker is not None:
-                    health = ctx.health()
-                    rid = self.tracker.start_run(
-                        self.experiment, f"baseline-{name}",
-                        self._tags(kind="baseline", baseline=name, degenerate_backbone=str(health.degenerate).lower()),
-                        params={"backbone": ctx.backbone.arch, "backbone_init": ctx.backbone.init, "bins": cfg.bins, "outside": cfg.outside,
-                                "mlp": cfg.mlp, "backbone_seed": cfg.seed, "backbone_selected_by": ctx.backbone.selected_by},
-                    )
-                    counts = {f"cnn_pred_{s}_class{c}": n for s, cs in health.predicted_counts.items() for c, n in enumerate(cs)}
-                    self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"]), **counts})
-                    self.tracker.finish(rid)
+                runs.log_baseline(name, res, ctx, cfg)
         return out
 
     # ------------------------------------------------------------ one sampler
-    def _parent_run(self, sampler: str, seed: int, n_trials: int) -> str | None:
-        if self.tracker is None:
-            return None
-        tags = self._tags(kind="sampler", sampler=sampler, seed=seed)
-        with self._tracking_lock():  # one parent per (arm, sampler, seed), however many workers
-            rid = self.tracker.find_run(self.experiment, tags)
-            if rid is None:
-                base = self.spec.base
-                rid = self.tracker.start_run(
-                    self.experiment, f"{self._prefix()}{sampler}-seed{seed}", tags,
-                    params={"sampler": sampler, "seed": seed, "n_trials": n_trials, "objective": self.spec.objective,
-                            "backbone": base.backbone, "backbone_epochs": base.epochs, "backbone_seed": base.seed,
-                            "bins": base.bins, "outside": base.outside, "betti_backend": base.betti_backend,
-                            "search_space": json.dumps({k: vars(p) for k, p in self.spec.space.items()}, default=str)},
-                )
-                self.tracker.log_text(rid, self.spec.text, f"study/{self.spec.path.name}")
-            else:
-                self.tracker.client.update_run(rid, status="RUNNING")
-            # params are immutable: the latest budget is a tag; so is the backbone's health (DESIGN.md §2.10)
-            self.tracker.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(self.ctx.health().degenerate).lower()})
-        return rid
-
     def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | DatabaseLock | None = None):
-        ctx = self.ctx
-        spec = self.spec
+        ctx, spec, runs = self.ctx, self.spec, self.runs
 
         def objective(trial: optuna.Trial) -> float:
             self._running = trial.number
@@ -296,13 +255,7 @@ class StudyRunner:
                 claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
             params = suggest(trial, spec.space)
-            rid = None
-            if self.tracker is not None:
-                rid = self.tracker.start_run(
-                    self.experiment, f"{self._prefix()}{sampler}-s{seed}-t{trial.number}",
-                    self._tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
-                    parent=parent, params=params,
-                )
+            rid = runs.start_trial(trial, sampler, seed, parent, params)
             try:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
@@ -316,10 +269,7 @@ class StudyRunner:
                 else:
                     reason = f"worker stopped: the disk failed ({type(exc).__name__}: {exc})"
                 trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
-                if rid is not None:
-                    self.tracker.set_tags(rid, {"error": reason[:5000]})
-                    self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
-                    self.tracker.finish(rid, "FAILED" if broken else "KILLED")
+                runs.trial_failed(rid, reason, time.perf_counter() - t0, broken)
                 if broken:
                     raise _ConfigurationFailed(reason) from exc
                 raise
@@ -333,13 +283,7 @@ class StudyRunner:
             for k, v in (out.cv or {}).items():
                 trial.set_user_attr(f"cv_{k}", v)
             trial.set_user_attr("duration_s", duration)
-            if rid is not None:
-                self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("cv", out.cv), "duration_s": duration,
-                                               **{f"time_{k}_s": v for k, v in out.timings_s.items()},
-                                               "roi_fraction_train": out.features.roi_fraction["train"]})
-                if not math.isfinite(value):  # Optuna fails a NaN objective: say why in MLflow too
-                    self.tracker.set_tags(rid, {"error": not_finite})
-                self.tracker.finish(rid, "FINISHED" if math.isfinite(value) else "FAILED")
+            runs.trial_finished(rid, out, duration, None if math.isfinite(value) else not_finite)
             return value
 
         return objective
@@ -370,10 +314,10 @@ class StudyRunner:
             check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url)
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
-        parent = self._parent_run(sampler, seed, n_trials)
+        parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate)
         status = "FAILED"
         try:
-            self._sync_failed_trials(study, sampler, seed)
+            self.runs.sync_failed_trials(study, sampler, seed)
             if _used(study) < n_trials:
                 self.warm_up()  # backbone, data and CAMs before the trial bar starts
                 done = _used(study)
@@ -382,10 +326,10 @@ class StudyRunner:
                     self._optimize(study, parent, sampler, seed, n_trials, bar)
                 finally:
                     bar.close()
-                self._sync_failed_trials(study, sampler, seed)
+                self.runs.sync_failed_trials(study, sampler, seed)
             result = self._summarise(study, sampler, seed, parent, n_trials)
             if parent is not None:
-                self._log_sampler_artifacts(study, parent, result)
+                self.runs.log_sampler_artifacts(study, parent)
             status = "FINISHED"
             return result
         except KeyboardInterrupt:
@@ -394,7 +338,7 @@ class StudyRunner:
         finally:
             if parent is not None:
                 try:
-                    self.tracker.finish(parent, status)
+                    self.runs.finish(parent, status)
                 except Exception:  # noqa: BLE001 - the store is what failed: the error raised says so
                     if status == "FINISHED":
                         raise
@@ -463,21 +407,6 @@ class StudyRunner:
             "interrupted one does not count: run the same command again once the store is back"
         )
 
-    def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
-        """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
-        failed by Optuna's heartbeat check) are marked KILLED, with the reason."""
-        if self.tracker is None:
-            return
-        runs = self.tracker.find_runs(self.experiment, self._tags(kind="trial", sampler=sampler, seed=seed), status="RUNNING")
-        if not runs:
-            return
-        state = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-        for r in runs:
-            n = r.data.tags.get("trial")
-            if n is not None and state.get(int(n)) == S.FAIL:
-                self.tracker.set_tags(r.info.run_id, {"error": "worker stopped during the trial (Optuna marked it FAIL: stale heartbeat)"})
-                self.tracker.finish(r.info.run_id, "KILLED")
-
     def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
         """History of the first ``budget`` finished trials (all by default): a study that
         holds more (run earlier with a larger budget) is summarised on the budget asked for."""
@@ -507,57 +436,8 @@ class StudyRunner:
             val = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("val_")}
             return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, None, val,
                               n_failed, parent, numbers, failures)
-        val, test = self._best_test(best, sampler, seed, parent)
+        params = {**{k: p.value for k, p in self.spec.space.items() if p.kind == "fixed"}, **best.params}
+        val, test = self.runs.best_test(best, sampler, seed, parent, params,
+                                        lambda: evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True))
         return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, test, val,
                           n_failed, parent, numbers, failures)
-
-    def _best_test(self, best: optuna.trial.FrozenTrial, sampler: str, seed: int, parent: str | None):
-        """Test metrics of the chosen configuration: computed after the choice, logged once.
-        An earlier best run of this (sampler, seed) for another trial is re-tagged
-        ``kind=best_superseded``, so ``kind=best`` names the current choice only."""
-        params = {**{k: p.value for k, p in self.spec.space.items() if p.kind == "fixed"}, **best.params}
-        if self.tracker is None:
-            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
-            return out.val, out.test
-        with self._tracking_lock():  # two workers finishing together log the best once
-            t = self.tracker
-            mine = None
-            for kind in ("best", "best_superseded"):
-                runs = t.find_runs(self.experiment, self._tags(kind=kind, sampler=sampler, seed=seed))
-                for r in runs:
-                    if r.data.tags.get("trial") == str(best.number) and r.info.status == "FINISHED" and mine is None:
-                        mine = r
-                    elif kind == "best":
-                        t.set_tags(r.info.run_id, {"kind": "best_superseded"})
-            if mine is not None:
-                if mine.data.tags.get("kind") != "best":
-                    t.set_tags(mine.info.run_id, {"kind": "best"})
-                m = mine.data.metrics
-                return ({k[4:]: v for k, v in m.items() if k.startswith("val_")}, {k[5:]: v for k, v in m.items() if k.startswith("test_")})
-            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
-            rid = t.start_run(
-                self.experiment, f"{self._prefix()}{sampler}-s{seed}-best", self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number),
-                parent=parent, params=params,
-            )
-            t.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})
-            t.finish(rid)
-            if parent is not None:
-                t.log_metrics(parent, {"best_" + self.spec.objective: best.value, "best_trial": best.number,
-                                       **flat_metrics("best_test", out.test)})
-        return out.val, out.test
-
-    def _log_sampler_artifacts(self, study: optuna.Study, run_id: str, result: SamplerRun) -> None:
-        """Plots and the trial history on the sampler run; redrawn only when trials were added."""
-        from .plots import study_plots
-
-        n_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if self.tracker.client.get_run(run_id).data.tags.get("plotted_trials") == str(n_finished):
-            return  # what is logged already shows these trials
-        with tempfile.TemporaryDirectory(prefix=f"topocam-{study.study_name}-") as tmp:
-            folder = Path(tmp)
-            for path in study_plots(study, folder):
-                self.tracker.log_artifact(run_id, path, "plots")
-            hist = folder / "history.csv"
-            study.trials_dataframe().to_csv(hist, index=False)
-            self.tracker.log_artifact(run_id, hist, "history")
-        self.tracker.set_tags(run_id, {"plotted_trials": n_finished})
