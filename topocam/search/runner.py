@@ -37,7 +37,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -246,13 +247,10 @@ class StudyRunner:
         return out
 
     # ------------------------------------------------------------ one sampler
-    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | DatabaseLock | None = None):
+    def _objective(self, parent: str | None, sampler: str, seed: int):
         ctx, spec, runs = self.ctx, self.spec, self.runs
 
         def objective(trial: optuna.Trial) -> float:
-            self._running = trial.number
-            if claim is not None:
-                claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
             params = suggest(trial, spec.space)
             rid = runs.start_trial(trial, sampler, seed, parent, params)
@@ -343,9 +341,14 @@ class StudyRunner:
                     if status == "FINISHED":
                         raise
 
-    def _claim(self, study: optuna.Study) -> FileLock | DatabaseLock:
-        """The lock under which a worker checks the budget and creates a trial (``storage_lock``)."""
-        return storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
+    @contextmanager
+    def _claim(self, study: optuna.Study) -> Iterator[Callable[[], None]]:
+        """The budget claim: the storage's lock (``storage_lock``) under which a worker checks the
+        budget and creates a trial, held for the ``with`` block. The block may let go earlier by
+        calling what it yields, once the trial exists (releasing twice is harmless)."""
+        lock = self._storage_lock(f"claim:{study.study_name}")
+        with lock:
+            yield lock.release
 
     def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
         """One trial at a time, each claimed under the storage's lock: a new trial (or a re-queued
@@ -356,11 +359,10 @@ class StudyRunner:
         (journal storage) a running trial counts as it is."""
         from optuna.storages._heartbeat import is_heartbeat_enabled
 
-        claim = self._claim(study)
-        objective = self._objective(parent, sampler, seed, claim)
+        objective = self._objective(parent, sampler, seed)
         heartbeat = is_heartbeat_enabled(self.storage)
         while True:
-            with claim:
+            with self._claim(study) as release:
                 with quiet_experimental():
                     optuna.storages.fail_stale_trials(study)
                 trials = study.get_trials(deepcopy=False)
@@ -369,9 +371,14 @@ class StudyRunner:
                 if done >= n_trials or (not heartbeat and done + running >= n_trials):
                     return
                 if done + running < n_trials:
+                    def admitted(trial: optuna.Trial) -> float:
+                        self._running = trial.number
+                        release()  # the trial exists (Optuna created it under the claim): other workers may claim the next one
+                        return objective(trial)
+
                     try:
-                        with quiet_experimental():  # the lock is released by the objective once the trial exists
-                            study.optimize(objective, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
+                        with quiet_experimental():
+                            study.optimize(admitted, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
                     except BaseException:
                         self._requeue_lost(study)
                         raise
