@@ -273,7 +273,6 @@ def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Pa
     from topocam.search.runner import StudyRunner
     from topocam.search.storage import default_storage
     from topocam.search.studyfile import load_study
-    from topocam.tracking import Tracker
 
     import optuna
 
@@ -284,10 +283,7 @@ def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Pa
     if storage is None:
         runs_dir.mkdir(parents=True, exist_ok=True)
         storage = default_storage(runs_dir)
-    runner = StudyRunner(spec, storage, None, progress=not quiet, runs_dir=runs_dir)
-    runner.storage  # open now: a bad URL fails before any training
-    runner.tracker = Tracker(tracking_uri, runs_dir)
-    return spec, runner
+    return spec, StudyRunner.open(spec, storage, tracking_uri, runs_dir, progress=not quiet)
 
 
 @study_app.command("run")

@@ -130,6 +130,15 @@ class StudyRunner:
     _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
 
+    @classmethod
+    def open(cls, spec: StudySpec, storage_url: str, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR,
+             **options: Any) -> "StudyRunner":
+        """A tracked runner on opened stores: the Optuna storage first, then the MLflow tracking
+        store (``tracking_uri`` None: the one under ``runs_dir``), so that a bad URL of either
+        fails within seconds, before any training. ``options``: the other fields (``progress``, ``log``)."""
+        storage = open_storage(storage_url, spec.grace_period)
+        return cls(spec, storage_url, Tracker(tracking_uri, runs_dir), runs_dir=runs_dir, _storage=storage, **options)
+
     def for_arm(self, arm: str) -> "StudyRunner":
         """The same study for another method: its part of the space (:func:`arm_space`), the
         same sampler, budget, seeds and objective, sharing this runner's context, storage
