@@ -48,8 +48,7 @@ import optuna
 
 from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
-from ..metrics import evaluate as score
-from ..pipeline import Context, evaluate, fit_and_score, original_features, prepare
+from ..pipeline import BASELINES, Context, baseline, evaluate, prepare
 from ..stores import DEFAULT_RUNS_DIR, FileLock
 from ..tracking import Tracker
 from .fingerprint import check_definition
@@ -197,12 +196,12 @@ class StudyRunner:
 
     def replicate_baselines(self, seeds: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
         """CNN and Topo-Original test metrics under each model seed (base configuration)."""
-        out: dict[str, dict[int, dict[str, float]]] = {"cnn": {}, "topo_original": {}}
+        out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in BASELINES}
         for seed in seeds:
             ctx = self.seed_context(seed)
             cfg = replace(self.spec.base, seed=seed)
-            out["cnn"][seed] = score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)
-            out["topo_original"][seed] = evaluate(ctx, replace(cfg, method="topo_original"), report_test=True).test
+            for name in BASELINES:
+                out[name][seed] = baseline(ctx, cfg, name).test
         return out
 
     def cam_variants(self) -> tuple[str, ...]:
@@ -242,17 +241,12 @@ class StudyRunner:
         out: dict[str, dict] = {}
         runs = self.runs
         with runs.lock():  # two workers starting together log them once
-            for name in ("cnn", "topo_original"):
+            for name in BASELINES:
                 if runs.baseline_logged(name):
                     continue
-                ctx, cfg = self.ctx, self.spec.base
-                if name == "cnn":
-                    res = {s: score(ctx.data.y[s], ctx.cnn_probs[s], ctx.data.task) for s in ("val", "test")}
-                else:
-                    fit = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True)
-                    res = {"val": fit.val, "test": fit.test}
-                out[name] = res
-                runs.log_baseline(name, res, ctx, cfg)
+                b = baseline(self.ctx, self.spec.base, name)
+                out[name] = {"val": b.val, "test": b.test}
+                runs.log_baseline(name, out[name], self.ctx, self.spec.base)
         return out
 
     # ------------------------------------------------------------ one sampler
