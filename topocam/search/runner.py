@@ -1,4 +1,9 @@
-"""Running, resuming, comparing and inspecting studies (Optuna + MLflow around the core).
+"""Running and resuming a study's searches: the loop of Optuna trials around the core.
+
+Its neighbours: :mod:`.storage` opens the Optuna storage and its lock, :mod:`.fingerprint`
+checks that a resumed study was defined the same way, :mod:`.mlflow_runs` logs the runs
+(the runner decides what is computed, ``StudyRuns`` what is logged where), :mod:`.status`
+reports a study and draws the trial bar, :mod:`.compare` compares samplers.
 
 One Optuna study per (study, sampler, seed), named ``<study>.<sampler>.s<seed>``
 in the given storage (default: SQLite under the runs folder). The backbone and
