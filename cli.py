@@ -270,9 +270,9 @@ RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflo
 
 
 def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
-    from topocam.search.runner import StudyRunner, default_storage
+    from topocam.search.runner import StudyRunner
+    from topocam.search.storage import default_storage
     from topocam.search.studyfile import load_study
-    from topocam.tracking import Tracker
 
     import optuna
 
@@ -283,10 +283,7 @@ def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Pa
     if storage is None:
         runs_dir.mkdir(parents=True, exist_ok=True)
         storage = default_storage(runs_dir)
-    runner = StudyRunner(spec, storage, None, progress=not quiet, runs_dir=runs_dir)
-    runner.storage  # open now: a bad URL fails before any training
-    runner.tracker = Tracker(tracking_uri, runs_dir)
-    return spec, runner
+    return spec, StudyRunner.open(spec, storage, tracking_uri, runs_dir, progress=not quiet)
 
 
 @study_app.command("run")
@@ -386,7 +383,8 @@ def study_status_cmd(
 ):
     """Trials done / running / failed and the best value, per sampler and seed."""
     from topocam import TopoCAMError
-    from topocam.search.runner import default_storage, study_status
+    from topocam.search.status import study_status
+    from topocam.search.storage import default_storage
 
     if storage is None:
         if not (runs_dir / "optuna.db").is_file():

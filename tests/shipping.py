@@ -98,7 +98,8 @@ class Shipped:
 def make_shipped(root: Path) -> Shipped:
     from topocam.data import load_dataset
     from topocam.deploy.export import export
-    from topocam.search.runner import StudyRunner, default_storage
+    from topocam.search.runner import StudyRunner
+    from topocam.search.storage import default_storage
     from topocam.search.studyfile import load_study
     from topocam.tracking import Tracker
 

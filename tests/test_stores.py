@@ -11,7 +11,7 @@ def _open_both(folder: str, barrier, queue) -> None:
     try:
         import optuna
 
-        from topocam.search.runner import open_storage
+        from topocam.search.storage import open_storage
         from topocam.tracking import Tracker
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)

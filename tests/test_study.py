@@ -24,8 +24,10 @@ import pytest
 from topocam.errors import TopoCAMError
 from topocam.search import runner as runner_mod
 from topocam.search.compare import compare
-from topocam.search.runner import StudyRunner, open_storage, study_status
+from topocam.search.runner import StudyRunner
 from topocam.search.samplers import make_sampler
+from topocam.search.status import study_status
+from topocam.search.storage import open_storage
 from topocam.search.studyfile import load_study
 from topocam.tracking import Tracker
 

@@ -459,12 +459,12 @@ class TrialOutcome:
     cv: dict[str, float] | None = None  # K-fold metrics on train, when asked for
 
 
-def _original_features_memo(ctx: Context, cfg: TopoCAMConfig, report_test: bool) -> Features:
+def _original_features_memo(ctx: Context, cfg: TopoCAMConfig, report_test: bool, progress: bool = False) -> Features:
     """Topo-Original's features depend on the outside mode, the bins and the backend only,
     not on the MLP a trial tunes: computed once per study context."""
     key = ("original", cfg.outside, cfg.bins, cfg.betti_backend, report_test)
     if key not in ctx.trial_cache:
-        ctx.trial_cache[key] = original_features(ctx, cfg, report_test)
+        ctx.trial_cache[key] = original_features(ctx, cfg, report_test, progress)
     return ctx.trial_cache[key]
 
 
@@ -557,6 +557,31 @@ def roi_quality(ctx: Context, cfg: TopoCAMConfig, split: str = "test", seed: int
 
 
 METHODS: tuple[str, ...] = ("topocam", "cnn", "topo_original")
+BASELINES: tuple[str, ...] = ("cnn", "topo_original")
+
+
+@dataclass
+class BaselineOutcome:
+    """A baseline's metrics and class probabilities on validation and test."""
+
+    val: dict[str, float]
+    test: dict[str, float]
+    probs: dict[str, np.ndarray]  # "val", "test" -> (n, n_classes)
+
+
+def baseline(ctx: Context, cfg: TopoCAMConfig, method: str, progress: bool = False) -> BaselineOutcome:
+    """What TopoCAM is reported beside, on validation and test: ``"cnn"``, the backbone's own
+    softmax; ``"topo_original"``, the same phi on the whole image and g_psi as ``cfg`` sets it
+    (the MLP, its seed; the features computed once per context). The one computation behind
+    ``topocam run``'s baselines and a study's (logged, replicated, in an ablation's CNN arm)."""
+    if method == "cnn":
+        probs = {s: ctx.cnn_probs[s] for s in ("val", "test")}
+        return BaselineOutcome(score(ctx.data.y["val"], probs["val"], ctx.data.task),
+                               score(ctx.data.y["test"], probs["test"], ctx.data.task), probs)
+    if method == "topo_original":
+        fit = fit_and_score(ctx, cfg, _original_features_memo(ctx, cfg, True, progress), report_test=True)
+        return BaselineOutcome(fit.val, fit.test, fit.probs)
+    raise TopoCAMError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
 
 
 def run_seed(cfg: TopoCAMConfig, data: Dataset, progress: bool = True) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
@@ -567,16 +592,11 @@ def run_seed(cfg: TopoCAMConfig, data: Dataset, progress: bool = True) -> tuple[
     cfg = ctx.config
     out = evaluate(ctx, cfg, report_test=True, progress=ctx.progress)
     t0 = time.perf_counter()
-    orig = original_features(ctx, cfg, report_test=True, progress=ctx.progress)
-    orig_fit = fit_and_score(ctx, cfg, orig, report_test=True)
+    orig = baseline(ctx, cfg, "topo_original", progress=ctx.progress)
     t_orig = time.perf_counter() - t0
-    task = ctx.data.task
-    probs = {
-        "topocam": out.probs,
-        "cnn": {s: ctx.cnn_probs[s] for s in ("val", "test")},
-        "topo_original": orig_fit.probs,
-    }
-    metrics = {m: {s: score(ctx.data.y[s], probs[m][s], task) for s in ("val", "test")} for m in METHODS}
+    outcomes = {"topocam": out, "cnn": baseline(ctx, cfg, "cnn"), "topo_original": orig}
+    probs = {m: o.probs for m, o in outcomes.items()}
+    metrics = {m: {"val": o.val, "test": o.test} for m, o in outcomes.items()}
     health = ctx.health()
     result = {
         "seed": cfg.seed,

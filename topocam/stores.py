@@ -11,6 +11,9 @@ Accepted forms:
 * ``mysql://...`` (SQLAlchemy's own driver resolution; untested here);
 * ``journal:PATH`` (Optuna's journal file, Optuna storage only);
 * ``http(s)://HOST:PORT`` (an MLflow tracking server) and ``file:`` (MLflow only).
+
+Without a URL, both stores are files in the runs folder (:data:`DEFAULT_RUNS_DIR`):
+``optuna.db`` for Optuna, ``mlflow.db`` and ``artifacts/`` for MLflow.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Literal, TypeVar
 
 from .atomic import remove, temporaries_of
 from .errors import CorruptCacheWarning, TopoCAMError
+
+DEFAULT_RUNS_DIR = Path("mlruns")
 
 Kind = Literal["sqlite", "postgresql", "mysql", "journal", "http", "file", "unknown"]
 

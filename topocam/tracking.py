@@ -1,18 +1,8 @@
-"""MLflow tracking: naming, run structure, tags, artifacts.
+"""MLflow tracking: the :class:`Tracker` (naming, tags, logging), the runs-table link, and the
+log of a ``topocam run``. What a study logs, and in which runs, is :mod:`topocam.search.mlflow_runs`.
 
-Structure of one study in MLflow (one experiment per study):
-
-* ``kind=baseline``: the CNN and Topo-Original baselines, once per study;
-* ``kind=sampler``: a parent run per (sampler, seed), with its artifacts
-  (study file, optimisation history, parallel-coordinate and importance plots);
-* ``kind=trial``: a nested run per trial: parameters, validation metrics, duration;
-* ``kind=best``: nested under its sampler run, the best trial's test metrics
-  (tag ``trial``); when a resumed search finds a better trial, the earlier one
-  is re-tagged ``kind=best_superseded``, so ``kind=best`` is the current choice;
-* ``kind=comparison``: the sampler comparison table and plot.
-
-Every run carries the tags ``study``, ``dataset``, ``kind`` and, where they
-apply, ``sampler`` and ``seed``, so runs can be filtered in the UI.
+``topocam run`` logs to one experiment per dataset (``run-<dataset>``): a parent run
+(``kind=run``) with the summary over seeds and a nested run per seed.
 
 In the MLflow UI: every experiment is tagged a model-training experiment
 (``mlflow.experimentKind``), and :meth:`Tracker.runs_table_url` gives the one
@@ -22,10 +12,7 @@ columns already chosen, in a browser that has never opened MLflow before.
 Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
 artifacts beside it (``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
-several threads or workers cannot cross wires; find-or-create steps (baselines,
-sampler run, best run) hold a lock (a file lock beside a local store; with a
-tracking server, a lock in the Optuna storage the workers share), so workers
-starting or finishing together do not log them twice. Metric and parameter
+several threads or workers cannot cross wires. Metric and parameter
 names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
 """
 
@@ -41,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopoCAMError
-from .stores import FileLock, parse_store_url, sqlite_url
-
-DEFAULT_RUNS_DIR = Path("mlruns")
+from .stores import DEFAULT_RUNS_DIR, FileLock, parse_store_url, sqlite_url
 
 # What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
 # * the experiment tag ``mlflow.experimentKind`` (experiment-tracking/utils/ExperimentKindUtils.ts;
@@ -280,8 +265,6 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
     counts and timings. A degenerate backbone is tagged ``degenerate_backbone=true``, a
     leakage audit ``leakage_audit=true`` (its numbers are not a valid result).
     Returns the experiment name."""
-    import json
-
     name = run_experiment_name(result["dataset"]["name"])
     exp = tracker.experiment(name)
     audit = "leakage_audit" in result

@@ -100,7 +100,8 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
     "topo_original" chooses among the equal-budget Topo-Original searches instead."""
     import optuna
 
-    from ..search.runner import ATTR_DEFINITION, definition, open_storage
+    from ..search.fingerprint import ATTR_DEFINITION, definition
+    from ..search.storage import open_storage
     from ..search.trials import is_scored, scored_trials
     from ..search.space import arm_space
 

@@ -30,8 +30,7 @@ import numpy as np
 from ..atomic import write_json_atomic, write_text_atomic
 from ..backbone import pretrained_weights_file, resolve_backbone
 from ..errors import DegenerateBackboneWarning, TopoCAMError
-from ..metrics import evaluate as score
-from ..pipeline import Context, TopoCAMConfig, evaluate, prepare
+from ..pipeline import Context, TopoCAMConfig, baseline, evaluate, prepare
 from ..stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
 from .space import apply_params
 
@@ -234,11 +233,9 @@ class Ablation:
         if key in self._memo:  # an arm equal to another (e.g. the reference's own tau) is computed once
             return self._memo[key]
         ctx = self.context(cfg)
-        y, task = ctx.data.y, ctx.data.task
         if cnn:
-            probs = {s: ctx.cnn_probs[s] for s in ("val", "test")}
-            out = ArmSeed(score(y["val"], probs["val"], task), score(y["test"], probs["test"], task), probs,
-                          degenerate_backbone=ctx.health().degenerate)
+            b = baseline(ctx, cfg, "cnn")
+            out = ArmSeed(b.val, b.test, b.probs, degenerate_backbone=ctx.health().degenerate)
         else:
             r = evaluate(ctx, cfg, report_test=True)
             out = ArmSeed(r.val, r.test, r.probs, dict(r.features.empty_rois), ctx.health().degenerate)

@@ -21,7 +21,7 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..choices import check_n_trials, check_samplers
 from ..errors import TopoCAMError
-from ..metrics import evaluate as score
+from ..pipeline import baseline
 from ..stats import format_mean_sd, mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
@@ -264,7 +264,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
         if spec.replicate_seeds:
             base_replication = replicate(arm, base_runs, base_rows, list(spec.replicate_seeds), baselines=False)
     ctx = runner.ctx
-    cnn = {"mean": float(score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)[spec.metric]), "sd": 0.0, "n": 1}
+    cnn = {"mean": float(baseline(ctx, spec.base, "cnn").test[spec.metric]), "sd": 0.0, "n": 1}
     if replication is not None:
         cnn = replication["baselines"]["cnn"]
     equal_md, equal = equal_budget_table(rows, base_rows, runs, base_runs, spec.metric, replication, cnn) if base_rows else ("", [])
@@ -306,7 +306,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
     if runner.tracker is not None:
         t = runner.tracker
-        rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner._tags(kind="comparison"),
+        rid = t.start_run(runner.experiment, f"comparison-{n_trials}trials", runner.runs.tags(kind="comparison"),
                           params={"samplers": ",".join(samplers), "seeds": ",".join(map(str, seeds)), "n_trials": n_trials})
         for r in rows:
             t.log_metrics(rid, {f"{r['sampler']}_{k}_{stat}": v[stat] for k, v in r.items() if isinstance(v, dict)

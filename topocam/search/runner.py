@@ -1,4 +1,9 @@
-"""Running, resuming, comparing and inspecting studies (Optuna + MLflow around the core).
+"""Running and resuming a study's searches: the loop of Optuna trials around the core.
+
+Its neighbours: :mod:`.storage` opens the Optuna storage and its lock, :mod:`.fingerprint`
+checks that a resumed study was defined the same way, :mod:`.mlflow_runs` logs the runs
+(the runner decides what is computed, ``StudyRuns`` what is logged where), :mod:`.status`
+reports a study and draws the trial bar, :mod:`.compare` compares samplers.
 
 One Optuna study per (study, sampler, seed), named ``<study>.<sampler>.s<seed>``
 in the given storage (default: SQLite under the runs folder). The backbone and
@@ -27,22 +32,18 @@ finish exactly ``n_trials``. Optuna's journal storage has no heartbeat: there a
 killed worker's trial stays RUNNING and counts.
 
 Resume. A study that already exists is continued (same name in the same
-storage) provided it was defined the same way: the objective, the fixed
-configuration and the search space are recorded with the study, and a
-mismatch is an error rather than a silent mix of incomparable trials.
+storage) provided it was defined the same way (:mod:`.fingerprint`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import errno
-import json
 import logging
 import math
-import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -52,19 +53,19 @@ import optuna
 
 from ..choices import check_n_trials, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
-from ..metrics import evaluate as score
-from ..pipeline import ABLATION_ONLY, Context, TopoCAMConfig, evaluate, fit_and_score, original_features, prepare
-from ..stores import FileLock
-from ..tracking import DEFAULT_RUNS_DIR, Tracker, flat_metrics
-from .samplers import OPTIONS_SECTION, SAMPLERS, make_sampler
+from ..pipeline import BASELINES, Context, baseline, evaluate, prepare
+from ..stores import DEFAULT_RUNS_DIR, FileLock
+from ..tracking import Tracker
+from .fingerprint import check_definition
+from .mlflow_runs import StudyRuns
+from .samplers import OPTIONS_SECTION, make_sampler
 from .space import apply_params, arm_space, suggest
-from .storage import DatabaseLock, default_storage, open_storage, quiet_experimental, retry_callback, storage_lock  # noqa: F401
+from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
+from .status import TrialBar, failure_groups
 from .studyfile import StudySpec
 from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 
 S = optuna.trial.TrialState
-FINISHED = (S.COMPLETE, S.FAIL, S.PRUNED)
-ATTR_DEFINITION = "topocam_definition"
 
 
 def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
@@ -89,49 +90,9 @@ def _used(study: optuna.Study) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
-def failure_groups(trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
-    """Failed trials grouped by error message, each group with the parameter values
-    ALL its trials share: a CAM variant that always fails shows as ``{"cam": "scorecam"}``.
-    Largest groups first."""
-    groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
-    for t in trials:
-        if t.state == S.FAIL:
-            groups.setdefault(str(t.user_attrs.get(ATTR_ERROR, "worker stopped during the trial (no error recorded)")), []).append(t)
-    out = []
-    for message, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        first = members[0].params
-        shared = {k: v for k, v in first.items() if all(k in m.params and m.params[k] == v for m in members)}
-        out.append({"error": message, "count": len(members), "trials": [m.number for m in members],
-                    "shared_params": shared if len(members) > 1 else {}})
-    return out
-
-
 def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
     """``<study>.<sampler>.s<seed>``; the tuned Topo-Original baseline is ``<study>-topo_original.<sampler>.s<seed>``."""
     return f"{spec.name}{'' if arm == 'topocam' else '-' + arm}.{sampler}.s{seed}"
-
-
-def definition(spec: StudySpec) -> dict[str, Any]:
-    """What makes trials comparable: objective, fixed configuration and search space
-    (not where the data lives, the cache folder or the number of CPU jobs)."""
-    base = spec.base.as_dict()
-    for k in ("data_dir", "cache_dir", "n_jobs"):
-        base.pop(k, None)
-    defaults = TopoCAMConfig().as_dict()
-    for k in ABLATION_ONLY:  # never set by a study file: left out at their defaults, so stored studies stay comparable
-        if base.get(k) == defaults[k]:
-            base.pop(k, None)
-    space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
-    return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: d}
 
 
 @dataclass
@@ -172,6 +133,15 @@ class StudyRunner:
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
     _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
+
+    @classmethod
+    def open(cls, spec: StudySpec, storage_url: str, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR,
+             **options: Any) -> "StudyRunner":
+        """A tracked runner on opened stores: the Optuna storage first, then the MLflow tracking
+        store (``tracking_uri`` None: the one under ``runs_dir``), so that a bad URL of either
+        fails within seconds, before any training. ``options``: the other fields (``progress``, ``log``)."""
+        storage = open_storage(storage_url, spec.grace_period)
+        return cls(spec, storage_url, Tracker(tracking_uri, runs_dir), runs_dir=runs_dir, _storage=storage, **options)
 
     def for_arm(self, arm: str) -> "StudyRunner":
         """The same study for another method: its part of the space (:func:`arm_space`), the
@@ -231,12 +201,12 @@ class StudyRunner:
 
     def replicate_baselines(self, seeds: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
         """CNN and Topo-Original test metrics under each model seed (base configuration)."""
-        out: dict[str, dict[int, dict[str, float]]] = {"cnn": {}, "topo_original": {}}
+        out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in BASELINES}
         for seed in seeds:
             ctx = self.seed_context(seed)
             cfg = replace(self.spec.base, seed=seed)
-            out["cnn"][seed] = score(ctx.data.y["test"], ctx.cnn_probs["test"], ctx.data.task)
-            out["topo_original"][seed] = evaluate(ctx, replace(cfg, method="topo_original"), report_test=True).test
+            for name in BASELINES:
+                out[name][seed] = baseline(ctx, cfg, name).test
         return out
 
     def cam_variants(self) -> tuple[str, ...]:
@@ -261,90 +231,37 @@ class StudyRunner:
             self._exp = self.tracker.experiment(self.spec.name)
         return self._exp
 
-    def _tags(self, **extra) -> dict[str, Any]:
-        return {"study": self.spec.name, "dataset": self.spec.base.dataset, "arm": self.arm, **extra}
+    @property
+    def runs(self) -> StudyRuns:
+        """This arm's runs in MLflow (:mod:`.mlflow_runs`); without a tracker, nothing is logged."""
+        return StudyRuns(self.tracker, self.experiment, self.spec, self.arm, self._storage_lock)
 
-    def _prefix(self) -> str:
-        """Run names of the Topo-Original arm start with it; TopoCAM's keep their names."""
-        return "" if self.arm == "topocam" else f"{self.arm}-"
-
-    def _tracking_lock(self) -> FileLock | DatabaseLock:
-        """Serialises find-or-create of MLflow runs between workers: a file lock beside a local
-        MLflow store; with a tracking server, a lock in the Optuna storage all workers share."""
-        if self.tracker is None:
-            return FileLock(None)
-        if self.tracker.lock_path is not None:
-            return FileLock(self.tracker.lock_path)
-        return storage_lock(self.storage_url, self.storage, f"tracking:{self.spec.name}")
+    def _storage_lock(self, name: str) -> FileLock | DatabaseLock:
+        """The lock ``name`` all workers of this storage share (``storage.storage_lock``)."""
+        return storage_lock(self.storage_url, self.storage, name)
 
     # ------------------------------------------------------------ baselines
     def log_baselines(self) -> dict[str, dict]:
         """CNN and Topo-Original, once per study (skipped if already logged)."""
         out: dict[str, dict] = {}
-        with self._tracking_lock():  # two workers starting together log them once
-            for name in ("cnn", "topo_original"):
-                if self.tracker is not None and self.tracker.find_run(self.experiment, {"kind": "baseline", "baseline": name, "study": self.spec.name}):
+        runs = self.runs
+        with runs.lock():  # two workers starting together log them once
+            for name in BASELINES:
+                if runs.baseline_logged(name):
                     continue
-                ctx, cfg = self.ctx, self.spec.base
-                if name == "cnn":
-                    res = {s: score(ctx.data.y[s], ctx.cnn_probs[s], ctx.data.task) for s in ("val", "test")}
-                else:
-                    fit = fit_and_score(ctx, cfg, original_features(ctx, cfg, report_test=True), report_test=True)
-                    res = {"val": fit.val, "test": fit.test}
-                out[name] = res
-                if self.tracker is not None:
-                    health = ctx.health()
-                    rid = self.tracker.start_run(
-                        self.experiment, f"baseline-{name}",
-                        self._tags(kind="baseline", baseline=name, degenerate_backbone=str(health.degenerate).lower()),
-                        params={"backbone": ctx.backbone.arch, "backbone_init": ctx.backbone.init, "bins": cfg.bins, "outside": cfg.outside,
-                                "mlp": cfg.mlp, "backbone_seed": cfg.seed, "backbone_selected_by": ctx.backbone.selected_by},
-                    )
-                    counts = {f"cnn_pred_{s}_class{c}": n for s, cs in health.predicted_counts.items() for c, n in enumerate(cs)}
-                    self.tracker.log_metrics(rid, {**flat_metrics("val", res["val"]), **flat_metrics("test", res["test"]), **counts})
-                    self.tracker.finish(rid)
+                b = baseline(self.ctx, self.spec.base, name)
+                out[name] = {"val": b.val, "test": b.test}
+                runs.log_baseline(name, out[name], self.ctx, self.spec.base)
         return out
 
     # ------------------------------------------------------------ one sampler
-    def _parent_run(self, sampler: str, seed: int, n_trials: int) -> str | None:
-        if self.tracker is None:
-            return None
-        tags = self._tags(kind="sampler", sampler=sampler, seed=seed)
-        with self._tracking_lock():  # one parent per (arm, sampler, seed), however many workers
-            rid = self.tracker.find_run(self.experiment, tags)
-            if rid is None:
-                base = self.spec.base
-                rid = self.tracker.start_run(
-                    self.experiment, f"{self._prefix()}{sampler}-seed{seed}", tags,
-                    params={"sampler": sampler, "seed": seed, "n_trials": n_trials, "objective": self.spec.objective,
-                            "backbone": base.backbone, "backbone_epochs": base.epochs, "backbone_seed": base.seed,
-                            "bins": base.bins, "outside": base.outside, "betti_backend": base.betti_backend,
-                            "search_space": json.dumps({k: vars(p) for k, p in self.spec.space.items()}, default=str)},
-                )
-                self.tracker.log_text(rid, self.spec.text, f"study/{self.spec.path.name}")
-            else:
-                self.tracker.client.update_run(rid, status="RUNNING")
-            # params are immutable: the latest budget is a tag; so is the backbone's health (DESIGN.md §2.10)
-            self.tracker.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(self.ctx.health().degenerate).lower()})
-        return rid
-
-    def _objective(self, parent: str | None, sampler: str, seed: int, claim: FileLock | DatabaseLock | None = None):
-        ctx = self.ctx
-        spec = self.spec
+    def _objective(self, parent: str | None, sampler: str, seed: int):
+        ctx, spec, runs = self.ctx, self.spec, self.runs
 
         def objective(trial: optuna.Trial) -> float:
-            self._running = trial.number
-            if claim is not None:
-                claim.release()  # the trial exists: other workers may claim the next one
             t0 = time.perf_counter()
             params = suggest(trial, spec.space)
-            rid = None
-            if self.tracker is not None:
-                rid = self.tracker.start_run(
-                    self.experiment, f"{self._prefix()}{sampler}-s{seed}-t{trial.number}",
-                    self._tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
-                    parent=parent, params=params,
-                )
+            rid = runs.start_trial(trial, sampler, seed, parent, params)
             try:
                 cfg = apply_params(spec.base, params)
                 out = evaluate(ctx, cfg, report_test=False, cv_folds=spec.cv_folds)
@@ -358,10 +275,7 @@ class StudyRunner:
                 else:
                     reason = f"worker stopped: the disk failed ({type(exc).__name__}: {exc})"
                 trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])
-                if rid is not None:
-                    self.tracker.set_tags(rid, {"error": reason[:5000]})
-                    self.tracker.log_metrics(rid, {"duration_s": time.perf_counter() - t0})
-                    self.tracker.finish(rid, "FAILED" if broken else "KILLED")
+                runs.trial_failed(rid, reason, time.perf_counter() - t0, broken)
                 if broken:
                     raise _ConfigurationFailed(reason) from exc
                 raise
@@ -375,43 +289,10 @@ class StudyRunner:
             for k, v in (out.cv or {}).items():
                 trial.set_user_attr(f"cv_{k}", v)
             trial.set_user_attr("duration_s", duration)
-            if rid is not None:
-                self.tracker.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("cv", out.cv), "duration_s": duration,
-                                               **{f"time_{k}_s": v for k, v in out.timings_s.items()},
-                                               "roi_fraction_train": out.features.roi_fraction["train"]})
-                if not math.isfinite(value):  # Optuna fails a NaN objective: say why in MLflow too
-                    self.tracker.set_tags(rid, {"error": not_finite})
-                self.tracker.finish(rid, "FINISHED" if math.isfinite(value) else "FAILED")
+            runs.trial_finished(rid, out, duration, None if math.isfinite(value) else not_finite)
             return value
 
         return objective
-
-    def _check_definition(self, study: optuna.Study, sampler: str, seed: int) -> None:
-        """Resume only a study defined the same way; record the definition of a new one."""
-        attrs = study.user_attrs
-        for k, want in (("topocam_study", self.spec.name), ("sampler", sampler), ("seed", seed)):
-            if k in attrs and attrs[k] != want:
-                raise TopoCAMError(
-                    f"Optuna study {study.study_name!r} in {self.storage_url} belongs to {k} {attrs[k]!r}, not {want!r}; "
-                    "rename [study] name or use another --storage"
-                )
-        mine = definition(self.spec)
-        stored = attrs.get(ATTR_DEFINITION)
-        if stored is None:
-            for k, v in {"topocam_study": self.spec.name, "arm": self.arm, "sampler": sampler, "seed": seed,
-                         "objective": self.spec.objective,
-                         ATTR_DEFINITION: mine,
-                         "topocam_definition_sha": hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]}.items():
-                study.set_user_attr(k, v)
-            return
-        if stored != mine:
-            a, b = _flatten(stored), _flatten(mine)
-            changed = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise TopoCAMError(
-                f"{self.spec.path}: study {study.study_name!r} in {self.storage_url} was run with a different definition "
-                f"({'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); its trials would not be comparable. "
-                "Rename [study] name for the new definition, or use another --storage"
-            )
 
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
         """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
@@ -436,25 +317,25 @@ class StudyRunner:
                 study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
-            self._check_definition(study, sampler, seed)
+            check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url)
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
-        parent = self._parent_run(sampler, seed, n_trials)
+        parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate)
         status = "FAILED"
         try:
-            self._sync_failed_trials(study, sampler, seed)
+            self.runs.sync_failed_trials(study, sampler, seed)
             if _used(study) < n_trials:
                 self.warm_up()  # backbone, data and CAMs before the trial bar starts
                 done = _used(study)
-                bar = _TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
+                bar = TrialBar(n_trials, done, f"{sampler} seed {seed}", self.progress, study)
                 try:
                     self._optimize(study, parent, sampler, seed, n_trials, bar)
                 finally:
                     bar.close()
-                self._sync_failed_trials(study, sampler, seed)
+                self.runs.sync_failed_trials(study, sampler, seed)
             result = self._summarise(study, sampler, seed, parent, n_trials)
             if parent is not None:
-                self._log_sampler_artifacts(study, parent, result)
+                self.runs.log_sampler_artifacts(study, parent)
             status = "FINISHED"
             return result
         except KeyboardInterrupt:
@@ -463,14 +344,19 @@ class StudyRunner:
         finally:
             if parent is not None:
                 try:
-                    self.tracker.finish(parent, status)
+                    self.runs.finish(parent, status)
                 except Exception:  # noqa: BLE001 - the store is what failed: the error raised says so
                     if status == "FINISHED":
                         raise
 
-    def _claim(self, study: optuna.Study) -> FileLock | DatabaseLock:
-        """The lock under which a worker checks the budget and creates a trial (``storage_lock``)."""
-        return storage_lock(self.storage_url, self.storage, f"claim:{study.study_name}")
+    @contextmanager
+    def _claim(self, study: optuna.Study) -> Iterator[Callable[[], None]]:
+        """The budget claim: the storage's lock (``storage_lock``) under which a worker checks the
+        budget and creates a trial, held for the ``with`` block. The block may let go earlier by
+        calling what it yields, once the trial exists (releasing twice is harmless)."""
+        lock = self._storage_lock(f"claim:{study.study_name}")
+        with lock:
+            yield lock.release
 
     def _optimize(self, study: optuna.Study, parent: str | None, sampler: str, seed: int, n_trials: int, bar) -> None:
         """One trial at a time, each claimed under the storage's lock: a new trial (or a re-queued
@@ -481,11 +367,10 @@ class StudyRunner:
         (journal storage) a running trial counts as it is."""
         from optuna.storages._heartbeat import is_heartbeat_enabled
 
-        claim = self._claim(study)
-        objective = self._objective(parent, sampler, seed, claim)
+        objective = self._objective(parent, sampler, seed)
         heartbeat = is_heartbeat_enabled(self.storage)
         while True:
-            with claim:
+            with self._claim(study) as release:
                 with quiet_experimental():
                     optuna.storages.fail_stale_trials(study)
                 trials = study.get_trials(deepcopy=False)
@@ -494,9 +379,14 @@ class StudyRunner:
                 if done >= n_trials or (not heartbeat and done + running >= n_trials):
                     return
                 if done + running < n_trials:
+                    def admitted(trial: optuna.Trial) -> float:
+                        self._running = trial.number
+                        release()  # the trial exists (Optuna created it under the claim): other workers may claim the next one
+                        return objective(trial)
+
                     try:
-                        with quiet_experimental():  # the lock is released by the objective once the trial exists
-                            study.optimize(objective, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
+                        with quiet_experimental():
+                            study.optimize(admitted, n_trials=1, catch=(_ConfigurationFailed,), callbacks=[bar])
                     except BaseException:
                         self._requeue_lost(study)
                         raise
@@ -532,21 +422,6 @@ class StudyRunner:
             "interrupted one does not count: run the same command again once the store is back"
         )
 
-    def _sync_failed_trials(self, study: optuna.Study, sampler: str, seed: int) -> None:
-        """MLflow trial runs still RUNNING whose Optuna trial has failed (a killed worker,
-        failed by Optuna's heartbeat check) are marked KILLED, with the reason."""
-        if self.tracker is None:
-            return
-        runs = self.tracker.find_runs(self.experiment, self._tags(kind="trial", sampler=sampler, seed=seed), status="RUNNING")
-        if not runs:
-            return
-        state = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-        for r in runs:
-            n = r.data.tags.get("trial")
-            if n is not None and state.get(int(n)) == S.FAIL:
-                self.tracker.set_tags(r.info.run_id, {"error": "worker stopped during the trial (Optuna marked it FAIL: stale heartbeat)"})
-                self.tracker.finish(r.info.run_id, "KILLED")
-
     def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
         """History of the first ``budget`` finished trials (all by default): a study that
         holds more (run earlier with a larger budget) is summarised on the budget asked for."""
@@ -576,120 +451,8 @@ class StudyRunner:
             val = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("val_")}
             return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, None, val,
                               n_failed, parent, numbers, failures)
-        val, test = self._best_test(best, sampler, seed, parent)
+        params = {**{k: p.value for k, p in self.spec.space.items() if p.kind == "fixed"}, **best.params}
+        val, test = self.runs.best_test(best, sampler, seed, parent, params,
+                                        lambda: evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True))
         return SamplerRun(sampler, seed, values, durations, float(best.value), dict(best.params), best.number, test, val,
                           n_failed, parent, numbers, failures)
-
-    def _best_test(self, best: optuna.trial.FrozenTrial, sampler: str, seed: int, parent: str | None):
-        """Test metrics of the chosen configuration: computed after the choice, logged once.
-        An earlier best run of this (sampler, seed) for another trial is re-tagged
-        ``kind=best_superseded``, so ``kind=best`` names the current choice only."""
-        params = {**{k: p.value for k, p in self.spec.space.items() if p.kind == "fixed"}, **best.params}
-        if self.tracker is None:
-            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
-            return out.val, out.test
-        with self._tracking_lock():  # two workers finishing together log the best once
-            t = self.tracker
-            mine = None
-            for kind in ("best", "best_superseded"):
-                runs = t.find_runs(self.experiment, self._tags(kind=kind, sampler=sampler, seed=seed))
-                for r in runs:
-                    if r.data.tags.get("trial") == str(best.number) and r.info.status == "FINISHED" and mine is None:
-                        mine = r
-                    elif kind == "best":
-                        t.set_tags(r.info.run_id, {"kind": "best_superseded"})
-            if mine is not None:
-                if mine.data.tags.get("kind") != "best":
-                    t.set_tags(mine.info.run_id, {"kind": "best"})
-                m = mine.data.metrics
-                return ({k[4:]: v for k, v in m.items() if k.startswith("val_")}, {k[5:]: v for k, v in m.items() if k.startswith("test_")})
-            out = evaluate(self.ctx, apply_params(self.spec.base, params), report_test=True)
-            rid = t.start_run(
-                self.experiment, f"{self._prefix()}{sampler}-s{seed}-best", self._tags(kind="best", sampler=sampler, seed=seed, trial=best.number),
-                parent=parent, params=params,
-            )
-            t.log_metrics(rid, {**flat_metrics("val", out.val), **flat_metrics("test", out.test)})
-            t.finish(rid)
-            if parent is not None:
-                t.log_metrics(parent, {"best_" + self.spec.objective: best.value, "best_trial": best.number,
-                                       **flat_metrics("best_test", out.test)})
-        return out.val, out.test
-
-    def _log_sampler_artifacts(self, study: optuna.Study, run_id: str, result: SamplerRun) -> None:
-        """Plots and the trial history on the sampler run; redrawn only when trials were added."""
-        from .plots import study_plots
-
-        n_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if self.tracker.client.get_run(run_id).data.tags.get("plotted_trials") == str(n_finished):
-            return  # what is logged already shows these trials
-        with tempfile.TemporaryDirectory(prefix=f"topocam-{study.study_name}-") as tmp:
-            folder = Path(tmp)
-            for path in study_plots(study, folder):
-                self.tracker.log_artifact(run_id, path, "plots")
-            hist = folder / "history.csv"
-            study.trials_dataframe().to_csv(hist, index=False)
-            self.tracker.log_artifact(run_id, hist, "history")
-        self.tracker.set_tags(run_id, {"plotted_trials": n_finished})
-
-
-class _TrialBar:
-    """tqdm bar over the budget with the best value so far and the failures (ETA from tqdm)."""
-
-    def __init__(self, total: int, done: int, desc: str, enabled: bool, study: optuna.Study):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=min(done, total), desc=desc, unit="trial", disable=not enabled, leave=True)
-        self._postfix(study)
-
-    def _postfix(self, study: optuna.Study) -> None:
-        trials = [t for t in study.get_trials(deepcopy=False) if counts(t)]
-        good = [t.value for t in scored_trials(trials)]
-        post = {"best": f"{max(good):.4f}" if good else "—"}
-        failed = sum(t.state == S.FAIL for t in trials)
-        if failed:
-            post["failed"] = failed
-        self.bar.set_postfix(post)
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self.bar.n < self.bar.total:
-            self.bar.update(1)
-        self._postfix(study)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
-    """One row per (sampler, seed) study of ``name``: trial counts and best value."""
-    storage = open_storage(storage_url)
-    with quiet_experimental():
-        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}
-    mine = sorted(n for n, o in owner.items() if o == name)
-    if not mine:
-        known = sorted(set(owner.values()))
-        raise TopoCAMError(f"no study named {name!r} in {storage_url}; studies there: {', '.join(known) or 'none'}")
-    rows = [_status_row(optuna.load_study(study_name=n, storage=storage)) for n in mine]
-    return sorted(rows, key=lambda r: (str(r["sampler"]), r["seed"] if isinstance(r["seed"], int) else -1, r["study"]))
-
-
-def _owner_from_name(optuna_study: str) -> str:
-    """``<study>.<sampler>.s<seed>`` -> ``<study>`` (studies written before user attrs were recorded)."""
-    parts = optuna_study.rsplit(".", 2)
-    if len(parts) == 3 and parts[1] in SAMPLERS and parts[2][:1] == "s" and parts[2][1:].isdigit():
-        return parts[0]
-    return optuna_study
-
-
-def _status_row(study: optuna.Study) -> dict[str, Any]:
-    trials = study.get_trials(deepcopy=False)
-    count = {st: sum(t.state == st for t in trials) for st in (S.COMPLETE, S.RUNNING, S.FAIL, S.PRUNED, S.WAITING)}
-    good = scored_trials(trials)
-    best = max(good, key=lambda t: (t.value, -t.number)) if good else None
-    parts = study.study_name.rsplit(".", 2)
-    sampler = study.user_attrs.get("sampler", parts[1] if len(parts) == 3 else "?")
-    seed = study.user_attrs.get("seed", int(parts[2][1:]) if len(parts) == 3 and parts[2][1:].isdigit() else "?")
-    return {"study": study.study_name, "sampler": sampler, "seed": seed, "trials": len(trials),
-            "complete": count[S.COMPLETE], "running": count[S.RUNNING], "failed": count[S.FAIL], "pruned": count[S.PRUNED],
-            "waiting": count[S.WAITING], "best_value": float(best.value) if best else float("nan"),
-            "best_trial": best.number if best else -1}

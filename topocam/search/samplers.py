@@ -36,7 +36,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ..choices import SAMPLERS, check_samplers  # noqa: F401 (SAMPLERS: re-exported)
+from ..choices import check_samplers
 from ..errors import TopoCAMError
 
 OPTIONS_SECTION: dict[str, str] = {"de": "de", "de_immediate": "de"}  # sampler -> its [sampler.X] table

@@ -20,8 +20,7 @@ from typing import Any
 import optuna
 
 from ..errors import TopoCAMError
-from ..stores import FileLock, StoreURL, parse_store_url, sqlite_url
-from ..tracking import DEFAULT_RUNS_DIR
+from ..stores import DEFAULT_RUNS_DIR, FileLock, StoreURL, parse_store_url, sqlite_url
 
 SUPPORTED = "sqlite:///path.db, postgresql://user:pw@host:port/db, mysql://... or journal:/path.log"
 
