@@ -131,8 +131,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--steps", default="run,trial")
+    ap.add_argument("--earlier", action="append", default=[],
+                    help="LABEL of a tree measured by an earlier invocation: its <work>/LABEL/result.json is reused (first is the reference)")
     args = ap.parse_args()
-    trees = [c.split("=", 1) if "=" in c else (Path(c).resolve().name, c) for c in args.code or ["this=."]]
+    trees = [c.split("=", 1) if "=" in c else (Path(c).resolve().name, c) for c in args.code or ([] if args.earlier else ["this=."])]
     n = tuple(int(v) for v in args.n.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     npz = (args.work / f"synthetic3d_{args.size}_{'_'.join(map(str, n))}.npz").resolve()
@@ -141,7 +143,13 @@ def main() -> None:
     print(f"data: {npz} ({npz.stat().st_size / 1e6:.0f} MB, {sum(n)} volumes of {args.size}^3; {time.perf_counter() - t0:.0f} s)")
     steps = args.steps.split(",")
     results: dict[str, dict[str, dict]] = {}
+    for label in args.earlier:  # peak memory does not depend on load; wall times do: say so when comparing
+        results[label] = json.loads((args.work / label / "result.json").read_text())
+        print(f"{label}: reused from {args.work / label / 'result.json'} (an earlier invocation: wall times not side by side)")
+    trees = [(label, None) for label in args.earlier] + trees
     for label, tree in trees:
+        if tree is None:
+            continue
         tree = str(Path(tree).resolve())
         out = args.work / label
         out.mkdir(exist_ok=True)
@@ -164,6 +172,7 @@ def main() -> None:
             r["values"] = trial_values(out / "optuna.db")
             results[label]["trial"] = r
             print(f"{label} trial: peak {r['peak_gb']:.2f} GB, {r['wall_s']:.0f} s, values {r['values']}", flush=True)
+        (out / "result.json").write_text(json.dumps({s: {k: v for k, v in r.items() if k != "output"} for s, r in results[label].items()}))
     ref = trees[0][0]
     print(f"\n| tree | step | peak RSS (GB) | x {ref} | wall (s) | x {ref} | numbers identical to {ref} |")
     print("|---|---|---|---|---|---|---|")

@@ -462,7 +462,7 @@ class TrialOutcome:
 def _original_features_memo(ctx: Context, cfg: TopoCAMConfig, report_test: bool, progress: bool = False) -> Features:
     """Topo-Original's features depend on the outside mode, the bins and the backend only,
     not on the MLP a trial tunes: computed once per study context."""
-    key = ("original", cfg.outside, cfg.bins, cfg.betti_backend, report_test)
+    key = ("original", cfg.outside, cfg.bins, cfg.betti_backend, cfg.betti_grid, report_test)
     if key not in ctx.trial_cache:
         ctx.trial_cache[key] = original_features(ctx, cfg, report_test, progress)
     return ctx.trial_cache[key]
