@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -60,6 +61,15 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens unless told otherwise
+
+
+def _no_database_error_log(record: logging.LogRecord) -> bool:
+    """MLflow logs a database error with its traceback and SQL, then raises it as an
+    ``MlflowException`` carrying the same words: the caller reports that (a study: in one line)."""
+    return not (record.exc_info and str(record.msg).startswith("SQLAlchemy database error"))
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_no_database_error_log)
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
