@@ -70,8 +70,8 @@ def test_postgresql_going_away_mid_study_stops_the_worker_and_a_rerun_completes(
     own_postgres.stop("immediate")
     out, took = stopped(proc, t0)
     assert proc.returncode not in (0, None), out[-3000:]
-    one_error_line(out, "Optuna storage", url, "run the same command again")
-    print(f"stopped {took:.1f} s after the server went away")
+    line = one_error_line(out, "Optuna storage", url, "run the same command again")
+    print(f"stopped {took:.1f} s after the server went away: {line}")
     own_postgres.start()
     trials = complete_after_rerun(env, tmp_path, study, url, "pggone.random.s0", 3)
     lost = [t for t in trials if t.state == S.FAIL]
@@ -96,8 +96,8 @@ def test_mlflow_server_going_away_mid_study_stops_the_worker_and_a_rerun_complet
     getattr(own_mlflow_server, fault)()
     out, took = stopped(proc, t0)
     assert proc.returncode not in (0, None), out[-3000:]
-    one_error_line(out, "MLflow tracking store", server, "run the same command again")
-    print(f"stopped {took:.1f} s after the server went away ({fault})")
+    line = one_error_line(out, "MLflow tracking store", server, "run the same command again")
+    print(f"stopped {took:.1f} s after the server went away ({fault}): {line}")
     if fault == "kill":
         own_mlflow_server.start()
     else:
@@ -123,8 +123,8 @@ def test_local_mlflow_database_deleted_mid_study_stops_the_worker_and_spares_the
     db.unlink()
     out, took = stopped(proc, t0)
     assert proc.returncode not in (0, None), out[-3000:]
-    one_error_line(out, "MLflow tracking store", str(db), "run the same command again")
-    print(f"stopped {took:.1f} s after the file was deleted")
+    line = one_error_line(out, "MLflow tracking store", str(db), "run the same command again")
+    print(f"stopped {took:.1f} s after the file was deleted: {line}")
     trials = trials_of(url, "mlfdel.random.s0")
     assert [t.state for t in trials][:2] == [S.COMPLETE, S.COMPLETE] and sum(t.state == S.COMPLETE for t in trials) == 2, trials
     complete_after_rerun(env, tmp_path, study, url, "mlfdel.random.s0", 5)

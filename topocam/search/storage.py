@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import traceback
 import warnings
@@ -202,6 +203,13 @@ def failed_store(exc: BaseException) -> str | None:
     return "disk" if isinstance(exc, OSError) else None
 
 
+def _innermost(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost error of the chain that has words: the driver's."""
+    root = next((e for e in reversed(_chain(exc)) if str(e).strip()), exc)
+    words = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
+    return f"{type(root).__name__}: {words}"[:300]
+
+
 def infrastructure_error(exc: BaseException, storage_url: str, tracking_uri: str | None) -> InfrastructureError | None:
     """The failure of a store or of the disk as one line: which store, the driver's own words
     (the innermost error: "Connection refused", not a wrapper's guess), and what to do.
@@ -215,9 +223,7 @@ def infrastructure_error(exc: BaseException, storage_url: str, tracking_uri: str
     if path is not None and not path.exists():  # SQLite then says "attempt to write a readonly database"
         why = f"its file {path} was deleted while the study ran"
     else:
-        root = next((e for e in reversed(_chain(exc)) if str(e).strip()), exc)
-        words = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
-        why = f"{type(root).__name__}: {words}"[:300]
+        why = _innermost(exc)
     return InfrastructureError(
         f"{what}{' ' + url if url else ''} failed ({why}); the study stopped. Finished trials are kept and the "
         "interrupted one does not count: run the same command again once the store is back"
@@ -241,11 +247,15 @@ _thread_excepthook = threading.excepthook
 
 
 def _quiet_heartbeat_failure(args: threading.ExceptHookArgs) -> None:
-    """Optuna's heartbeat thread dies with a traceback when the storage goes away; the main
-    thread's next call to the storage fails too and says so in one line."""
+    """Optuna's heartbeat thread dies with a traceback when the storage fails; one line says it
+    instead. The trial goes on (its worker stops with the storage's error at its end, if the
+    storage is still gone), but it sends no more heartbeats: past the grace period another
+    worker may take it for lost and run it again."""
     frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
     in_heartbeat = any(Path(f.filename).parts[-3:] == ("optuna", "storages", "_heartbeat.py") for f in frames)
     if in_heartbeat and args.exc_value is not None and failed_store(args.exc_value):
+        print(f"warning: the Optuna storage failed to record this worker's heartbeat ({_innermost(args.exc_value)}); "
+              "the trial goes on without one", file=sys.stderr, flush=True)
         return
     _thread_excepthook(args)
 
