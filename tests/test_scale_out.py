@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 S = optuna.trial.TrialState
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One backbone/CAM cache for every worker, built here once."""
+def warm_cache(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One backbone/CAM cache for every worker of a module, built once; the module's ``env``
+    fixture (``yield from``), which also points this process at it."""
     from topocam.pipeline import prepare
     from topocam.search.studyfile import load_study
 
@@ -45,6 +46,11 @@ def env(tmp_path_factory):
         yield SimpleNamespace(cache=cache)
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from warm_cache(tmp_path_factory)
 
 
 def worker_env(env, **extra: str) -> dict[str, str]:

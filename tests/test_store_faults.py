@@ -16,11 +16,16 @@ from pathlib import Path
 import optuna
 import pytest
 
-from .test_scale_out import diagnosis, env, finish, start_slow_worker, start_worker, trials_of  # noqa: F401 - env: fixture
+from .test_scale_out import diagnosis, finish, start_slow_worker, start_worker, trials_of, warm_cache
 from .test_study import write_study
 
 S = optuna.trial.TrialState
 STOP_WITHIN_S = 60  # a worker whose store is gone must have said so by then
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from warm_cache(tmp_path_factory)
 
 
 def stopped(proc: subprocess.Popen, since: float) -> tuple[str, float]:
