@@ -671,9 +671,22 @@ def _stop(signum: int, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops a worker as Ctrl-C does
 
 
-def main() -> None:
-    import signal
+def _show_warning(python_show, message, category, filename, lineno, file=None, line=None) -> None:
+    """A store or cache entry found damaged and set aside is said in one line, not Python's two."""
+    from topocam.errors import CorruptCacheWarning, DamagedStoreWarning
 
+    if issubclass(category, (CorruptCacheWarning, DamagedStoreWarning)):
+        err.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), highlight=False, soft_wrap=True)
+    else:
+        python_show(message, category, filename, lineno, file, line)
+
+
+def main() -> None:
+    import functools
+    import signal
+    import warnings
+
+    warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
     signal.signal(signal.SIGTERM, _stop)
     # A process started in the background by a script (`worker &`, nohup) or by a parent that
     # ignores SIGINT inherits SIG_IGN, and Python then never raises KeyboardInterrupt: `kill -INT`

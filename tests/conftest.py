@@ -98,101 +98,178 @@ def _postgres_bin() -> Path | None:
     return Path(which).parent if which else None
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """A throwaway PostgreSQL cluster on loopback (trust auth, a free port, its socket in its
-    own folder), started once per session; ``postgres.database(name)`` creates a database and
-    returns its ``postgresql://`` URL. Skipped, saying why, when the server binaries are absent.
-    As root the server runs as the ``postgres`` user (PostgreSQL refuses to run as root)."""
-    import pwd
-    import shutil
-    import subprocess
-    import tempfile
+class PgCluster:
+    """A throwaway PostgreSQL cluster on loopback (trust auth, a free port, its socket in its own
+    folder, in /tmp: the postgres user can reach it). ``database(name)`` creates a database and
+    returns its ``postgresql://`` URL; ``stop()`` and ``start()`` take the server away and bring it
+    back on the same port with the same data. As root the server runs as the ``postgres`` user
+    (PostgreSQL refuses to run as root)."""
 
-    from .shipping import free_port
-    from types import SimpleNamespace
+    def __init__(self):
+        import pwd
+        import shutil
+        import tempfile
 
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries absent (apt-get install postgresql): PostgreSQL tests skipped")
-    run_as: list[str] = []
-    owner = None
-    if os.geteuid() == 0:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server as: PostgreSQL tests skipped")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="topocam-pg-"))  # in /tmp: the postgres user can reach it
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    if owner is not None:
-        for p in (root, sock):
-            os.chown(p, owner.pw_uid, owner.pw_gid)
-    port = free_port()
+        from .shipping import free_port
 
-    def pg(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*run_as, *args], capture_output=True, text=True, timeout=120, cwd=root)
+        self.bindir = _postgres_bin()
+        if self.bindir is None:
+            pytest.skip("PostgreSQL server binaries absent (apt-get install postgresql): PostgreSQL tests skipped")
+        self.run_as: list[str] = []
+        owner = None
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and no 'postgres' user to run the server as: PostgreSQL tests skipped")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.root = Path(tempfile.mkdtemp(prefix="topocam-pg-"))
+        self.data, sock = self.root / "data", self.root / "sock"
+        sock.mkdir()
+        if owner is not None:
+            for p in (self.root, sock):
+                os.chown(p, owner.pw_uid, owner.pw_gid)
+        self.port = free_port()
+        r = self._pg("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        if r.returncode != 0:
+            shutil.rmtree(self.root, ignore_errors=True)
+            pytest.fail(f"initdb failed: {r.stderr[-2000:]}")
+        self.opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
+        self.base = f"postgresql://postgres@127.0.0.1:{self.port}"
+        self.url = f"{self.base}/postgres"
+        self.start()
 
-    r = pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    if r.returncode != 0:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"initdb failed: {r.stderr[-2000:]}")
-    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
-    r = pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "server.log"), "-w", "-t", "60", "start")
-    if r.returncode != 0:
-        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"pg_ctl start failed: {r.stderr[-1500:]}\n{log[-1500:]}")
-    base = f"postgresql://postgres@127.0.0.1:{port}"
+    def _pg(self, tool: str, *args: str):
+        import subprocess
 
-    def database(name: str) -> str:
+        return subprocess.run([*self.run_as, str(self.bindir / tool), *args], capture_output=True, text=True, timeout=120,
+                              cwd=self.root)
+
+    def start(self) -> None:
+        log = self.root / "server.log"
+        r = self._pg("pg_ctl", "-D", str(self.data), "-o", self.opts, "-l", str(log), "-w", "-t", "60", "start")
+        if r.returncode != 0:
+            pytest.fail(f"pg_ctl start failed: {r.stderr[-1500:]}\n{log.read_text()[-1500:] if log.exists() else ''}")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
+        with psycopg.connect(self.url, autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}"')
             con.execute(f'CREATE DATABASE "{name}"')
-        return f"{base}/{name}"
+        return f"{self.base}/{name}"
 
+    def remove(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster (:class:`PgCluster`) shared by the session; skipped, saying
+    why, when the server binaries are absent. Never stopped by a test: see ``own_postgres``."""
+    cluster = PgCluster()
     try:
-        yield SimpleNamespace(port=port, url=f"{base}/postgres", database=database)
+        yield cluster
     finally:
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture
+def own_postgres():
+    """A cluster of the test's own, which it may stop and start (a database that goes away)."""
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback (its own process group), backend ``store``, artifacts under
+    ``root``; ``start()`` waits for /health, ``kill()`` takes the whole group away at once, and a
+    later ``start()`` brings it back on the same port with the same store."""
+
+    def __init__(self, store: str, root: Path):
+        from .shipping import free_port
+
+        self.store, self.root, self.port = store, root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> str:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store, "--artifacts-destination",
+                 str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self.url
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    pytest.fail(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a frozen group dies only once continued
+            self.proc.wait()
+
+    def freeze(self) -> None:
+        """The server stops answering (SIGSTOP): connections are accepted, no reply ever comes."""
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        from .shipping import stop_group
+
+        if self.proc is not None:
+            stop_group(self.proc, timeout=20)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(postgres, tmp_path_factory):
     """An MLflow tracking server on loopback with its backend store in the private PostgreSQL
     server (what several machines share); yields its http:// URL."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from .shipping import free_port, stop_group
-
-    port = free_port()
     store = postgres.database("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
-    root = tmp_path_factory.mktemp("mlflow-server")
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
-         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(store, tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield url
+        yield server.start()
     finally:
-        stop_group(proc, timeout=20)
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def own_mlflow_server(tmp_path):
+    """An MLflow tracking server of the test's own (SQLite backend), which it may kill and restart."""
+    root = tmp_path / "mlflow-server"
+    root.mkdir()
+    server = MlflowServer(f"sqlite:///{root / 'mlflow.db'}", root)
+    try:
+        yield server
+    finally:
+        server.stop()

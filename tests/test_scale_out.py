@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 S = optuna.trial.TrialState
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One backbone/CAM cache for every worker, built here once."""
+def warm_cache(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One backbone/CAM cache for every worker of a module, built once; the module's ``env``
+    fixture (``yield from``), which also points this process at it."""
     from topocam.pipeline import prepare
     from topocam.search.studyfile import load_study
 
@@ -45,6 +46,11 @@ def env(tmp_path_factory):
         yield SimpleNamespace(cache=cache)
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from warm_cache(tmp_path_factory)
 
 
 def worker_env(env, **extra: str) -> dict[str, str]:
@@ -182,17 +188,19 @@ main()
 SLOW_TRIAL_S = 300  # far longer than any stop: a worker that ignored the signal would still be sleeping
 
 
-def start_slow_worker(env, folder: Path, study: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+def start_slow_worker(env, folder: Path, study: Path, *args: str, sleep_s: float = SLOW_TRIAL_S,
+                      started: int = 1) -> tuple[subprocess.Popen, Path]:
+    """A worker whose trials each sleep ``sleep_s``; returns once its ``started``-th trial is under way."""
     script, log = folder / "slow_worker.py", folder / "trials.log"
     script.write_text(SLOW_WORKER.format(repo=str(REPO)))
     cmd = [sys.executable, str(script), "study", "run", str(study), "--runs-dir", str(folder / "mlruns"), "--quiet", *args]
     # started as a script starts a background worker (`worker &`, nohup): SIGINT ignored on entry,
     # which Python keeps unless the CLI installs its handler (without it, `kill -INT` did nothing)
-    proc = subprocess.Popen(cmd, cwd=folder, env=worker_env(env, TRIAL_LOG=str(log), TRIAL_SLEEP=str(SLOW_TRIAL_S)),
+    proc = subprocess.Popen(cmd, cwd=folder, env=worker_env(env, TRIAL_LOG=str(log), TRIAL_SLEEP=str(sleep_s)),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
-    while not (log.is_file() and log.read_text()):
+    while not (log.is_file() and log.read_text().count("start") >= started):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the slow worker never started a trial:\n{proc.communicate()[0][-3000:]}")

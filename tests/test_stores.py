@@ -37,3 +37,56 @@ def test_three_processes_create_fresh_stores_together(tmp_path):
         p.join(timeout=180)
     results = [queue.get(timeout=5) for _ in procs]
     assert results == ["ok"] * 3, results
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from topocam.atomic import atomic_path
+from topocam.stores import load_or_build
+entry, building, hold_s = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+
+def build():
+    building.write_text("")
+    time.sleep(hold_s)  # a backbone training
+    with atomic_path(entry) as tmp:
+        tmp.write_text("built by the holder")
+    return "built by the holder"
+
+load_or_build(entry, lambda: entry.read_text() if entry.exists() else None, build)
+"""
+
+
+def test_a_process_waiting_for_another_s_cache_entry_says_so_once(tmp_path, monkeypatch, capfd):
+    """Another process builds the entry for longer than WAIT_NOTICE_S: this one says, once, on
+    stderr, whom it waits for and for what, then loads what was built (it builds nothing)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from topocam import stores
+
+    repo = Path(__file__).resolve().parents[1]
+    entry, building = tmp_path / "backbone.pt", tmp_path / "building"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(entry), str(building), "3"], cwd=repo)
+    try:
+        deadline = time.monotonic() + 60
+        while not building.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder never started building"
+            time.sleep(0.05)
+        monkeypatch.setattr(stores, "WAIT_NOTICE_S", 0.5)
+        capfd.readouterr()
+
+        def build():
+            raise AssertionError("built twice")
+
+        value, loaded = stores.load_or_build(entry, lambda: entry.read_text() if entry.exists() else None, build)
+        assert (value, loaded) == ("built by the holder", True)
+        lines = capfd.readouterr().err.splitlines()
+        assert lines == [f"waiting for another process (pid {holder.pid}) to build {entry} ..."], lines
+    finally:
+        holder.wait(timeout=60)
+    entry.unlink()  # free lock, nothing to wait for: nothing said
+    stores.load_or_build(entry, lambda: entry.read_text() if entry.exists() else None, lambda: "built here")
+    assert capfd.readouterr().err == ""

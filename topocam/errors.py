@@ -19,6 +19,11 @@ class CorruptCacheWarning(UserWarning):
     named and rebuilt, never used (a kill -9 or a disk error can leave one)."""
 
 
+class DamagedStoreWarning(UserWarning):
+    """A local store that could not be opened and held nothing (a half-created MLflow database)
+    was moved aside, named, and created anew."""
+
+
 class InfrastructureError(TopoCAMError):
     """The Optuna storage, the MLflow tracking store or the disk failed: not the fault of the
     configuration being tried. A study stops on it (the trial does not count toward the budget)."""

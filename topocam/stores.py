@@ -18,6 +18,9 @@ Without a URL, both stores are files in the runs folder (:data:`DEFAULT_RUNS_DIR
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,13 +77,21 @@ def parse_store_url(url: str) -> StoreURL:
     return StoreURL(url, "unknown")
 
 
+WAIT_NOTICE_S = 5.0  # a process waiting this long for another's cache entry says so, once
+
+
 class FileLock:
     """Exclusive ``flock`` on a file beside a local store, between processes and between
     threads (each acquisition opens the file anew); a no-op for ``None``. ``release``
-    may be called early (the runner releases its claim once the trial exists)."""
+    may be called early (the runner releases its claim once the trial exists).
 
-    def __init__(self, path: Path | None):
+    The holder writes its process id into the file. ``waiting``, if given, is called once
+    with that id (None if unknown) when the lock has been held elsewhere for
+    ``WAIT_NOTICE_S`` seconds, so a long wait can be said."""
+
+    def __init__(self, path: Path | None, waiting: Callable[[int | None], None] | None = None):
         self.path = path
+        self.waiting = waiting
         self._fh = None
 
     def acquire(self) -> "FileLock":
@@ -91,9 +102,33 @@ class FileLock:
         except ImportError:  # pragma: no cover - not POSIX: no inter-process lock
             return self
         fh = open(self.path, "a")
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            notice = threading.Timer(WAIT_NOTICE_S, self._notice) if self.waiting is not None else None
+            if notice is not None:
+                notice.daemon = True
+                notice.start()
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except BaseException:
+                fh.close()
+                raise
+            finally:
+                if notice is not None:
+                    notice.cancel()
+        fh.truncate(0)  # "a": the next write lands at 0
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
         self._fh = fh
         return self
+
+    def _notice(self) -> None:
+        try:
+            holder: int | None = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            holder = None
+        self.waiting(holder)
 
     def release(self) -> None:
         fh, self._fh = self._fh, None
@@ -133,8 +168,9 @@ def load_or_build(entry: Path, load: Callable[[], T | None], build: Callable[[],
     and returns its value. Why the lock: workers sharing a machine share the cache, and
     without it each would train the same backbone and race to rename it into place.
     The first to take ``.<name>.lock`` builds; the others wait on it and then load what
-    it built. An entry found good needs no lock (it only appears by a rename), so a
-    read-only cache still serves."""
+    it built, saying so on stderr if that takes more than ``WAIT_NOTICE_S`` seconds (a
+    backbone trains for minutes). An entry found good needs no lock (it only appears by a
+    rename), so a read-only cache still serves."""
     try:
         found = load()
     except BadEntry:
@@ -142,7 +178,7 @@ def load_or_build(entry: Path, load: Callable[[], T | None], build: Callable[[],
     if found is not None:
         return found, True
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(entry.with_name(f".{entry.name}.lock")):
+    with FileLock(entry.with_name(f".{entry.name}.lock"), waiting=lambda pid: _say_waiting(entry, pid)):
         try:
             found = load()
         except BadEntry as exc:
@@ -152,3 +188,8 @@ def load_or_build(entry: Path, load: Callable[[], T | None], build: Callable[[],
         for stale in temporaries_of(entry):  # a killed builder's: no one else builds this entry now
             remove(stale)
         return build(), False
+
+
+def _say_waiting(entry: Path, holder: int | None) -> None:
+    by = f"another process (pid {holder})" if holder is not None else "another process"
+    print(f"waiting for {by} to build {entry} ...", file=sys.stderr, flush=True)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import TopoCAMError
+from .errors import DamagedStoreWarning, TopoCAMError
 from .stores import DEFAULT_RUNS_DIR, FileLock, parse_store_url, sqlite_url
 
 # What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
@@ -45,6 +47,15 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 UI_URL = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens unless told otherwise
+
+
+def _no_database_error_log(record: logging.LogRecord) -> bool:
+    """MLflow logs a database error with its traceback and SQL, then raises it as an
+    ``MlflowException`` carrying the same words: the caller reports that (a study: in one line)."""
+    return not (record.exc_info and str(record.msg).startswith("SQLAlchemy database error"))
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_no_database_error_log)
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -65,8 +76,6 @@ class Tracker:
         # fail within seconds on an unreachable server instead of retrying for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
-
         self.runs_dir = Path(runs_dir).resolve()
         if tracking_uri is None:
             self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -86,8 +95,15 @@ class Tracker:
             # the first call creates or migrates a database store, which is not safe between
             # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
             with FileLock(self.store.lock_path):
-                self.client = MlflowClient(tracking_uri)
-                self.client.search_experiments(max_results=1)
+                try:
+                    self.client = _open_client(tracking_uri)
+                except Exception as exc:
+                    if self.store.kind != "sqlite" or not _set_aside_half_created(self.store.path, exc):
+                        raise
+                    _forget_engine(tracking_uri)
+                    self.client = _open_client(tracking_uri)
+        except TopoCAMError:
+            raise
         except Exception as exc:  # mlflow raises many types for a bad URI; all mean "cannot track here"
             msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise TopoCAMError(
@@ -220,6 +236,87 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
+
+
+def _open_client(uri: str):
+    """An MLflow client whose store answered once (creating or migrating a database store)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.search_experiments(max_results=1)
+    return client
+
+
+def _forget_engine(uri: str) -> None:
+    """MLflow keeps one SQLAlchemy engine per database URI for the life of the process
+    (``SqlAlchemyStore._engine_map``, not public): its pooled connections still hold a file that
+    was moved aside, so it is disposed of before the new file is opened."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _runs_in(path: Path) -> int | None:
+    """How many runs an MLflow SQLite file holds (0 without a ``runs`` table); None if SQLite
+    cannot read it."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+# what SQLite says of a database whose schema is partial (MLflow's create_all and migrations cut short);
+# not "out-of-date database schema": a store of an older MLflow, which 'mlflow db upgrade' migrates
+_HALF_CREATED = ("already exists", "duplicate column", "no such table", "no such column", "has no column named")
+_UNREADABLE = ("file is not a database", "database disk image is malformed")
+
+
+def _set_aside_half_created(path: Path, exc: Exception) -> bool:
+    """Whether a local MLflow database MLflow failed to open (``exc``) was moved aside.
+
+    Creating one runs a few dozen schema migrations; a full disk (or a kill) part-way leaves a
+    file on which every later open fails ("duplicate column name: step", "table ... already
+    exists"), even once there is space again. When it holds no runs nothing is lost by starting
+    afresh: it is moved to ``<name>.broken-<time>`` (with its journal), said in a
+    :class:`DamagedStoreWarning`, and True is returned: the caller opens a new one. A file with
+    runs, or one SQLite cannot read, is left alone: a TopoCAMError names it and the fix. Any
+    other failure (the disk still full, a lock) is not the file's: False."""
+    if not path.is_file():
+        return False
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [type(exc).__name__]
+    why = next((ln for ln in lines if "(sqlite3." in ln), lines[0])[:200]  # the driver's words, not the SQL
+    move = f"move it away (mv {path} {path}.bak) to start a new store"
+    if any(w in text for w in _UNREADABLE):
+        raise TopoCAMError(f"the MLflow tracking store {path} is damaged ({why}): restore it from a backup, or {move}")
+    if not any(w in text for w in _HALF_CREATED):
+        return False
+    n = _runs_in(path)
+    if n is None or n > 0:
+        held = "SQLite cannot count its runs" if n is None else f"it holds {n} run{'s' * (n != 1)}"
+        raise TopoCAMError(
+            f"the MLflow tracking store {path} is half-created or half-upgraded ({why}) and {held}, so it is left as it "
+            f"is: back it up, then try 'mlflow db upgrade {sqlite_url(path)}', or {move}"
+        )
+    aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("-journal", "-wal", "-shm"):  # a hot journal left beside a new file would be replayed into it
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    path.rename(aside)
+    warnings.warn(DamagedStoreWarning(
+        f"the MLflow tracking store {path} was half-created ({why}) and held no runs: moved it to {aside.name} "
+        "and created a new one"), stacklevel=3)
+    return True
 
 
 def _exact(v: Any) -> bool:

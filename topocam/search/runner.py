@@ -61,6 +61,7 @@ from .mlflow_runs import StudyRuns
 from .samplers import OPTIONS_SECTION, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
+from .storage import infrastructure_error
 from .status import TrialBar, failure_groups
 from .studyfile import StudySpec
 from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
@@ -406,21 +407,7 @@ class StudyRunner:
 
     def _infrastructure(self, exc: Exception) -> InfrastructureError | None:
         """The error a failing store or disk raised, as one clear message (None: not one)."""
-        where = type(exc).__module__.split(".")[0]
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
-        msg = next((ln for ln in lines if "Error" in ln), lines[0])[:300]  # the driver's own words
-        if where in ("mlflow", "requests", "urllib3"):
-            what = f"the MLflow tracking store {self.tracker.uri if self.tracker else ''}"
-        elif where in ("sqlalchemy", "psycopg", "sqlite3", "optuna"):
-            what = f"the Optuna storage {self.storage_url}"
-        elif isinstance(exc, OSError):
-            what = "the disk"
-        else:
-            return None
-        return InfrastructureError(
-            f"{what} failed ({type(exc).__name__}: {msg}); the study stopped. Finished trials are kept and the "
-            "interrupted one does not count: run the same command again once the store is back"
-        )
+        return infrastructure_error(exc, self.storage_url, self.tracker.uri if self.tracker else None)
 
     def _summarise(self, study: optuna.Study, sampler: str, seed: int, parent: str | None, budget: int | None = None) -> SamplerRun:
         """History of the first ``budget`` finished trials (all by default): a study that

@@ -1,5 +1,6 @@
-"""Optuna storages: opening one from a URL (or a clear error within seconds), and the lock
-that makes "check the budget, then create a trial" atomic between workers.
+"""Optuna storages: opening one from a URL (or a clear error within seconds), the lock
+that makes "check the budget, then create a trial" atomic between workers, and what a
+worker says when a store fails mid-study (:func:`infrastructure_error`).
 
 The lock lives where the storage lives. For a local store (SQLite, journal file) it is a
 file lock beside the file: every worker is on this machine. For a database server it is a
@@ -11,6 +12,10 @@ connection ends: a killed worker cannot keep it.
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
+import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +24,7 @@ from typing import Any
 
 import optuna
 
-from ..errors import TopoCAMError
+from ..errors import InfrastructureError, TopoCAMError
 from ..stores import DEFAULT_RUNS_DIR, FileLock, StoreURL, parse_store_url, sqlite_url
 
 SUPPORTED = "sqlite:///path.db, postgresql://user:pw@host:port/db, mysql://... or journal:/path.log"
@@ -166,3 +171,92 @@ def storage_lock(storage_url: str, storage: optuna.storages.BaseStorage, name: s
     if store.is_database_server:
         return DatabaseLock(storage.engine, f"topocam:{name}")
     return FileLock(store.lock_path)
+
+
+# ------------------------------------------------------------ a store failing mid-study
+
+# Where an exception comes from says which store failed: MLflow's client (and the HTTP stack
+# under it) is the tracking store; Optuna and the database drivers under it are the storage.
+_STORE_OF_MODULE = {"mlflow": "tracking", "requests": "tracking", "urllib3": "tracking",
+                    "optuna": "storage", "sqlalchemy": "storage", "psycopg": "storage", "sqlite3": "storage"}
+_WHAT = {"tracking": "the MLflow tracking store", "storage": "the Optuna storage", "disk": "the disk"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return out
+
+
+def failed_store(exc: BaseException) -> str | None:
+    """``"tracking"``, ``"storage"`` or ``"disk"``: the store whose failure ``exc`` reports, or None.
+    The whole chain is read: Optuna, its storage gone, can raise an error of its own (Optuna 5.0:
+    ``UnboundLocalError`` in ``_run_trial``) while handling the driver's."""
+    for e in _chain(exc):
+        kind = _STORE_OF_MODULE.get(type(e).__module__.split(".")[0])
+        if kind is not None:
+            return kind
+    return "disk" if isinstance(exc, OSError) else None
+
+
+def _innermost(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost error of the chain that has words: the driver's."""
+    root = next((e for e in reversed(_chain(exc)) if str(e).strip()), exc)
+    words = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
+    return f"{type(root).__name__}: {words}"[:300]
+
+
+def infrastructure_error(exc: BaseException, storage_url: str, tracking_uri: str | None) -> InfrastructureError | None:
+    """The failure of a store or of the disk as one line: which store, the driver's own words
+    (the innermost error: "Connection refused", not a wrapper's guess), and what to do.
+    None: ``exc`` is not one."""
+    kind = failed_store(exc)
+    if kind is None:
+        return None
+    url = {"tracking": tracking_uri or "", "storage": storage_url, "disk": ""}[kind]
+    what = _WHAT[kind]
+    path = parse_store_url(url).path if url else None
+    if path is not None and not path.exists():  # SQLite then says "attempt to write a readonly database"
+        why = f"its file {path} was deleted while the study ran"
+    else:
+        why = _innermost(exc)
+    return InfrastructureError(
+        f"{what}{' ' + url if url else ''} failed ({why}); the study stopped. Finished trials are kept and the "
+        "interrupted one does not count: run the same command again once the store is back"
+    )
+
+
+def _no_store_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial that a failing store interrupted with the traceback of the store's
+    client: the study stops with one line that says what failed (:func:`infrastructure_error`)."""
+    kind = failed_store(record.exc_info[1]) if record.exc_info and record.exc_info[1] is not None else None
+    if kind is not None:
+        head = record.getMessage().split(" because of the following error:")[0]  # "Trial 2 failed with parameters: {...}"
+        record.msg, record.args = f"{head}: {_WHAT[kind]} failed (the last line says how)", ()
+        record.exc_info = record.exc_text = None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_no_store_traceback)
+
+_thread_excepthook = threading.excepthook
+
+
+def _quiet_heartbeat_failure(args: threading.ExceptHookArgs) -> None:
+    """Optuna's heartbeat thread dies with a traceback when the storage fails; one line says it
+    instead. The trial goes on (its worker stops with the storage's error at its end, if the
+    storage is still gone), but it sends no more heartbeats: past the grace period another
+    worker may take it for lost and run it again."""
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
+    in_heartbeat = any(Path(f.filename).parts[-3:] == ("optuna", "storages", "_heartbeat.py") for f in frames)
+    if in_heartbeat and args.exc_value is not None and failed_store(args.exc_value):
+        print(f"warning: the Optuna storage failed to record this worker's heartbeat ({_innermost(args.exc_value)}); "
+              "the trial goes on without one", file=sys.stderr, flush=True)
+        return
+    _thread_excepthook(args)
+
+
+threading.excepthook = _quiet_heartbeat_failure
