@@ -68,7 +68,9 @@ def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
     a flag in metrics.json, a tag in MLflow."""
     import topocam.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "predict_proba", lambda model, x: np.tile(np.float32([0.9, 0.1]), (len(x), 1)))
+    monkeypatch.setattr(pipeline, "cnn_probabilities", lambda model, info, ds, cache_dir: {
+        s: np.tile(np.float32([0.9, 0.1]), (len(ds.y[s]), 1)) for s in ds.y
+    })
     out = tmp_path / "out"
     r = _run(["--dataset", "synthetic2d", *FAST, "--out", str(out)], tmp_path)
     assert r.exit_code == 0, r.output

@@ -85,7 +85,7 @@ def test_features_are_the_same_bits_whatever_the_chunk(ctx3d, monkeypatch, chang
         assert feats.grid.thresholds.tobytes() == thresholds.tobytes(), (per, cache_mb)
         for s in SPLITS:
             assert feats.x[s].dtype == np.float32 and feats.x[s].tobytes() == expect[s].tobytes(), (per, cache_mb, s)
-            counts = expect[s][:, -1]
+            counts = expect[s][:, -1].astype(np.int64)  # ROI voxel counts (float32 in the features)
             assert feats.roi_fraction[s] == float(counts.sum() / (len(counts) * VOXELS))
             assert feats.empty_rois[s] == int((counts == 0).sum())
 
