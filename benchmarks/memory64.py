@@ -154,7 +154,8 @@ def main() -> None:
         out = args.work / label
         out.mkdir(exist_ok=True)
         env = {**os.environ, "PYTHONPATH": tree, "TOPOCAM_CACHE_DIR": str(out / "cache"), "TOPOCAM_OFFLINE": "1"}
-        results[label] = {}
+        earlier = out / "result.json"  # steps not run now keep their earlier measurement
+        results[label] = json.loads(earlier.read_text()) if earlier.exists() and set(steps) != {"run", "trial"} else {}
         if "run" in steps:
             cmd = [sys.executable, f"{tree}/cli.py", "run", "--dataset", str(npz), "--size", str(args.size), "--backbone", "small",
                    "--epochs", str(args.epochs), "--out", str(out / "run"), "--no-tracking", "--quiet"]

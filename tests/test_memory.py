@@ -82,6 +82,8 @@ def test_features_are_the_same_bits_whatever_the_chunk(ctx3d, monkeypatch, chang
         ctx3d.trial_cache.clear()
         ctx3d.trial_cache["upsampled"] = UpsampledCache(max_bytes=cache_mb * 2**20)
         feats = compute(ctx3d, cfg, report_test=True)
+        cached = {key[2] for key in ctx3d.trial_cache["upsampled"]._items}  # (store, cam, split, layer, shape)
+        assert cached == (set() if cache_mb == 0 or method == "topo_original" else {"train", "val"}), cached  # never test
         assert feats.grid.thresholds.tobytes() == thresholds.tobytes(), (per, cache_mb)
         for s in SPLITS:
             assert feats.x[s].dtype == np.float32 and feats.x[s].tobytes() == expect[s].tobytes(), (per, cache_mb, s)

@@ -275,11 +275,13 @@ def upsampled(ctx: Context, cam: str, split: str, layer: str, lo: int = 0, hi: i
     H_l depends on the CAM variant, not on w or tau: where a split's H_l fits the
     memory-bounded LRU ``ctx.trial_cache["upsampled"]`` it is computed once and
     later trials only sum and threshold; where it does not (64^3 volumes), the
-    chunk asked for is computed from the memory-mapped CAMs and not kept."""
+    chunk asked for is computed from the memory-mapped CAMs and not kept (nor is
+    the test split's, which no trial reads)."""
     cache = ctx.trial_cache.setdefault("upsampled", UpsampledCache())
     shape = tuple(ctx.data.shape)
     maps = ctx.cams(cam, split).maps[layer]
-    if len(maps) * int(np.prod(shape)) * 4 <= cache.max_bytes:
+    # test is read once per reported configuration, never by a trial: caching it only evicts train and val
+    if split != "test" and len(maps) * int(np.prod(shape)) * 4 <= cache.max_bytes:
         key = (str(ctx.store.root), cam, split, layer, shape)
         return cache.get(key, lambda: upsample_normalised(maps, shape))[lo:hi]
     return upsample_normalised(maps[lo:hi], shape)
