@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from topocam import pipeline
-from topocam.backbone import CAM_LAYERS, build_backbone, embed, predict_proba
+from topocam.backbone import CAM_LAYERS, build_backbone, predict_proba
 from topocam.cache import CamStore
 from topocam.cam import CamBatch, compute_cams
 from topocam.data import SPLITS, make_synthetic
@@ -22,7 +22,7 @@ from topocam.memory import CHUNK_ENV, images_per_chunk
 from topocam.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
 from topocam.topology import BettiGrid, features_from_filtrations, features_per_image_grid, roi_counts, segment
 
-from .test_trial_path import random_maps
+from .test_trial_path import random_cam_context, random_maps
 
 SIZE = 12
 VOXELS = SIZE**3
@@ -30,20 +30,7 @@ VOXELS = SIZE**3
 
 @pytest.fixture(scope="module")
 def ctx3d(tmp_path_factory):
-    """A 3D context whose CAM cache holds random maps (no backbone needed)."""
-    data = make_synthetic(3, size=SIZE, n=(41, 13, 11), seed=4, clutter=1)
-    store = CamStore(tmp_path_factory.mktemp("cams"), "k")
-    rng = np.random.default_rng(11)
-    for variant in ("gradcam", "gradcampp"):
-        store.save(variant, {
-            s: CamBatch(random_maps(rng, len(data.y[s]), 3), np.zeros(len(data.y[s]), np.int64),
-                        np.full((len(data.y[s]), 2), 0.5, np.float32))
-            for s in SPLITS
-        })
-    cfg = pipeline.TopoCAMConfig(
-        dataset="synthetic3d", size=SIZE, backbone="small", bins=12, mlp=(16, 8), n_jobs=1, weights=(0.3, 0.3, 0.4), tau=0.5,
-    )
-    return pipeline.Context(cfg, data, None, None, {}, store, progress=False)
+    return random_cam_context(tmp_path_factory.mktemp("cams"), SIZE, (41, 13, 11), seed=4, bins=12)
 
 
 def whole_split_features(ctx, cfg, method: str) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -104,12 +104,11 @@ def random_maps(rng, n: int, ndim: int, dtype=np.float32) -> dict[str, np.ndarra
     return maps
 
 
-@pytest.fixture(scope="module")
-def fake_ctx(tmp_path_factory):
+def random_cam_context(folder, size: int, n: tuple[int, int, int], seed: int, bins: int) -> pipeline.Context:
     """A 3D context whose CAM cache holds random maps (no backbone needed)."""
-    data = make_synthetic(3, size=12, n=(40, 20, 20), seed=2, clutter=1)
-    store = CamStore(tmp_path_factory.mktemp("cams"), "k")
-    rng = np.random.default_rng(7)
+    data = make_synthetic(3, size=size, n=n, seed=seed, clutter=1)
+    store = CamStore(folder, "k")
+    rng = np.random.default_rng(seed + 5)
     for variant in ("gradcam", "gradcampp"):
         store.save(variant, {
             s: CamBatch(random_maps(rng, len(data.y[s]), 3), np.zeros(len(data.y[s]), np.int64),
@@ -117,9 +116,14 @@ def fake_ctx(tmp_path_factory):
             for s in SPLITS
         })
     cfg = pipeline.TopoCAMConfig(
-        dataset="synthetic3d", size=12, backbone="small", bins=10, mlp=(16, 8), n_jobs=1, weights=(0.3, 0.3, 0.4), tau=0.5,
+        dataset="synthetic3d", size=size, backbone="small", bins=bins, mlp=(16, 8), n_jobs=1, weights=(0.3, 0.3, 0.4), tau=0.5,
     )
     return pipeline.Context(cfg, data, None, None, {}, store, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fake_ctx(tmp_path_factory):
+    return random_cam_context(tmp_path_factory.mktemp("cams"), 12, (40, 20, 20), seed=2, bins=10)
 
 
 # ------------------------------------------------------------------ fusion
