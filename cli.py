@@ -303,6 +303,10 @@ def study_run(
     from topocam import TopoCAMError
 
     try:
+        from topocam.choices import check_sampler_seed
+
+        if seed is not None:
+            check_sampler_seed(seed)  # before any store is opened or backbone trained
         spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
         sampler = _value(sampler) or spec.samplers[0]
         arm = arm.value

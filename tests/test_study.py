@@ -906,6 +906,7 @@ def test_cli_study_commands(env, warm, tmp_path):
     (["study", "run", "{path}", "--storage", "sqlite:////nonexistent/dir/x.db"], ["does not exist"]),
     (["study", "run", "{path}", "--tracking-uri", "http://127.0.0.1:1"], ["--tracking-uri"]),
     (["study", "status", "nosuchstudy"], ["nosuchstudy"]),
+    (["study", "run", "{path}", "--seed", "-1"], ["sampler seed", ">= 0", "-1"]),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(env, tmp_path, args, words):
     from typer.testing import CliRunner

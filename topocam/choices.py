@@ -41,6 +41,15 @@ def check_samplers(names, what: str = "sampler") -> tuple[str, ...]:
     return names
 
 
+def check_sampler_seed(seed) -> int:
+    """A sampler seed: an integer >= 0 (as a study file's ``[study] seeds``), or a TopoCAMError."""
+    from .errors import TopoCAMError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TopoCAMError(f"a sampler seed is an integer >= 0 (as in a study file's [study] seeds), got {seed!r}")
+    return seed
+
+
 def check_n_trials(n_trials, what: str = "n_trials") -> int:
     """A trial budget: an integer >= 1, or a TopoCAMError naming ``what``."""
     from .errors import TopoCAMError

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from ..choices import check_n_trials, check_samplers
+from ..choices import check_n_trials, check_sampler_seed, check_samplers
 from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..pipeline import BASELINES, Context, baseline, evaluate, prepare
 from ..stores import DEFAULT_RUNS_DIR, FileLock
@@ -298,6 +298,7 @@ class StudyRunner:
     def run(self, sampler: str, seed: int, n_trials: int | None = None) -> SamplerRun:
         """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
         storage, tracking store or disk stops it with an :class:`InfrastructureError`."""
+        check_sampler_seed(seed)
         try:
             return self._run(sampler, seed, n_trials)
         except TopoCAMError:
