@@ -1,14 +1,16 @@
 """How many images are held at once: the one setting that bounds memory by
 itself, not by the size of the data.
 
-Every stage that used to hold a whole split at full resolution (inference and
-CAM batches, upsampled maps, fused maps, float64 filtrations) now works through
-a split a chunk of images at a time, each chunk at most ``TOPOCAM_CHUNK_VOXELS``
-input voxels (default 4M: 16 volumes at 64^3, 191 at 28^3, 5,349 images at 28^2).
-Every per-image result is the same bit for bit whatever the chunk (the tests
-check it), so the setting trades memory for nothing but per-chunk overhead.
-At 28^3 and in 2D the default keeps the batch sizes these stages always used
-(128 for inference, 64 for CAMs), so nothing changes there at all.
+The feature stage, which used to hold whole splits at full resolution
+(upsampled per-layer maps, fused maps, ROIs, float64 filtrations), now works
+through a split a chunk of images at a time, each chunk at most
+``TOPOCAM_CHUNK_VOXELS`` input voxels (default 4M: 16 volumes at 64^3, 191 at
+28^3, 5,349 images at 28^2). Every feature is the same bit for bit whatever the
+chunk (tests/test_memory.py), so the setting trades memory for per-chunk
+overhead only. The backbone's batches (training, BatchNorm recalibration,
+inference at 128, CAMs at 64) are not derived from it: on a CPU an image's
+outputs can differ in the last bit between batch sizes, and those batches
+decide the backbone and its CAMs.
 """
 
 from __future__ import annotations
