@@ -26,6 +26,14 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
+RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
+# options several commands share (one declaration each)
+STORAGE_OPTION = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)")
+TRACKING_URI_OPTION = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)")
+DATA_DIR_OPTION = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)")
+RUNS_DIR_OPTION = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP)
+QUIET_OPTION = typer.Option(False, "--quiet", help="no progress bars")
+
 def _version(value: bool) -> None:
     if value:
         from topocam import __version__
@@ -168,7 +176,7 @@ def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
 def run(
     dataset: str = typer.Option("breastmnist", help="MedMNIST name, synthetic2d, synthetic3d, or path to an .npz"),
     out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
     size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
     synthetic_n: str = typer.Option(",".join(map(str, DEFAULT_SYNTHETIC_N)), help="synthetic train,val,test counts"),
     data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
@@ -188,11 +196,11 @@ def run(
     n_jobs: int = typer.Option(-1, callback=_n_jobs_option, help="worker threads for Betti curves (-1: all cores, N >= 1: N threads)"),
     seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
     no_tracking: bool = typer.Option(False, "--no-tracking", help="do not log to MLflow"),
     leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quiet: bool = QUIET_OPTION,
 ):
     """Run TopoCAM over one or more seeds and compare it with the CNN and Topo-Original baselines."""
     import warnings
@@ -266,7 +274,6 @@ def run(
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
 app.add_typer(study_app, name="study")
 
-RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
 
 
 def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
@@ -293,11 +300,11 @@ def study_run(
     arm: ArmChoice = typer.Option("topocam", help="topocam, or topo_original: the whole-image baseline on the same budget"),
     n_trials: Optional[int] = typer.Option(None, min=1, help="budget (default: the file's n_trials); finished trials count"),
     seed: Optional[int] = typer.Option(None, help="sampler seed (default: the file's first seed)"),
-    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    storage: Optional[str] = STORAGE_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
+    quiet: bool = QUIET_OPTION,
 ):
     """Run or resume one (sampler, seed) of a study; start it again to add workers."""
     from topocam import TopoCAMError
@@ -346,12 +353,12 @@ def study_compare(
                                            help=f"comma-separated samplers, of {', '.join(SAMPLERS)} (default: the file's)"),
     seeds: Optional[int] = typer.Option(None, min=1, help="number of seeds 0..N-1 (default: the file's seed list)"),
     n_trials: Optional[int] = typer.Option(None, min=1, help="budget per sampler and seed (default: the file's)"),
-    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    storage: Optional[str] = STORAGE_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the table and plot (default: RUNS_DIR/compare/STUDY)"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quiet: bool = QUIET_OPTION,
 ):
     """Every sampler on the same budget and seeds: table, plot, all in MLflow."""
     from topocam import TopoCAMError
@@ -382,8 +389,8 @@ def study_compare(
 @study_app.command("status")
 def study_status_cmd(
     study_name: str = typer.Argument(..., help="the [study] name of a study file"),
-    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    storage: Optional[str] = STORAGE_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
 ):
     """Trials done / running / failed and the best value, per sampler and seed."""
     from topocam import TopoCAMError
@@ -417,13 +424,13 @@ def ablate_cmd(
     base: str = typer.Option("best", help="reference: 'best' (the study's best trial by its validation objective) or 'file' (the study file's base)"),
     only: str = typer.Option("", help="comma-separated ablations or arms to run (e.g. tau,cam=scorecam); the others are listed as not run"),
     skip: str = typer.Option("", help="comma-separated ablations or arms to leave out (listed as not run)"),
-    storage: Optional[str] = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL holding the study (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    storage: Optional[str] = STORAGE_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="log each arm's figures (Betti curves, t-SNE, CAM overlays, ROC, confusion) to its best seed's run"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quiet: bool = QUIET_OPTION,
 ):
     """Every arm of an ablation suite over seeds, beside the reference: a table (Markdown, CSV,
     JSON) with mean ± sd, bootstrap intervals and differences, one MLflow parent run."""
@@ -459,13 +466,13 @@ def ablate_cmd(
 @app.command("explain")
 def explain_cmd(
     run_id: str = typer.Argument(..., help="MLflow run id: a `topocam run` run (a seed's; a parent stands for its first seed) or a study's trial / best / export run"),
-    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)"),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache of the run (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the PNGs (default: RUNS_DIR/explain/RUN_ID)"),
     no_log: bool = typer.Option(False, "--no-log", help="write the PNGs only; do not log them to the run"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    quiet: bool = QUIET_OPTION,
 ):
     """Figures of a logged run (Betti curves, t-SNE, CAM overlays, ROC, confusion, ROI quality), logged back to it."""
     from topocam import TopoCAMError
@@ -531,9 +538,9 @@ def export_cmd(
     trial: Optional[int] = typer.Option(None, help="export this trial number instead of the best (needs one sampler and seed)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding MedMNIST .npz files"),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
+    quiet: bool = QUIET_OPTION,
 ):
     """Export the best trial of a study as a registered MLflow model (alias 'champion')."""
     import os
@@ -573,7 +580,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
     workers: int = typer.Option(1, help="uvicorn worker processes"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ):
     """`mlflow models serve --env-manager local` for a model, working without an activated venv."""
     import os
@@ -621,7 +628,7 @@ def predict_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and overlays/"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    runs_dir: Path = RUNS_DIR_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ):
     """Apply an exported model to image files: predictions.jsonl and a CAM/ROI overlay per file."""
@@ -655,7 +662,7 @@ def app_cmd(
     port: int = typer.Option(8000, help="port on --host"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
     tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
-    runs_dir: Path = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP),
+    runs_dir: Path = RUNS_DIR_OPTION,
 ):
     """A web page over a model: upload an image, see class, probabilities, CAM, ROI and provenance."""
     from topocam import TopoCAMError
