@@ -24,7 +24,7 @@ load, page cache, the context's upsampled-map cache), its stages, a few other
 configurations (the MLP's epoch count drives the spread), the same trial once
 with the giotto-tda backend (``--skip-giotto-trial`` to leave it out; ~2-3
 min), and the size of the on-disk CAM cache (all three variants, read
-memory-mapped). The context comes from ``topocam.pipeline.prepare`` with the
+memory-mapped). The context comes from ``topocam.core.pipeline.prepare`` with the
 ``small`` backbone trained for 1 epoch (cached in ``--cache-dir``, default
 ``~/.cache/topocam``): a backbone's quality does not change a trial's cost.
 First run: ~6 min to train it and minutes per CAM variant on 2 cores, except
@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from topocam.topology import BettiGrid, betti_curves, segment  # noqa: E402
+from topocam.core.topology import BettiGrid, betti_curves, segment  # noqa: E402
 
 ADRENAL = ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
 N_BINS = 50
@@ -228,7 +228,7 @@ def betti_section(args: argparse.Namespace) -> dict:
         ("synthetic", 64, 4 if quick else 12, 2 if quick else 5),
     ]
     t0 = time.perf_counter()
-    from topocam.betti_fast import betti_curves_fast
+    from topocam.core.betti_fast import betti_curves_fast
 
     betti_curves_fast(np.zeros((1, 3, 3, 3)), np.linspace(0, 1, 3))
     betti_curves_fast(np.zeros((1, 3, 3)), np.linspace(0, 1, 3))
@@ -320,7 +320,7 @@ def timed_trials(ctx, cfg, reps: int) -> tuple[list[float], list[float], dict[st
     """Wall and process-CPU seconds of ``reps`` calls of evaluate (after one
     excluded warm-up call), the median of each stage over those calls, and the
     last outcome."""
-    from topocam import pipeline
+    from topocam.core import pipeline
 
     pipeline.evaluate(ctx, cfg, report_test=False)  # warm-up, excluded
     walls, cpus, runs, out = [], [], [], None
@@ -339,9 +339,9 @@ def trial_section(args: argparse.Namespace) -> dict:
         return {"trial_skipped": f"{ADRENAL} absent"}
     import dataclasses
 
-    from topocam import pipeline
-    from topocam.backbone import default_cache_dir
-    from topocam.pipeline import TopoCAMConfig
+    from topocam.core import pipeline
+    from topocam.core.backbone import default_cache_dir
+    from topocam.core.pipeline import TopoCAMConfig
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     base = TopoCAMConfig(

@@ -67,7 +67,7 @@ def make_npz(path: Path, size: int, n: tuple[int, int, int]) -> None:
     """The synthetic 3D generator's volumes, quantised to uint8 like MedMNIST's files."""
     if path.exists():
         return
-    from topocam.data import make_synthetic
+    from topocam.core.data import make_synthetic
 
     arrays = {}
     for split, k, seed in zip(("train", "val", "test"), n, (0, 1, 2)):

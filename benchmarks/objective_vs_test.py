@@ -39,7 +39,7 @@ def main() -> None:
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
-    from topocam.pipeline import CV_FOLDS, evaluate, prepare
+    from topocam.core.pipeline import CV_FOLDS, evaluate, prepare
     from topocam.search.space import apply_params, suggest
     from topocam.search.studyfile import load_study
 
@@ -67,7 +67,7 @@ def main() -> None:
         print(f"| {key} | {rho:.3f} | {p:.2g} | [{v.min():.3f}, {v.max():.3f}] |")
     print(f"test AUC range [{test.min():.3f}, {test.max():.3f}]; {result['seconds']:.0f} s")
     if args.json:
-        from topocam.atomic import write_json_atomic
+        from topocam.core.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
 

@@ -1,4 +1,4 @@
-"""Score-CAM cost: the per-image loop it replaced vs ``topocam.cam.compute_cams``,
+"""Score-CAM cost: the per-image loop it replaced vs ``topocam.core.cam.compute_cams``,
 side by side in one run, on the ``small`` backbone (random weights, randomised
 BatchNorm statistics so the folding is exercised) and random inputs.
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from topocam.backbone import CAM_LAYERS, Backbone, build_backbone
-from topocam.cam import _Activations, _combine, cam_targets, compute_cams, normalise_maps
+from topocam.core.backbone import CAM_LAYERS, Backbone, build_backbone
+from topocam.core.cam import _Activations, _combine, cam_targets, compute_cams, normalise_maps
 
 
 def _old_score_cam_weights(model: Backbone, x: torch.Tensor, acts: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -21,10 +21,10 @@ import sys
 CHILD = r"""
 import hashlib, json, resource, sys, tempfile, time
 import numpy as np
-from topocam import pipeline
-from topocam.cache import CamStore
-from topocam.cam import CamBatch
-from topocam.data import make_synthetic
+from topocam.core import pipeline
+from topocam.core.cache import CamStore
+from topocam.core.cam import CamBatch
+from topocam.core.data import make_synthetic
 size, n_train, n_val, trials = (int(v) for v in sys.argv[1:5])
 data = make_synthetic(3, size=size, n=(n_train, n_val, 2), seed=0, clutter=1)
 native = {"layer2": size // 2, "layer3": size // 4, "layer4": size // 8}

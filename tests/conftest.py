@@ -43,14 +43,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth2d():
-    from topocam.data import make_synthetic
+    from topocam.core.data import make_synthetic
 
     return make_synthetic(2, size=20, n=(80, 30, 30), seed=1)
 
 
 @pytest.fixture(scope="session")
 def base_config(cache_dir):
-    from topocam.pipeline import TopoCAMConfig
+    from topocam.core.pipeline import TopoCAMConfig
 
     return TopoCAMConfig(
         dataset="synthetic2d", size=20, synthetic_n=(80, 30, 30), backbone="small", epochs=10, batch_size=16,
@@ -61,7 +61,7 @@ def base_config(cache_dir):
 @pytest.fixture(scope="session")
 def ctx2d(base_config, synth2d):
     """A context with a small backbone trained on synthetic 2D data."""
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
 
     return prepare(base_config, progress=False, data=synth2d)
 

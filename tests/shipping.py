@@ -96,7 +96,7 @@ class Shipped:
 
 
 def make_shipped(root: Path) -> Shipped:
-    from topocam.data import load_dataset
+    from topocam.core.data import load_dataset
     from topocam.deploy.export import export
     from topocam.search.runner import StudyRunner
     from topocam.search.storage import default_storage

@@ -13,13 +13,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cli import app
-from topocam.errors import TopoCAMError
-from topocam.pipeline import evaluate, predict_images
-from topocam.roi import roi_masks
+from topocam.cli import app
+from topocam.core.errors import TopoCAMError
+from topocam.core.pipeline import evaluate, predict_images
+from topocam.core.roi import roi_masks
 from topocam.search.ablate import load_suite
-from topocam.stats import seed_mean_difference_ci
-from topocam.topology import BettiGrid, betti_curves, features_per_image_grid
+from topocam.core.stats import seed_mean_difference_ci
+from topocam.core.topology import BettiGrid, betti_curves, features_per_image_grid
 
 from .test_study import write_study
 
@@ -205,7 +205,7 @@ def test_ablate_best_uses_the_studys_best_trial(tmp_path, monkeypatch):
     assert ref["mlp"] == [best.params["mlp_h1"], best.params["mlp_h2"]] and ref["cam"] == best.params["cam"]
     assert f"trial {best.number}" in out["reference"]["source"]
     # each arm's figures sit in its best seed's run, and `topocam explain` reads the arm's configuration back
-    from topocam.explain_run import logged_config
+    from topocam.report.explain import logged_config
 
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tinybest-ablate")

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from topocam import backbone as bb
-from topocam.backbone import SELECT_LOSS, TrainSettings, predict_proba, recalibrate_batchnorm, selection_key, train_backbone
-from topocam.data import make_synthetic
-from topocam.metrics import evaluate, predicted_labels
-from topocam.pipeline import backbone_health
+from topocam.core import backbone as bb
+from topocam.core.backbone import (
+    SELECT_LOSS, TrainSettings, predict_proba, recalibrate_batchnorm, selection_key, train_backbone,
+)
+from topocam.core.data import make_synthetic
+from topocam.core.metrics import evaluate, predicted_labels
+from topocam.core.pipeline import backbone_health
 
 QUICKSTART = TrainSettings(arch="small", epochs=2, batch_size=16, lr=1e-3, seed=0)
 
@@ -90,7 +92,7 @@ def test_health_flags_a_single_predicted_class():
 
 
 def test_medmnist_v2_preset_and_milestones(tmp_path):
-    from topocam.backbone import training_recipe
+    from topocam.core.backbone import training_recipe
 
     r = training_recipe("medmnist_v2")
     assert (r["epochs"], r["batch_size"], r["lr"], r["milestones"]) == (100, 128, 1e-3, (50, 75))

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from topocam.errors import TopoCAMError
-from topocam.topology import BettiGrid, betti_curves, segment
+from topocam.core.errors import TopoCAMError
+from topocam.core.topology import BettiGrid, betti_curves, segment
 
 from .reference import gudhi_betti_curves, needs_giotto
 
@@ -239,7 +239,7 @@ def test_giotto_backend_missing_names_the_extra(monkeypatch):
     before any work (checked by the config too, so a run fails at once)."""
     import importlib.util
 
-    from topocam.pipeline import TopoCAMConfig
+    from topocam.core.pipeline import TopoCAMConfig
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gtda" else real(name, *a))

@@ -11,11 +11,11 @@ import re
 import numpy as np
 import pytest
 
-from topocam.backbone import CAM_LAYERS
-from topocam.cache import CamStore, cam_cache_key
-from topocam.errors import CorruptCacheWarning
-from topocam.stores import BadEntry
-from topocam.cam import CamBatch
+from topocam.core.backbone import CAM_LAYERS
+from topocam.core.cache import CamStore, cam_cache_key
+from topocam.core.errors import CorruptCacheWarning
+from topocam.core.locks import BadEntry
+from topocam.core.cam import CamBatch
 
 SHAPES = {"layer2": (6, 6), "layer3": (3, 3), "layer4": (2, 2)}
 
@@ -110,9 +110,9 @@ def test_files_of_different_lengths_are_an_error(saved):
 def test_the_pipeline_recomputes_a_damaged_entry(tmp_path):
     """Context.cams discards a damaged entry with a warning and computes the maps again
     (the same maps: they depend on the model and the data only)."""
-    from topocam import pipeline
-    from topocam.backbone import build_backbone
-    from topocam.data import make_synthetic
+    from topocam.core import pipeline
+    from topocam.core.backbone import build_backbone
+    from topocam.core.data import make_synthetic
 
     data = make_synthetic(2, size=16, n=(6, 4, 4), seed=0, clutter=1)
     model, _ = build_backbone("small", 2, data.n_classes, 16)

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from topocam.errors import CorruptCacheWarning, TopoCAMError
+from topocam.core.errors import CorruptCacheWarning, TopoCAMError
 
 VARIANT = "gradcam"
 SLOW_S = 1.5  # each build is slowed by this much in the racing workers: the other one surely arrives meanwhile
 
 
 def tiny_config(cache: Path):
-    from topocam.pipeline import TopoCAMConfig
+    from topocam.core.pipeline import TopoCAMConfig
 
     return TopoCAMConfig(
         dataset="synthetic2d", size=16, synthetic_n=(40, 16, 16), backbone="small", epochs=2, batch_size=16,
@@ -50,8 +50,8 @@ def _race(cache: str, log: str, barrier, queue) -> None:
     try:
         import time
 
-        import topocam.backbone as backbone
-        import topocam.pipeline as pipeline
+        import topocam.core.backbone as backbone
+        import topocam.core.pipeline as pipeline
 
         def counted(name, fn):
             def run(*args, **kwargs):
@@ -108,7 +108,7 @@ def test_two_processes_on_an_empty_cache_build_each_entry_once(tmp_path):
 @pytest.fixture
 def built(tmp_path):
     """A cache holding one backbone and one CAM variant, and what they held."""
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
 
     cache = tmp_path / "cache"
     ctx = prepare(tiny_config(cache), progress=False)
@@ -122,7 +122,7 @@ def truncate(path: Path, keep: float) -> None:
 
 @pytest.mark.parametrize("keep", [0.0, 0.5])
 def test_a_truncated_checkpoint_is_named_and_retrained(built, keep):
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
 
     cache, first, _ = built
     (ckpt,) = (cache / "backbones").glob("*.pt")
@@ -141,7 +141,7 @@ def test_a_truncated_checkpoint_is_named_and_retrained(built, keep):
 
 
 def test_a_truncated_cam_file_is_named_and_recomputed(built):
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
 
     cache, _, maps = built
     (bad,) = cache.glob(f"cams/*/{VARIANT}/train/layer3.npy")
@@ -168,7 +168,7 @@ def test_a_bad_cam_file_met_outside_the_check_is_a_one_line_error(built):
 
 
 def test_atomic_path_leaves_old_content_and_no_temporary_on_failure(tmp_path):
-    from topocam.atomic import atomic_path, temporaries_of
+    from topocam.core.atomic import atomic_path, temporaries_of
 
     target = tmp_path / "entry"
     target.mkdir()

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topocam.backbone import CAM_LAYERS, Backbone, SmallCNN
-from topocam.cam import _Activations, _combine, _score_cam_weights, _scoring_net, cam_targets, compute_cams, normalise_maps
+from topocam.core.backbone import CAM_LAYERS, Backbone, SmallCNN
+from topocam.core.cam import (
+    _Activations, _combine, _score_cam_weights, _scoring_net, cam_targets, compute_cams, normalise_maps,
+)
 
 
 class TinyNet(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from topocam.cli import app
 
 from .conftest import medmnist_file
 
@@ -66,7 +66,7 @@ def test_run_synthetic_over_seeds_writes_metrics_json_and_mlflow(tmp_path):
 def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
     """A backbone that predicts one class is never used silently: a warning in the run output,
     a flag in metrics.json, a tag in MLflow."""
-    import topocam.pipeline as pipeline
+    import topocam.core.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "cnn_probabilities", lambda model, info, ds, cache_dir: {
         s: np.tile(np.float32([0.9, 0.1]), (len(ds.y[s]), 1)) for s in ds.y

@@ -4,8 +4,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from topocam.data import SPLITS, load_dataset, load_medmnist, load_npz, make_synthetic, validate_arrays
-from topocam.errors import TopoCAMError
+from topocam.core.data import SPLITS, load_dataset, load_medmnist, load_npz, make_synthetic, validate_arrays
+from topocam.core.errors import TopoCAMError
 
 from .conftest import medmnist_file
 
@@ -35,7 +35,7 @@ def test_integer_images_are_read_a_chunk_at_a_time_as_the_whole_conversion(tmp_p
     """Integer images stay as stored (a quarter of float32's memory for uint8) and every
     selection reads back as float32 equal, bit for bit, to converting the whole array;
     the fingerprint hashes those float32 bytes, as it did when the whole split was converted."""
-    from topocam.data import SPLITS, images_in
+    from topocam.core.data import SPLITS, images_in
 
     rng = np.random.default_rng(0)
     shape = (7, 9, 9, 3) if channels == 3 else (7, 9, 9)
@@ -165,7 +165,7 @@ def test_synthetic_premise_holds_whole_image_topology_carries_no_class_signal():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from topocam.topology import BettiGrid, features_from_filtrations, roi_counts, segment
+    from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts, segment
 
     ds = make_synthetic(2, size=24, n=(240, 2, 2), seed=5)
     x, y, lesion = ds.gray("train"), ds.y["train"], ds.lesion_masks["train"]
@@ -179,8 +179,8 @@ def test_synthetic_premise_holds_whole_image_topology_carries_no_class_signal():
 
 
 def test_synthetic_fingerprint_is_the_content_and_data_seed_is_not_the_model_seed():
-    from topocam.data import _hash_arrays
-    from topocam.pipeline import TopoCAMConfig, load_data
+    from topocam.core.data import _hash_arrays
+    from topocam.core.pipeline import TopoCAMConfig, load_data
 
     a = make_synthetic(2, size=16, n=(6, 2, 2), seed=0, clutter=1)
     assert a.fingerprint.endswith(_hash_arrays(a.x, a.y))

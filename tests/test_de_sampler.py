@@ -45,7 +45,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from benchmarks.functions import FUNCTIONS, rosenbrock, sphere
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 from topocam.search.de import (
     ATTR_POPULATION,
     ATTR_SEED,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from topocam.deploy.files import read_image
 from topocam.deploy.inputs import InputSpec, as_batch, luma
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 
 from .shipping import MODEL, REPO, cli
 
@@ -89,9 +89,9 @@ def test_registered_version_alias_run_link_and_contents(shipped, tmp_path):
     assert abs(sum(meta["cam"]["weights"]) - 1) < 1e-12
 
     # the exported Betti grid IS the one fitted on the training split (and not on val or test)
-    from topocam.pipeline import prepare, roi_for
+    from topocam.core.pipeline import prepare, roi_for
     from topocam.search.space import apply_params
-    from topocam.topology import BettiGrid, segment
+    from topocam.core.topology import BettiGrid, segment
 
     ctx = prepare(shipped.spec.base, progress=False)
     cfg = apply_params(shipped.spec.base, res.choice.params)
@@ -128,7 +128,7 @@ def test_fresh_process_load_gives_the_pipelines_probabilities(shipped, tmp_path)
     r = subprocess.run([sys.executable, "-c", FRESH, shipped.uri, str(tmp_path)], env=shipped.env(), capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    from topocam.pipeline import prepare, roi_for
+    from topocam.core.pipeline import prepare, roi_for
     from topocam.search.space import apply_params
 
     ctx = prepare(shipped.spec.base, progress=False)
@@ -369,7 +369,7 @@ def test_predict_cli_bad_model_is_one_line(shipped, tmp_path):
 def test_export_cli_adds_versions_and_moves_the_alias(shipped):
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     runner = CliRunner()
     base = ["export", str(shipped.study_file), "--runs-dir", str(shipped.runs), "--quiet"]
@@ -401,7 +401,7 @@ def test_export_cli_adds_versions_and_moves_the_alias(shipped):
 def test_export_cli_errors_are_one_line(shipped, args, words):
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     r = CliRunner().invoke(app, ["export", str(shipped.study_file), "--runs-dir", str(shipped.runs), "--quiet", *args])
     assert r.exit_code != 0

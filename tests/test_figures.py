@@ -1,4 +1,4 @@
-"""Figures that explain a configuration (topocam.figures) and `topocam explain`.
+"""Figures that explain a configuration (topocam.tracking.figures) and `topocam explain`.
 
 One tiny context (synthetic 2D lesions, 16 px, a 2-epoch small CNN, 6 Betti
 bins) is shared by the module; every figure is checked against the numbers it
@@ -24,9 +24,9 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(cache):
-    from topocam import figures
-    from topocam.data import make_synthetic
-    from topocam.pipeline import TopoCAMConfig, prepare
+    from topocam.report import figures
+    from topocam.core.data import make_synthetic
+    from topocam.core.pipeline import TopoCAMConfig, prepare
 
     ds = make_synthetic(2, size=16, n=N, seed=0)
     cfg = TopoCAMConfig(dataset="synthetic2d", size=16, synthetic_n=N, backbone="small", epochs=2, batch_size=16, seed=0,
@@ -48,7 +48,7 @@ def test_explain_draws_every_figure(tiny):
 
 
 def test_betti_curves_panels_and_bands_are_the_percentiles(tiny):
-    from topocam.pipeline import original_features, topocam_features
+    from topocam.core.pipeline import original_features, topocam_features
 
     ctx, cfg, figs = tiny
     roi = topocam_features(ctx, cfg, report_test=True)
@@ -68,8 +68,8 @@ def test_betti_curves_panels_and_bands_are_the_percentiles(tiny):
 
 
 def test_tsne_shows_the_training_features_by_class(tiny):
-    from topocam.figures import tsne_embedding
-    from topocam.pipeline import topocam_features
+    from topocam.tracking.figures import tsne_embedding
+    from topocam.core.pipeline import topocam_features
 
     ctx, cfg, figs = tiny
     y = ctx.data.y["train"]
@@ -87,8 +87,8 @@ def test_tsne_shows_the_training_features_by_class(tiny):
 def test_roc_auc_in_the_legend_is_sklearns_and_confusion_counts_sum_to_the_test_size(tiny):
     from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-    from topocam.metrics import predicted_labels
-    from topocam.pipeline import evaluate
+    from topocam.core.metrics import predicted_labels
+    from topocam.core.pipeline import evaluate
 
     ctx, cfg, figs = tiny
     y = ctx.data.y["test"]
@@ -124,7 +124,7 @@ def test_cam_overlays_show_images_of_each_class(tiny):
 
 
 def test_roi_quality_matches_the_pipelines_own_measure(tiny):
-    from topocam.pipeline import roi_quality
+    from topocam.core.pipeline import roi_quality
 
     ctx, cfg, figs = tiny
     rows = figs.tables["roi_quality"]
@@ -142,8 +142,8 @@ def test_roi_quality_matches_the_pipelines_own_measure(tiny):
 
 def test_a_trial_never_touches_the_test_split(tiny, monkeypatch):
     """report_test=False (a study trial): every figure from train and validation only."""
-    import topocam.pipeline as pipeline
-    from topocam import figures
+    import topocam.core.pipeline as pipeline
+    from topocam.report import figures
 
     ctx, cfg, _ = tiny
     seen: list[str] = []
@@ -159,7 +159,7 @@ def test_a_trial_never_touches_the_test_split(tiny, monkeypatch):
 
 
 def test_3d_overlay_is_a_montage_of_middle_slices():
-    from topocam.figures import cam_overlay_figure, middle_slices
+    from topocam.tracking.figures import cam_overlay_figure, middle_slices
 
     rng = np.random.default_rng(0)
     vol = rng.random((4, 12, 10, 10)).astype(np.float32)
@@ -172,7 +172,7 @@ def test_3d_overlay_is_a_montage_of_middle_slices():
 
 
 def test_betti_blocks_refuses_a_wrong_layout():
-    from topocam.figures import betti_blocks
+    from topocam.tracking.figures import betti_blocks
 
     assert betti_blocks(np.zeros((3, 2 * 5 + 1)), 5).shape == (3, 2, 5)
     with pytest.raises(ValueError):
@@ -193,7 +193,7 @@ def _client(runs):
 
 
 def test_explain_a_topocam_run_writes_and_logs_the_pngs(tmp_path, cache):
-    from cli import app
+    from topocam.cli import app
 
     runs = tmp_path / "mlruns"
     r = runner.invoke(app, ["run", *FAST, "--out", str(tmp_path / "out"), "--cache-dir", str(cache), "--runs-dir", str(runs)])
@@ -217,7 +217,7 @@ def test_explain_a_topocam_run_writes_and_logs_the_pngs(tmp_path, cache):
 
 
 def test_explain_a_study_trial_uses_validation_and_best_uses_test(tmp_path, cache, monkeypatch):
-    from cli import app
+    from topocam.cli import app
 
     monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(cache))
     study = tmp_path / "tiny.toml"
@@ -254,7 +254,7 @@ def test_explain_a_study_trial_uses_validation_and_best_uses_test(tmp_path, cach
 
 
 def test_explain_an_unknown_run_is_one_line(tmp_path):
-    from cli import app
+    from topocam.cli import app
 
     from topocam.tracking import Tracker
 
@@ -268,8 +268,8 @@ def test_explain_an_unknown_run_is_one_line(tmp_path):
 def test_multiclass_roc_legend_is_the_macro_one_vs_rest_auc():
     from sklearn.metrics import roc_auc_score
 
-    from topocam.figures import confusion_figure, roc_figure
-    from topocam.metrics import evaluate
+    from topocam.tracking.figures import confusion_figure, roc_figure
+    from topocam.core.metrics import evaluate
 
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1, 2], 10)

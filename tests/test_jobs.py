@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from topocam.errors import TopoCAMError
-from topocam.jobs import check_n_jobs, resolve_n_jobs
-from topocam.pipeline import TopoCAMConfig
-from topocam.topology import betti_curves
+from topocam.core.errors import TopoCAMError
+from topocam.core.jobs import check_n_jobs, resolve_n_jobs
+from topocam.core.pipeline import TopoCAMConfig
+from topocam.core.topology import betti_curves
 
 
 def test_resolution():

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from topocam import pipeline
-from topocam.backbone import CAM_LAYERS, build_backbone, predict_proba
-from topocam.cache import CamStore
-from topocam.cam import CamBatch, compute_cams
-from topocam.data import SPLITS, make_synthetic
-from topocam.errors import TopoCAMError
-from topocam.memory import CHUNK_ENV, images_per_chunk
-from topocam.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
-from topocam.topology import BettiGrid, features_from_filtrations, features_per_image_grid, roi_counts, segment
+from topocam.core import pipeline
+from topocam.core.backbone import CAM_LAYERS, build_backbone, predict_proba
+from topocam.core.cache import CamStore
+from topocam.core.cam import CamBatch, compute_cams
+from topocam.core.data import SPLITS, make_synthetic
+from topocam.core.errors import TopoCAMError
+from topocam.core.memory import CHUNK_ENV, images_per_chunk
+from topocam.core.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
+from topocam.core.topology import BettiGrid, features_from_filtrations, features_per_image_grid, roi_counts, segment
 
 from .test_trial_path import random_cam_context, random_maps
 
@@ -130,7 +130,7 @@ def test_cams_record_no_graph_before_the_first_cam_layer_and_keep_their_bits(mon
     stem and layer1 (full resolution) are run without autograd. The maps equal, bit
     for bit, those of the full graph with every weight requiring grad (the old path),
     and the tensors autograd saves shrink to those of layer3 and layer4."""
-    from topocam import cam as cam_mod
+    from topocam.core import cam as cam_mod
 
     torch.manual_seed(ndim)
     model, _ = build_backbone("small", ndim, 2, 16)
@@ -171,8 +171,8 @@ def test_cnn_probabilities_are_cached_with_the_checkpoint(tmp_path, monkeypatch)
     """A second context on a warm cache reads the CNN's probabilities instead of running
     the backbone (a 128-volume batch of 64^3 held over 4 GB); a damaged entry is named
     and recomputed; the values are predict_proba's, bit for bit."""
-    from topocam import backbone as bb
-    from topocam.errors import CorruptCacheWarning
+    from topocam.core import backbone as bb
+    from topocam.core.errors import CorruptCacheWarning
 
     data = make_synthetic(2, size=16, n=(12, 6, 6), seed=0)
     model, info = bb.train_backbone(data, bb.TrainSettings(arch="small", epochs=1, batch_size=4), cache_dir=tmp_path, progress=False)

@@ -1,8 +1,8 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from topocam.classifier import MLPSettings, fit_mlp
-from topocam.metrics import evaluate
+from topocam.core.classifier import MLPSettings, fit_mlp
+from topocam.core.metrics import evaluate
 
 
 def test_binary_metrics_follow_medmnist_definitions():

@@ -134,7 +134,7 @@ def test_study_links_show_the_runs_compared(env, warm, tmp_path):
     (arm, sampler, seed) with its best validation and test AUC."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     cli, runs = CliRunner(), str(env.runs)
     path = write_study(tmp_path, "uilinks")
@@ -162,7 +162,7 @@ def test_run_link_shows_each_run_with_its_baselines(tmp_path):
     Topo-Original's AUC side by side."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
     from topocam.tracking import Tracker
 
     from .test_cli import FAST

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 import pytest
 
-from topocam import pipeline
-from topocam.backbone import TrainSettings, train_backbone
-from topocam.data import SPLITS
-from topocam.pipeline import evaluate, original_features, prepare, roi_quality, topocam_features
+from topocam.core import pipeline
+from topocam.core.backbone import TrainSettings, train_backbone
+from topocam.core.data import SPLITS
+from topocam.core.pipeline import evaluate, original_features, prepare, roi_quality, topocam_features
 
 
 def test_cam_target_is_the_predicted_class_in_every_split(base_config, synth2d, cache_dir):
@@ -135,7 +135,7 @@ def test_roi_finds_the_lesion_far_better_than_chance(ctx2d, base_config, cam, di
 def test_validation_is_used_once_the_mlp_never_sees_it(ctx2d, base_config):
     """DESIGN.md §2.8: the MLP's early stopping uses an inner split of train, so the
     fitted classifier (and any K-fold objective) does not change when validation does."""
-    from topocam.pipeline import cv_score, fit_and_score, topocam_features
+    from topocam.core.pipeline import cv_score, fit_and_score, topocam_features
 
     feats = topocam_features(ctx2d, base_config)
     a = fit_and_score(ctx2d, base_config, feats, report_test=False)
@@ -153,8 +153,8 @@ def test_validation_is_used_once_the_mlp_never_sees_it(ctx2d, base_config):
 
 
 def test_inner_split_is_stratified_seeded_and_disjoint():
-    from topocam.classifier import inner_split
-    from topocam.errors import TopoCAMError
+    from topocam.core.classifier import inner_split
+    from topocam.core.errors import TopoCAMError
 
     y = np.array([0] * 30 + [1] * 10)
     fit, stop = inner_split(y, seed=3)

@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
 
-from topocam.errors import TopoCAMError
-from topocam.backbone import CAM_LAYERS
-from topocam.roi import dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised
-from topocam.topology import BettiGrid, betti_curves, features_from_filtrations, roi_counts, segment
+from topocam.core.errors import TopoCAMError
+from topocam.core.backbone import CAM_LAYERS
+from topocam.core.roi import (
+    dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised,
+)
+from topocam.core.topology import BettiGrid, betti_curves, features_from_filtrations, roi_counts, segment
 
 from .reference import gudhi_betti_curves
 

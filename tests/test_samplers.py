@@ -3,8 +3,8 @@
 import optuna
 import pytest
 
-from topocam.choices import SAMPLERS, check_n_trials, check_samplers
-from topocam.errors import TopoCAMError
+from topocam.core.choices import SAMPLERS, check_n_trials, check_samplers
+from topocam.core.errors import TopoCAMError
 from topocam.search.samplers import PerTrialSeeded, make_sampler, trial_seed
 
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 from topocam.search.storage import open_storage
 from topocam.stores import parse_store_url
 
@@ -32,7 +32,7 @@ S = optuna.trial.TrialState
 def warm_cache(tmp_path_factory) -> Iterator[SimpleNamespace]:
     """One backbone/CAM cache for every worker of a module, built once; the module's ``env``
     fixture (``yield from``), which also points this process at it."""
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
     from topocam.search.studyfile import load_study
 
     cache = tmp_path_factory.mktemp("scale-cache")
@@ -180,7 +180,7 @@ def slow(ctx, cfg, report_test=False, **kw):
         time.sleep(float(os.environ["TRIAL_SLEEP"]))
     return real(ctx, cfg, report_test, **kw)
 runner.evaluate = slow
-from cli import main
+from topocam.cli import main
 main()
 """
 
@@ -369,7 +369,7 @@ def _full_disk(runner, monkeypatch):
 def test_a_failing_store_stops_the_study_and_spares_the_budget(env, tmp_path, monkeypatch, fault, words):
     """The study stops at once with one clear message; the trial it was running does not count
     and is re-queued; once the store is back the same command completes the budget."""
-    from topocam.errors import InfrastructureError
+    from topocam.core.errors import InfrastructureError
     from topocam.search.runner import StudyRunner
     from topocam.search.trials import counts
     from topocam.search.studyfile import load_study
@@ -409,7 +409,7 @@ def test_a_failing_store_stops_the_study_and_spares_the_budget(env, tmp_path, mo
 def test_cli_bad_or_unreachable_storage_is_one_line_within_seconds(tmp_path, storage, words):
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     path = write_study(tmp_path, "clistore")
     t0 = time.perf_counter()

@@ -4,8 +4,8 @@ spaces and the mapping of parameters onto a TopoCAMConfig."""
 import optuna
 import pytest
 
-from topocam.errors import TopoCAMError
-from topocam.pipeline import TopoCAMConfig
+from topocam.core.errors import TopoCAMError
+from topocam.core.pipeline import TopoCAMConfig
 from topocam.search.space import (
     DEFAULT_SPACE, ROI_PARAMS, WEIGHT_PARAMS, Param, apply_params, arm_space, build_space, parse_param, suggest,
 )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from topocam.metrics import evaluate
-from topocam.stats import mean_sd, resampled_metric, seed_mean_ci, stratified_indices, summarise_method
+from topocam.core.metrics import evaluate
+from topocam.core.stats import mean_sd, resampled_metric, seed_mean_ci, stratified_indices, summarise_method
 
 
 def _probs(rng, n, k):

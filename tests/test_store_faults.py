@@ -170,7 +170,7 @@ def half_created(runs: Path, limit: int) -> Path:
 def test_a_half_created_mlflow_database_holding_no_runs_is_set_aside_and_recreated(tmp_path, limit):
     """Without this every later open failed ("duplicate column name: step", "table logged_models
     already exists") even once there was space again."""
-    from topocam.errors import DamagedStoreWarning
+    from topocam.core.errors import DamagedStoreWarning
     from topocam.tracking import Tracker
 
     runs = tmp_path / "mlruns"
@@ -236,7 +236,7 @@ def test_an_mlflow_database_that_may_hold_runs_is_left_alone_with_one_line(tmp_p
     with its runs: one ``error:`` line names it and the fix, within seconds."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     runs = tmp_path / "mlruns"
     runs.mkdir()

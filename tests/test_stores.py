@@ -42,8 +42,8 @@ def test_three_processes_create_fresh_stores_together(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from topocam.atomic import atomic_path
-from topocam.stores import load_or_build
+from topocam.core.atomic import atomic_path
+from topocam.core.locks import load_or_build
 entry, building, hold_s = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 
 def build():
@@ -65,7 +65,7 @@ def test_a_process_waiting_for_another_s_cache_entry_says_so_once(tmp_path, monk
     import time
     from pathlib import Path
 
-    from topocam import stores
+    from topocam.core import locks as stores
 
     repo = Path(__file__).resolve().parents[1]
     entry, building = tmp_path / "backbone.pt", tmp_path / "building"

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import pytest
 
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 from topocam.search import runner as runner_mod
 from topocam.search.compare import compare
 from topocam.search.runner import StudyRunner
@@ -152,7 +152,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warm(env, tmp_path_factory):
     """The backbone trained and both CAM variants cached, before any worker process needs them."""
-    from topocam.pipeline import prepare
+    from topocam.core.pipeline import prepare
 
     path = write_study(tmp_path_factory.mktemp("warm"), "warm")
     ctx = prepare(load_study(path).base, progress=False)
@@ -572,7 +572,7 @@ def test_a_better_trial_supersedes_the_best_run(env, warm, tmp_path, monkeypatch
 
 
 def test_test_metrics_only_after_the_search(env, warm, tmp_path, monkeypatch):
-    from topocam.pipeline import Context
+    from topocam.core.pipeline import Context
 
     storage = sqlite(tmp_path)
     events: list[tuple] = []
@@ -662,7 +662,7 @@ def test_compare_replicates_each_best_configuration_over_model_seeds(env, warm, 
     model seed (its own backbone, CAMs and MLP seed); the row reports mean ± sd over all."""
     from dataclasses import replace
 
-    from topocam.pipeline import evaluate, prepare
+    from topocam.core.pipeline import evaluate, prepare
     from topocam.search.space import apply_params
 
     path = write_study(tmp_path, "rep", study={"replicate_seeds": [0, 3]})
@@ -749,8 +749,8 @@ def test_sampler_statistics_mean_rank_and_paired_test():
 def test_topo_original_is_tuned_on_the_same_budget_and_sampler(env, warm, tmp_path):
     """DESIGN.md §2.9: the whole-image baseline gets the same sampler, budget, seeds and MLP
     search as TopoCAM (its space has no weights, tau or CAM), and sits beside it in the table."""
-    from topocam.pipeline import evaluate as pipeline_evaluate
-    from topocam.pipeline import fit_and_score, original_features
+    from topocam.core.pipeline import evaluate as pipeline_evaluate
+    from topocam.core.pipeline import fit_and_score, original_features
     from topocam.search.space import apply_params
 
     storage = sqlite(tmp_path)
@@ -877,7 +877,7 @@ def test_two_worker_processes_finish_exactly_the_budget(env, warm, tmp_path):
 def test_cli_study_commands(env, warm, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     cli = CliRunner()
     runs = str(env.runs)
@@ -911,7 +911,7 @@ def test_cli_study_commands(env, warm, tmp_path):
 def test_cli_bad_input_is_one_line_and_nonzero(env, tmp_path, args, words):
     from typer.testing import CliRunner
 
-    from cli import app
+    from topocam.cli import app
 
     path = write_study(tmp_path, "clibad")
     open_storage(sqlite(env.runs))  # the shared runs folder has a storage (for `status nosuchstudy`)

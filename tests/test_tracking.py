@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 from topocam.tracking import (
     EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, UI_URL, VIEW_TAG_PREFIX, Tracker, default_tracking_uri, metric_key, tags_filter,
 )

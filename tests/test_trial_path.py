@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topocam import pipeline
-from topocam.backbone import CAM_LAYERS
-from topocam.cache import CamStore
-from topocam.cam import CamBatch
-from topocam.classifier import MLPSettings, _mlp, fit_mlp, one_thread
-from topocam.data import SPLITS, make_synthetic
-from topocam.errors import TopoCAMError
-from topocam.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
-from topocam.topology import BettiGrid, features_from_filtrations, roi_counts, segment
+from topocam.core import pipeline
+from topocam.core.backbone import CAM_LAYERS
+from topocam.core.cache import CamStore
+from topocam.core.cam import CamBatch
+from topocam.core.classifier import MLPSettings, _mlp, fit_mlp, one_thread
+from topocam.core.data import SPLITS, make_synthetic
+from topocam.core.errors import TopoCAMError
+from topocam.core.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
+from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts, segment
 
 # ------------------------------------------------------------------ references
 

@@ -1,6 +1,6 @@
 """TopoCAM: topological signatures of CAM-selected regions of interest."""
 
-from .errors import TopoCAMError
+from .core.errors import TopoCAMError
 
 __all__ = ["TopoCAMError"]
 try:  # one source of truth: the version in pyproject.toml, as installed

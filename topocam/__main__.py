@@ -1,6 +1,6 @@
 """``python -m topocam``: the same CLI as the ``topocam`` command."""
 
-from cli import main
+from topocam.cli import main
 
 if __name__ == "__main__":
     main()

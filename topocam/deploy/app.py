@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import TopoCAMError
+from ..core.errors import TopoCAMError
 from .files import ALL_SUFFIXES, suffix_of
 from .predict import predict_one
 

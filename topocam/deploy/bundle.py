@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbone import CAM_LAYERS, Backbone, build_backbone
-from ..classifier import TopoMLP
-from ..errors import TopoCAMError
-from ..pipeline import ImagePredictions, TopoCAMConfig, predict_images
-from ..roi import fusion_weights
-from ..topology import BettiGrid
+from ..core.backbone import CAM_LAYERS, Backbone, build_backbone
+from ..core.classifier import TopoMLP
+from ..core.errors import TopoCAMError
+from ..core.pipeline import ImagePredictions, TopoCAMConfig, predict_images
+from ..core.roi import fusion_weights
+from ..core.topology import BettiGrid
 from .inputs import InputSpec
 
 FORMAT = 1

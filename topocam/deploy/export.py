@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import math
 import re
@@ -37,8 +36,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import __version__
-from ..errors import TopoCAMError
-from ..pipeline import evaluate, prepare
+from ..core.errors import TopoCAMError
+from ..core.pipeline import evaluate, prepare
+from ..search.choose import Choice, choose_trial
+from ..stores import redact_url
 from .bundle import Bundle
 from .inputs import InputSpec
 
@@ -46,21 +47,6 @@ ALIAS = "champion"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 SELF_CHECK_ATOL = 1e-6
-
-
-@dataclass
-class Choice:
-    """The trial to export and where it came from."""
-
-    optuna_study: str
-    sampler: str
-    seed: int
-    trial: int
-    value: float
-    params: dict[str, Any]
-    how: str  # "best of ..." or "named"
-    definition_sha: str | None = None
-
 
 @dataclass
 class ExportResult:
@@ -77,7 +63,6 @@ class ExportResult:
     provenance: dict[str, Any]
     reference: dict[str, np.ndarray] = field(default_factory=dict)  # split -> pipeline probabilities at export
 
-
 def check_model_name(name: str) -> str:
     if not MODEL_NAME.fullmatch(name or ""):
         raise TopoCAMError(
@@ -85,84 +70,7 @@ def check_model_name(name: str) -> str:
         )
     return name
 
-
-def redact_url(url: str) -> str:
-    """A storage / tracking URL without its password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
-# --------------------------------------------------------------------- choose
-
-
-def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
-                 trial: int | None = None, arm: str = "topocam") -> Choice:
-    """The trial to export (see the module doc). Reads the storage only. ``arm``:
-    "topo_original" chooses among the equal-budget Topo-Original searches instead."""
-    import optuna
-
-    from ..search.fingerprint import ATTR_DEFINITION, definition
-    from ..search.storage import open_storage
-    from ..search.trials import is_scored, scored_trials
-    from ..search.space import arm_space
-
-    if arm != "topocam":
-        spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, method=arm), space=arm_space(spec.space, arm))
-
-    storage = open_storage(storage_url)
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    mine = sorted(
-        (s for s in summaries if s.user_attrs.get("topocam_study") == spec.name
-         and s.user_attrs.get("arm", "topocam") == arm  # TopoCAM's searches, or the Topo-Original baseline's
-         and (sampler is None or s.user_attrs.get("sampler") == sampler)
-         and (seed is None or s.user_attrs.get("seed") == seed)),
-        key=lambda s: (str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed", -1))),
-    )
-    which = " and ".join(x for x in (f"sampler {sampler}" if sampler else "", f"seed {seed}" if seed is not None else "") if x)
-    if not mine:
-        raise TopoCAMError(
-            f"no trials of study {spec.name!r}{' for ' + which if which else ''} in {redact_url(storage_url)}; "
-            f"run `topocam study run {spec.path}` first, or check --storage / --sampler / --seed"
-        )
-    want = definition(spec)
-    for s in mine:
-        if s.user_attrs.get(ATTR_DEFINITION) != want:
-            raise TopoCAMError(
-                f"{spec.path} differs from the definition study {s.study_name!r} was run with "
-                "(objective, fixed settings or search space); export with the study file its trials were run with"
-            )
-    if trial is not None and len(mine) > 1:
-        raise TopoCAMError(
-            f"--trial {trial} is ambiguous: trial numbers are per (sampler, seed) and {len(mine)} of them are stored "
-            f"({', '.join(s.study_name for s in mine)}); add --sampler and --seed"
-        )
-    fixed = {k: p.value for k, p in spec.space.items() if p.kind == "fixed"}
-    best: tuple | None = None
-    for s in mine:
-        study = optuna.load_study(study_name=s.study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        if trial is not None:
-            found = [t for t in trials if t.number == trial]
-            if not found:
-                raise TopoCAMError(f"study {s.study_name!r} has no trial {trial} (it has {len(trials)} trials, numbered from 0)")
-            t = found[0]
-            if not is_scored(t):
-                raise TopoCAMError(f"trial {trial} of {s.study_name!r} is {t.state.name}, without an objective value; pick a completed trial")
-            best = (t.value, s, t)
-            break
-        for t in scored_trials(trials):
-            if best is None or t.value > best[0]:  # trials come in number order: ties keep the earlier
-                best = (t.value, s, t)
-    if best is None:
-        raise TopoCAMError(f"no completed trial with a finite objective in {', '.join(s.study_name for s in mine)}")
-    value, s, t = best
-    how = (f"trial {t.number} named by the user" if trial is not None else
-           f"best {spec.objective} over {', '.join(x.study_name for x in mine)} (validation only; test never used)")
-    return Choice(s.study_name, str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed")), t.number, float(value),
-                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"))
-
-
 # ---------------------------------------------------------------------- refit
-
 
 def example_input(spec: InputSpec) -> np.ndarray:
     """A synthetic uint8 image (a soft bright disc), never a patient's: the model's input example."""
@@ -170,7 +78,6 @@ def example_input(spec: InputSpec) -> np.ndarray:
     r = np.sqrt(sum(g**2 for g in grids))
     img = (20 + 200 * np.clip(1.2 - 1.5 * r, 0.0, 1.0)).astype(np.uint8)[None]
     return np.repeat(img[..., None], 3, axis=-1) if spec.channels == 3 else img
-
 
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
@@ -183,7 +90,6 @@ def _git_commit() -> str | None:
     if sha.returncode != 0:
         return None
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
 
 def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print):
     """Rebuild the chosen configuration on the study's context and fit it on train.
@@ -221,7 +127,6 @@ def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None
     reference = {s: out.model.predict_proba(out.features.x[s]) for s in ("val", "test")}
     return bundle, out, reference, ctx
 
-
 def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
     """The written bundle, read back, must give the pipeline's validation probabilities."""
     again = Bundle.load(folder)
@@ -234,9 +139,7 @@ def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
         )
     return diff
 
-
 # ------------------------------------------------------------------------ log
-
 
 @contextlib.contextmanager
 def _on_store(uri: str):
@@ -254,7 +157,6 @@ def _on_store(uri: str):
     with _use_tracking_uri(uri):
         yield
 
-
 def signature(bundle: Bundle):
     """Input: one tensor of any shape and dtype, validated by the model itself
     (MLflow's tensor specs fix one dtype and one rank, and its JSON parser
@@ -270,7 +172,6 @@ def signature(bundle: Bundle):
                         ColSpec(DataType.double, "roi_fraction")]),
     )
 
-
 def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -281,7 +182,6 @@ def _requirements() -> list[str]:
         except PackageNotFoundError:
             pass
     return out + [f"topocam=={__version__}"]  # this project: serve with --env-manager local from its environment
-
 
 def target_run(tracker, spec, choice: Choice) -> str:
     """The study's ``kind=best`` run of this (sampler, seed) if it is this trial's;
@@ -297,7 +197,6 @@ def target_run(tracker, spec, choice: Choice) -> str:
                                parent=parent, params=choice.params)
     tracker.finish(run_id)
     return run_id
-
 
 def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, choice: Choice,
                      run_id: str) -> tuple[int, str | None]:
@@ -336,10 +235,8 @@ def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, cho
     tracker.set_tags(run_id, {"exported_model": f"{name}/{version}"})
     return version, getattr(info, "model_id", None)
 
-
 def _num(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
 
 def export(spec, name: str, storage_url: str, tracker, sampler: str | None = None, seed: int | None = None,
            trial: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TopoCAMError
+from ..core.errors import TopoCAMError
 from .inputs import InputSpec, luma
 
 SUFFIXES_2D = (".png", ".jpg", ".jpeg", ".npy")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import TopoCAMError
+from ..core.errors import TopoCAMError
 
 _LUMA_FLOAT = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 

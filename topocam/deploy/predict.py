@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_bytes_atomic, write_text_atomic
-from ..errors import TopoCAMError
+from ..core.atomic import write_bytes_atomic, write_text_atomic
+from ..core.errors import TopoCAMError
 from .files import ALL_SUFFIXES, read_image, suffix_of, supported
 from .overlay import render_png
 

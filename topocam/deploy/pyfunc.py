@@ -21,8 +21,8 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from ..errors import TopoCAMError
-from ..pipeline import ImagePredictions
+from ..core.errors import TopoCAMError
+from ..core.pipeline import ImagePredictions
 from .bundle import Bundle
 from .inputs import as_batch
 

@@ -20,7 +20,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..errors import TopoCAMError
+from ..core.errors import TopoCAMError
 from ..tracking import default_tracking_uri
 
 

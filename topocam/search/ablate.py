@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..atomic import write_json_atomic, write_text_atomic
-from ..backbone import pretrained_weights_file, resolve_backbone
-from ..errors import DegenerateBackboneWarning, TopoCAMError
-from ..pipeline import Context, TopoCAMConfig, baseline, evaluate, prepare
-from ..stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
+from ..core.atomic import write_json_atomic, write_text_atomic
+from ..core.backbone import pretrained_weights_file, resolve_backbone
+from ..core.errors import DegenerateBackboneWarning, TopoCAMError
+from ..core.pipeline import Context, TopoCAMConfig, baseline, evaluate, prepare
+from ..core.stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
 from .space import apply_params
 
 # what an arm may change; "method" also takes "cnn" (the backbone's own prediction)
@@ -375,7 +375,7 @@ def reference_configs(spec, storage_url: str, base: str) -> tuple[TopoCAMConfig,
         return spec.base, f"the base configuration of {spec.path}", {}
     if base != "best":
         raise TopoCAMError(f"--base must be 'best' or 'file', got {base!r}")
-    from ..deploy.export import choose_trial
+    from .choose import choose_trial
 
     choice = choose_trial(spec, storage_url)
     ref = apply_params(spec.base, choice.params)
@@ -462,7 +462,7 @@ def log_arm_figures(ab: Ablation, results: list[ArmResult], children: dict[tuple
     the figures would show another model than the arm's."""
     from tqdm.auto import tqdm
 
-    from .. import figures
+    from ..tracking import figures
 
     todo = [r for r in results if r.seeds and r.config is not None and r.arm.settings.get("method") != "cnn"
             and r.config.head == "betti" and not r.arm.leakage]

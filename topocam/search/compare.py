@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_text_atomic
-from ..choices import check_n_trials, check_samplers
-from ..errors import TopoCAMError
-from ..pipeline import baseline
-from ..stats import format_mean_sd, mean_sd
+from ..core.atomic import write_text_atomic
+from ..core.choices import check_n_trials, check_samplers
+from ..core.errors import TopoCAMError
+from ..core.pipeline import baseline
+from ..core.stats import format_mean_sd, mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
 

@@ -131,7 +131,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from topocam.errors import TopoCAMError
+from topocam.core.errors import TopoCAMError
 
 __all__ = [
     "ATTR_POPULATION",

@@ -15,8 +15,8 @@ from typing import Any
 
 import optuna
 
-from ..errors import TopoCAMError
-from ..pipeline import ABLATION_ONLY, TopoCAMConfig
+from ..core.errors import TopoCAMError
+from ..core.pipeline import ABLATION_ONLY, TopoCAMConfig
 from .studyfile import StudySpec
 
 ATTR_DEFINITION = "topocam_definition"

@@ -33,8 +33,8 @@ from typing import Any
 
 import optuna
 
-from ..pipeline import Context, TopoCAMConfig, TrialOutcome
-from ..stores import FileLock
+from ..core.pipeline import Context, TopoCAMConfig, TrialOutcome
+from ..core.locks import FileLock
 from ..tracking import Tracker, flat_metrics
 from .storage import DatabaseLock
 from .studyfile import StudySpec

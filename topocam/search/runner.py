@@ -51,10 +51,11 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from ..choices import check_n_trials, check_sampler_seed, check_samplers
-from ..errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
-from ..pipeline import BASELINES, Context, baseline, evaluate, prepare
-from ..stores import DEFAULT_RUNS_DIR, FileLock
+from ..core.choices import check_n_trials, check_sampler_seed, check_samplers
+from ..core.errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
+from ..core.pipeline import BASELINES, Context, baseline, evaluate, prepare
+from ..core.locks import FileLock
+from ..stores import DEFAULT_RUNS_DIR
 from ..tracking import Tracker
 from .fingerprint import check_definition
 from .mlflow_runs import StudyRuns

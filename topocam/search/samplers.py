@@ -36,8 +36,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ..choices import check_samplers
-from ..errors import TopoCAMError
+from ..core.choices import check_samplers
+from ..core.errors import TopoCAMError
 
 OPTIONS_SECTION: dict[str, str] = {"de": "de", "de_immediate": "de"}  # sampler -> its [sampler.X] table
 

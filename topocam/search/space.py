@@ -15,10 +15,10 @@ from typing import Any
 
 import optuna
 
-from ..cam import CAM_VARIANTS
-from ..errors import TopoCAMError
-from ..pipeline import TopoCAMConfig
-from ..topology import OUTSIDE_MODES
+from ..core.cam import CAM_VARIANTS
+from ..core.errors import TopoCAMError
+from ..core.pipeline import TopoCAMConfig
+from ..core.topology import OUTSIDE_MODES
 
 WEIGHT_PARAMS = ("w_layer2", "w_layer3", "w_layer4")
 ROI_PARAMS = (*WEIGHT_PARAMS, "tau", "cam")  # what only TopoCAM has: Topo-Original's space is the rest

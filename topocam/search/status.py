@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
-from ..choices import SAMPLERS
-from ..errors import TopoCAMError
+from ..core.choices import SAMPLERS
+from ..core.errors import TopoCAMError
 from .storage import open_storage, quiet_experimental
 from .trials import ATTR_ERROR, counts, scored_trials
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import optuna
 
-from ..errors import InfrastructureError, TopoCAMError
-from ..stores import DEFAULT_RUNS_DIR, FileLock, StoreURL, parse_store_url, sqlite_url
+from ..core.errors import InfrastructureError, TopoCAMError
+from ..core.locks import FileLock
+from ..stores import DEFAULT_RUNS_DIR, StoreURL, parse_store_url, sqlite_url
 
 SUPPORTED = "sqlite:///path.db, postgresql://user:pw@host:port/db, mysql://... or journal:/path.log"
 

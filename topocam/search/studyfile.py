@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import TopoCAMError
-from ..pipeline import TopoCAMConfig
-from ..choices import check_n_trials, check_samplers
+from ..core.errors import TopoCAMError
+from ..core.pipeline import TopoCAMConfig
+from ..core.choices import check_n_trials, check_samplers
 from .samplers import make_sampler
 from .space import Param, build_space
 
@@ -77,7 +77,7 @@ class StudySpec:
     @property
     def cv_folds(self) -> int:
         """Folds of the training split the objective is estimated on (0: validation)."""
-        from ..pipeline import CV_FOLDS
+        from ..core.pipeline import CV_FOLDS
 
         return CV_FOLDS if self.objective.startswith("cv_") else 0
 
@@ -140,11 +140,11 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
             f"{where}: [study] replicate_seeds must be a list of non-negative integers (model seeds), got {list(replicate_seeds)}"
         )
 
-    from ..backbone import BACKBONES
+    from ..core.backbone import BACKBONES
 
     if "arch" in bb and bb["arch"] not in BACKBONES:
         raise TopoCAMError(f"{where}: [backbone] arch {bb['arch']!r} unknown; choose from {list(BACKBONES)}")
-    from ..backbone import training_recipe
+    from ..core.backbone import training_recipe
 
     try:
         recipe = training_recipe(bb.get("preset"), **{k: bb.get(k) for k in ("epochs", "batch_size", "lr", "milestones")})

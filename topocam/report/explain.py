@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import DegenerateBackboneWarning, TopoCAMError
-from .pipeline import TopoCAMConfig
+from ..core.errors import DegenerateBackboneWarning, TopoCAMError
+from ..core.pipeline import TopoCAMConfig
 
 RUN_KINDS = ("run", "trial", "best", "export", "ablation_arm")
 REPORTED = {"run": True, "trial": False, "best": True, "export": True, "ablation_arm": True}
@@ -141,8 +141,8 @@ def _param_value(name: str, text: str, spec) -> Any:
 
 
 def _from_study_run(client, run, kind: str, data_dir: str | None, cache_dir: str | None) -> LoggedConfig:
-    from .search.space import apply_params
-    from .search.studyfile import load_study
+    from ..search.space import apply_params
+    from ..search.studyfile import load_study
 
     tags = run.data.tags
     parent_id = tags.get("mlflow.parentRunId")
@@ -152,7 +152,7 @@ def _from_study_run(client, run, kind: str, data_dir: str | None, cache_dir: str
         spec = load_study(_study_file(client, parent_id, Path(tmp)), data_dir=data_dir)
     arm = tags.get("arm", "topocam")
     if arm != "topocam":
-        from .search.space import arm_space
+        from ..search.space import arm_space
 
         spec = replace(spec, base=replace(spec.base, method=arm), space=arm_space(spec.space, arm))
     params = {k: _param_value(k, v, spec) for k, v in run.data.params.items()}
@@ -212,7 +212,7 @@ def explain_run(
     """Re-compute a logged run's configuration, draw its figures, write them to ``out``
     and (``log``) log them to the run under ``figures/``."""
     from . import figures
-    from .pipeline import prepare
+    from ..core.pipeline import prepare
 
     lc = logged_config(client, run_id, data_dir, cache_dir)
     with warnings.catch_warnings():

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import (
-    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, cnn_probabilities, default_cache_dir,
-    device_auto, embed, resolve_backbone, train_backbone,
+    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, cnn_probabilities, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone,
 )
 from .cache import CamStore, cam_cache_key
 from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
@@ -36,10 +35,11 @@ from .memory import chunk_voxels, chunks, images_per_chunk
 from .metrics import evaluate as score
 from .metrics import predicted_labels
 from .roi import (
-    UpsampledCache, check_tau, check_tau_mode, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks,
-    upsample_normalised, upsampled_cache_bytes,
+    UpsampledCache, check_tau, check_tau_mode, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised, upsampled_cache_bytes,
 )
-from .topology import BettiGrid, check_backend, check_outside, features_from_filtrations, features_per_image_grid, roi_counts, segment
+from .topology import (
+    BettiGrid, check_backend, check_outside, features_from_filtrations, features_per_image_grid, roi_counts, segment,
+)
 
 
 METHODS_TUNABLE = ARMS

@@ -37,7 +37,7 @@ from .choices import BACKBONES, PRESETS as PRESET_NAMES
 from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
-from .stores import BadEntry, load_or_build
+from .locks import BadEntry, load_or_build
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)

@@ -29,8 +29,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import DamagedStoreWarning, TopoCAMError
-from .stores import DEFAULT_RUNS_DIR, FileLock, parse_store_url, sqlite_url
+from ..core.errors import DamagedStoreWarning, TopoCAMError
+from ..core.locks import FileLock
+from ..stores import DEFAULT_RUNS_DIR, parse_store_url, sqlite_url
 
 # What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
 # * the experiment tag ``mlflow.experimentKind`` (experiment-tracking/utils/ExperimentKindUtils.ts;

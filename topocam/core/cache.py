@@ -25,7 +25,7 @@ import numpy as np
 from .atomic import atomic_path
 from .backbone import CAM_LAYERS
 from .cam import CamBatch
-from .stores import BadEntry, load_or_build
+from .locks import BadEntry, load_or_build
 
 _CODE_VERSION = "1"  # bump when cam.py changes what a cached map means
 _COMPLETE = "complete"  # written last into the temporary folder: its absence means a foreign or damaged folder

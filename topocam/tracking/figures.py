@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Context, TopoCAMConfig
+    from ..core.pipeline import Context, TopoCAMConfig
 
 BAND = (30.0, 70.0)  # percentiles of the band around the median: 40 % of the images
 HEAT_CMAP = "jet"
@@ -393,7 +393,7 @@ def roi_quality_rows(
     per tau; with the Dice of a random mask of the same size per image (the chance
     level) and the pointing game's chance (the lesion's share of the image). The
     pointing game looks at the map's maximum only, so it does not depend on tau."""
-    from .roi import dice, pointing_game, random_masks_like
+    from ..core.roi import dice, pointing_game, random_masks_like
 
     truth = np.asarray(truth, dtype=bool)
     chance = float(truth.reshape(len(truth), -1).mean())
@@ -511,10 +511,10 @@ def explain(
         figures.log_figures(MlflowClient(uri), run_id, figs)   # -> figures/*.png (+ csv tables)
         figures.save_figures(figs, out_dir)                     # PNGs on disk, optional
     """
-    from .cam import CAM_VARIANTS
-    from .metrics import evaluate as score
-    from .metrics import predicted_labels
-    from .pipeline import fit_and_score, original_features, roi_for, topocam_features
+    from ..core.cam import CAM_VARIANTS
+    from ..core.metrics import evaluate as score
+    from ..core.metrics import predicted_labels
+    from ..core.pipeline import fit_and_score, original_features, roi_for, topocam_features
 
     cfg = cfg.validated()
     data = ctx.data

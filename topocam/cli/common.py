@@ -1,0 +1,128 @@
+"""What every command shares: the consoles, the one-line error, the options several
+commands take (each declared once here), parsing helpers and the output folder."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from topocam.core.choices import SAMPLERS
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
+# piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
+# options several commands share (one declaration each)
+STORAGE_OPTION = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)")
+TRACKING_URI_OPTION = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)")
+DATA_DIR_OPTION = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)")
+RUNS_DIR_OPTION = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP)
+QUIET_OPTION = typer.Option(False, "--quiet", help="no progress bars")
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit. The message is plain Text: Rich markup would
+    swallow a study file's "[section]", "[0, 1]" or a user's path in brackets."""
+    err.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{what} must be comma-separated numbers, got {text!r}")
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, got {text!r}")
+
+def _value(choice):
+    """An Enum option's string (None stays None)."""
+    return None if choice is None else choice.value
+
+def _n_jobs_option(value: int) -> int:
+    from topocam.core.errors import TopoCAMError
+    from topocam.core.jobs import check_n_jobs
+
+    try:
+        return check_n_jobs(value, "--n-jobs")
+    except TopoCAMError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+def _sampler_list_option(value: Optional[str]) -> Optional[str]:
+    """--samplers de,tpe: every name checked at parse time."""
+    if value is None:
+        return None
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [n for n in names if n not in SAMPLERS]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown sampler(s) {bad or value!r}; choose from {', '.join(SAMPLERS)}")
+    return value
+
+def ensure_writable_dir(path: Path) -> None:
+    """Fail before any work if results could not be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
+
+@contextmanager
+def output_dir(path: Path):
+    """``ensure_writable_dir(path)`` for the body; if the body fails, the folders it
+    created (the output folder and any missing parents) are removed again while
+    empty, so a failed command leaves no empty output folder behind."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    ensure_writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (or gone): keep it and everything above
+                break
+        raise
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{v:.3f}"
+
+def print_runs_link(tracker, experiment: str, **view) -> None:
+    """Say where the runs are: the experiment and store, then the link to the runs table with the
+    runs to compare and their metric columns (``Tracker.runs_table_url``'s keywords), and for a local
+    store the command that serves it first."""
+    name = tracker.client.get_experiment(experiment).name
+    console.print(f"MLflow: experiment {name!r} in {tracker.uri}", markup=False, highlight=False, soft_wrap=True)
+    serve = tracker.ui_command()
+    if serve:
+        console.print(f"  serve it: {serve}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  runs table: {tracker.runs_table_url(experiment, **view)}", markup=False, highlight=False, soft_wrap=True)
+
+METHOD_NAMES = {"topocam": "TopoCAM", "cnn": "CNN", "topo_original": "Topo-Original"}
+
+def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
+    import optuna
+
+    from topocam.search.runner import StudyRunner
+    from topocam.search.storage import default_storage
+    from topocam.search.studyfile import load_study
+
+    # one line per trial from Optuna's logger would bury the trial bar (trials, best, ETA);
+    # every trial's parameters and metrics are in MLflow and `topocam study status`
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_study(study_file, data_dir=str(data_dir) if data_dir else None)
+    if storage is None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        storage = default_storage(runs_dir)
+    return spec, StudyRunner.open(spec, storage, tracking_uri, runs_dir, progress=not quiet)

@@ -1,0 +1,160 @@
+"""``topocam run``: TopoCAM and its baselines over seeds, one configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from topocam.core.atomic import write_json_atomic
+from topocam.core.choices import BackboneChoice, BettiBackendChoice, CamChoice, OutsideChoice, PresetChoice
+from topocam.core.data import DEFAULT_SYNTHETIC_N
+from topocam.core.stats import format_mean_sd
+
+from .common import (
+    DATA_DIR_OPTION,
+    METHOD_NAMES,
+    QUIET_OPTION,
+    TRACKING_URI_OPTION,
+    _floats,
+    _fmt,
+    _ints,
+    _n_jobs_option,
+    _value,
+    app,
+    console,
+    err,
+    fail,
+    output_dir,
+    print_runs_link,
+)
+
+
+def metrics_table(result: dict) -> Table:
+    seeds = result["seeds"]
+    t = Table(title=f"{result['dataset']['name']}: mean ± sd over seeds {seeds}", title_justify="left",
+              caption="CI: stratified bootstrap 95 % interval of the seed-mean test AUC", caption_justify="left")
+    t.add_column("method", no_wrap=True)
+    cols = [("val", "auc"), ("val", "acc"), ("test", "auc"), ("test", "acc")]
+    for split, m in cols:
+        t.add_column(f"{split} {m.upper()}", justify="right", no_wrap=True)
+    t.add_column("test AUC CI", justify="right", no_wrap=True)
+    for key, name in METHOD_NAMES.items():
+        summ = result["summary"][key]
+        lo, hi = summ["test"]["auc"]["ci95"]
+        t.add_row(name, *[format_mean_sd(summ[split][m]) for split, m in cols], f"[{_fmt(lo)}, {_fmt(hi)}]")
+    return t
+
+def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
+    from topocam.tracking import Tracker, log_topocam_run
+
+    tracker = Tracker(tracking_uri, runs_dir)
+    experiment = tracker.experiment(log_topocam_run(tracker, result))
+    # one row per `topocam run`: its means over seeds (each seed's run is a child run, on the run's page)
+    print_runs_link(
+        tracker, experiment, name="topocam run: TopoCAM vs baselines", filter="tags.kind = 'run' and tags.seeds != ''",
+        metrics=[f"{m}_{s}_auc_mean" for s in ("test", "val") for m in ("topocam", "cnn", "topo_original")],
+        params=["cam", "tau", "weights"], tags=["seeds", "leakage_audit", "degenerate_backbone"], order_by="topocam_val_auc_mean",
+    )
+
+@app.command()
+def run(
+    dataset: str = typer.Option("breastmnist", help="MedMNIST name, synthetic2d, synthetic3d, or path to an .npz"),
+    out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
+    synthetic_n: str = typer.Option(",".join(map(str, DEFAULT_SYNTHETIC_N)), help="synthetic train,val,test counts"),
+    data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
+    clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
+    backbone: BackboneChoice = typer.Option("auto", help="auto: resnet18 in 2D, r3d18 in 3D; small: a tiny CNN for tests and demos"),
+    epochs: Optional[int] = typer.Option(None, help="backbone fine-tuning epochs [default: 10, or the preset's]"),
+    batch_size: Optional[int] = typer.Option(None, help="backbone batch size [default: 32, or the preset's]"),
+    lr: Optional[float] = typer.Option(None, help="backbone learning rate (Adam) [default: 0.001, or the preset's]"),
+    preset: Optional[PresetChoice] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
+    cam: CamChoice = typer.Option("gradcam", help="CAM variant: Grad-CAM, Grad-CAM++ or Score-CAM"),
+    weights: str = typer.Option("0.2,0.3,0.5", help="fusion weights of layer2,layer3,layer4 (normalised to sum 1)"),
+    tau: float = typer.Option(0.6, help="ROI threshold on the fused map, in [0, 1]"),
+    outside: OutsideChoice = typer.Option("zero", help="zero: outside voxels are 0 (paper); exclude: they never enter the filtration"),
+    bins: int = typer.Option(50, help="number of Betti-curve thresholds"),
+    betti_backend: BettiBackendChoice = typer.Option("fast", help="fast (exact, default) or giotto (giotto-tda, the optional extra '.[giotto]')"),
+    mlp: str = typer.Option("128,64", help="MLP hidden sizes"),
+    n_jobs: int = typer.Option(-1, callback=_n_jobs_option, help="worker threads for Betti curves (-1: all cores, N >= 1: N threads)"),
+    seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
+    cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
+    no_tracking: bool = typer.Option(False, "--no-tracking", help="do not log to MLflow"),
+    leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
+    quiet: bool = QUIET_OPTION,
+):
+    """Run TopoCAM over one or more seeds and compare it with the CNN and Topo-Original baselines."""
+    import warnings
+
+    from topocam import TopoCAMError
+    from topocam.core.errors import DegenerateBackboneWarning
+    from topocam.core.pipeline import TopoCAMConfig
+    from topocam.core.pipeline import run as run_pipeline
+
+    n = _ints(synthetic_n, "--synthetic-n")
+    if len(n) != 3:
+        fail(f"--synthetic-n needs three counts train,val,test, got {synthetic_n!r}")
+    seed_list = list(dict.fromkeys(_ints(seeds, "--seeds")))
+    if not seed_list or min(seed_list) < 0:
+        fail(f"--seeds needs one or more integers >= 0, e.g. 0,1,2,3,4; got {seeds!r}")
+    try:
+        from topocam.core.backbone import training_recipe
+
+        recipe = training_recipe(_value(preset), epochs=epochs, batch_size=batch_size, lr=lr)
+        cfg = TopoCAMConfig(
+            dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
+            data_seed=data_seed, clutter=clutter,
+            backbone=backbone.value, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+            lr_milestones=tuple(recipe["milestones"]), seed=seed_list[0], cam=cam.value,
+            weights=_floats(weights, "--weights"), tau=tau, outside=outside.value, bins=bins, betti_backend=betti_backend.value,
+            mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
+            cam_target="label" if leakage_audit else "predicted",
+        ).validated()
+        with output_dir(out):
+            if not no_tracking:  # open the store now: a bad URI fails before any training
+                from topocam.tracking import Tracker
+
+                Tracker(tracking_uri, runs_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
+                result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+            if leakage_audit:
+                result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
+            write_json_atomic(out / "metrics.json", result)
+    except TopoCAMError as exc:
+        fail(str(exc))
+    except MemoryError:
+        fail(f"out of memory for {dataset} at --size {size} (synthetic counts {synthetic_n}); "
+             "lower --size or --synthetic-n, or free memory")
+    console.print(metrics_table(result))
+    for r in result["runs"]:
+        tm, bb = r["timings_s"], r["backbone"]
+        console.print(
+            f"seed {r['seed']}: backbone {bb['arch']} ({bb['init']}{', cached' if bb['cached'] else ''}), "
+            f"best epoch {bb['best_epoch']} by {bb['selected_by']}; predicted classes {bb['predicted_counts']}; "
+            "stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in tm.items()),
+            markup=False, highlight=False,
+        )
+        if bb["degenerate"]:
+            err.print(f"warning: seed {r['seed']}: {bb['message']}", markup=False, highlight=False, style="bold yellow", soft_wrap=True)
+    q = result["summary"].get("roi_quality")
+    if q:
+        console.print(
+            f"ROI vs true lesion (test): Dice {format_mean_sd(q['dice'])} (random mask of same size {format_mean_sd(q['dice_random_same_size'])}), "
+            f"pointing game {format_mean_sd(q['pointing_game'])} (chance {format_mean_sd(q['pointing_game_random'])})", markup=False, highlight=False,
+        )
+    if leakage_audit:
+        console.print("[bold yellow]leakage audit: CAMs targeted the true label; not a valid result[/]")
+    console.print(f"wrote {out / 'metrics.json'}", markup=False, highlight=False)
+    if not no_tracking:
+        try:
+            _log_run(result, tracking_uri, runs_dir)
+        except TopoCAMError as exc:
+            fail(f"results are in {out / 'metrics.json'}, but MLflow logging failed: {exc}")
+

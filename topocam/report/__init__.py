@@ -1,0 +1,1 @@
+"""What a person looks at: figures of a fitted configuration and ``topocam explain``."""
