@@ -56,7 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from topocam.core.topology import BettiGrid, betti_curves, segment  # noqa: E402
+from topocam.core.roi import segment  # noqa: E402
+
+from topocam.core.topology import BettiGrid, betti_curves  # noqa: E402
 
 ADRENAL = ROOT.parent / "shared" / "data" / "medmnist" / "adrenalmnist3d.npz"
 N_BINS = 50

@@ -40,7 +40,7 @@ size = 16
 synthetic_n = [40, 16, 16]
 
 [backbone]
-arch = "small"
+backbone = "small"
 epochs = 2
 batch_size = 16
 seed = 0

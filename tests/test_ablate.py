@@ -50,7 +50,7 @@ def test_shipped_paper_suite_has_the_papers_arms():
     ('[[ablation]]\nname = "a"\narms = [{ arm = "x", cam_target = "label" }]\n', "only an ablation with leakage_audit"),
     ('[[ablation]]\nname = "a"\nleakage_audit = true\narms = [{ arm = "x", tau = 0.5 }]\n', "takes no shortcut"),
     ('[[ablation]]\nname = "a"\narms = [{ arm = "x", colour = 1 }]\n', "arm 'x': unknown setting 'colour'"),
-    ('[[ablation]]\nname = "a"\narms = [{ arm = "x", tau = 2.0 }]\n', "arm 'x': tau must lie in [0, 1]"),
+    ('[[ablation]]\nname = "a"\narms = [{ arm = "x", tau = 2.0 }]\n', "arm 'x': tau must be in [0, 1]"),
     ('[[ablation]]\nname = "a"\narms = [{ arm = "x", tau = 0.5 }, { arm = "x", tau = 0.6 }]\n', "declared twice"),
     ('[[ablation]]\nname = "a"\narms = [{ arm = "x", report = "test2" }]\n', "report must be one of"),
 ])

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from topocam.core.errors import TopoCAMError
-from topocam.core.topology import BettiGrid, betti_curves, segment
+from topocam.core.roi import segment
+from topocam.core.topology import BettiGrid, betti_curves
 
 from .reference import gudhi_betti_curves, needs_giotto
 

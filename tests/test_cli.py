@@ -93,7 +93,7 @@ def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
         (["--dataset", "synthetic2d", "--weights", "0.5,-1,0.2"], "non-negative"),
         (["--dataset", "synthetic2d", "--weights", "0,0,0"], "all zero"),
         (["--dataset", "synthetic2d", "--weights", "a,b,c"], "comma-separated numbers"),
-        (["--dataset", "synthetic2d", "--tau", "1.5"], "tau must lie in"),
+        (["--dataset", "synthetic2d", "--tau", "1.5"], "tau must be in [0, 1]"),
         (["--dataset", "synthetic2d", "--outside", "inside"], "'inside' is not one of 'zero', 'exclude'"),
         (["--dataset", "synthetic2d", "--backbone", "r3d18"], "r3d18 is 3D"),
         (["--dataset", "missing/file.npz"], "does not exist"),
@@ -138,7 +138,7 @@ def test_console_script_entry_point(tmp_path):
         pytest.skip("topocam console script not installed in this environment")
     r = subprocess.run([str(exe), "run", "--dataset", "synthetic2d", "--tau", "7", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "tau must lie in [0, 1]" in r.stderr
+    assert r.returncode == 2 and "tau must be in [0, 1], got 7.0" in r.stderr
 
 
 def test_breastmnist_real_data_smoke(tmp_path):

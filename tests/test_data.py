@@ -165,7 +165,9 @@ def test_synthetic_premise_holds_whole_image_topology_carries_no_class_signal():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts, segment
+    from topocam.core.roi import segment
+
+    from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts
 
     ds = make_synthetic(2, size=24, n=(240, 2, 2), seed=5)
     x, y, lesion = ds.gray("train"), ds.y["train"], ds.lesion_masks["train"]

@@ -91,7 +91,8 @@ def test_registered_version_alias_run_link_and_contents(shipped, tmp_path):
     # the exported Betti grid IS the one fitted on the training split (and not on val or test)
     from topocam.core.pipeline import prepare, roi_for
     from topocam.search.space import apply_params
-    from topocam.core.topology import BettiGrid, segment
+    from topocam.core.roi import segment
+    from topocam.core.topology import BettiGrid
 
     ctx = prepare(shipped.spec.base, progress=False)
     cfg = apply_params(shipped.spec.base, res.choice.params)

@@ -24,7 +24,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(cache):
-    from topocam.report import figures
+    from topocam.tracking import figures
     from topocam.core.data import make_synthetic
     from topocam.core.pipeline import TopoCAMConfig, prepare
 
@@ -143,7 +143,7 @@ def test_roi_quality_matches_the_pipelines_own_measure(tiny):
 def test_a_trial_never_touches_the_test_split(tiny, monkeypatch):
     """report_test=False (a study trial): every figure from train and validation only."""
     import topocam.core.pipeline as pipeline
-    from topocam.report import figures
+    from topocam.tracking import figures
 
     ctx, cfg, _ = tiny
     seen: list[str] = []
@@ -224,7 +224,7 @@ def test_explain_a_study_trial_uses_validation_and_best_uses_test(tmp_path, cach
     study.write_text(
         '[study]\nname = "figtiny"\nn_trials = 2\nsamplers = ["random"]\nseeds = [0]\n'
         '[data]\ndataset = "synthetic2d"\nsize = 16\nsynthetic_n = [40, 16, 16]\n'
-        '[backbone]\narch = "small"\nepochs = 2\nbatch_size = 16\nseed = 0\n'
+        '[backbone]\nbackbone = "small"\nepochs = 2\nbatch_size = 16\nseed = 0\n'
         '[fixed]\nbins = 8\nn_jobs = 1\n[space.cam]\nfixed = "gradcam"\n'
     )
     runs = tmp_path / "runs"

@@ -20,7 +20,8 @@ from topocam.core.data import SPLITS, make_synthetic
 from topocam.core.errors import TopoCAMError
 from topocam.core.memory import CHUNK_ENV, images_per_chunk
 from topocam.core.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
-from topocam.core.topology import BettiGrid, features_from_filtrations, features_per_image_grid, roi_counts, segment
+from topocam.core.roi import segment
+from topocam.core.topology import BettiGrid, features_from_filtrations, features_per_image_grid, roi_counts
 
 from .test_trial_path import random_cam_context, random_maps
 

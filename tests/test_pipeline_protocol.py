@@ -10,6 +10,7 @@ from topocam.core import pipeline
 from topocam.core.backbone import TrainSettings, train_backbone
 from topocam.core.data import SPLITS
 from topocam.core.pipeline import evaluate, original_features, prepare, roi_quality, topocam_features
+from topocam.core.roi import segment
 
 
 def test_cam_target_is_the_predicted_class_in_every_split(base_config, synth2d, cache_dir):
@@ -39,7 +40,7 @@ def test_betti_grid_fitted_on_train_only(ctx2d, base_config, monkeypatch):
     feats = topocam_features(ctx2d, base_config, report_test=True)
     assert len(seen) == 1
     train_masks = pipeline.roi_for(ctx2d, base_config, "train")[1]
-    assert np.array_equal(seen[0], pipeline.segment(ctx2d.gray("train"), train_masks, base_config.outside))
+    assert np.array_equal(seen[0], segment(ctx2d.gray("train"), train_masks, base_config.outside))
     # changing val/test intensities leaves the grid alone; changing train moves it
     saved = dict(ctx2d._gray)
     try:

@@ -6,7 +6,8 @@ from topocam.core.backbone import CAM_LAYERS
 from topocam.core.roi import (
     dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised,
 )
-from topocam.core.topology import BettiGrid, betti_curves, features_from_filtrations, roi_counts, segment
+from topocam.core.roi import segment
+from topocam.core.topology import BettiGrid, betti_curves, features_from_filtrations, roi_counts
 
 from .reference import gudhi_betti_curves
 

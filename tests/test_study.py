@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ S = optuna.trial.TrialState
 BASE: dict = {
     "study": {"name": "tiny", "n_trials": 4, "samplers": ["random", "tpe", "de"], "seeds": [0, 1]},
     "data": {"dataset": "synthetic2d", "size": 16, "synthetic_n": [40, 16, 16]},
-    "backbone": {"arch": "small", "epochs": 2, "batch_size": 16, "seed": 0},
+    "backbone": {"backbone": "small", "epochs": 2, "batch_size": 16, "seed": 0},
     "fixed": {"bins": 8, "n_jobs": 1},
     "space": {
         "cam": {"choices": ["gradcam", "gradcampp"]},
@@ -200,11 +201,11 @@ def test_shipped_study_files_mean_what_they_say():
         assert list(spec.seeds) == st.get("seeds", list(spec.seeds)) and spec.objective == st.get("objective", "val_auc")
         data, bb = doc.get("data", {}), doc.get("backbone", {})
         assert spec.base.dataset == data.get("dataset", spec.base.dataset)
-        assert spec.base.size == data.get("size", 28) and spec.base.data_seed == data.get("seed", 0)
+        assert spec.base.size == data.get("size", 28) and spec.base.data_seed == data.get("data_seed", 0)
         assert list(spec.base.synthetic_n) == data.get("synthetic_n", [120, 40, 40])
-        for key, field in (("arch", "backbone"), ("epochs", "epochs"), ("batch_size", "batch_size"), ("seed", "seed")):
-            if key in bb:
-                assert getattr(spec.base, field) == bb[key], (f, key)
+        for key, value in bb.items():  # a study file's keys are the settings' names
+            if key != "preset":
+                assert getattr(spec.base, key) == (tuple(value) if isinstance(value, list) else value), (f, key)
         for key, value in doc.get("fixed", {}).items():
             assert getattr(spec.base, key) == value, (f, key)
         for name, table in doc.get("space", {}).items():
@@ -265,7 +266,10 @@ BAD_FILES = [
     ({"sampler": {"tpe": {"n_startup_trials": 2}}}, ["sampler.tpe"]),
     ({"study": {"name": "my study"}}, ["name"]),
     ({"study": {"objective": "test_auc"}}, ["objective", "test_auc"]),
-    ({"backbone": {"arch": "vgg"}}, ["arch", "vgg"]),
+    ({"backbone": {"backbone": "vgg"}}, ["[backbone] backbone", "vgg", "small"]),
+    ({"backbone": {"arch": "small", "backbone": "small"}}, ["both arch", "keep backbone"]),
+    ({"fixed": {"tau_mode": "percent"}}, ["[fixed] tau_mode", "absolute, relative", "percent"]),
+    ({"fixed": {"weights": [1.0, 2.0]}}, ["[fixed] weights", "3 values"]),
     ({"fixed": {"outside": "inside"}}, ["outside"]),
     ({"data": {"synthetic_n": [40, 16]}}, ["synthetic_n"]),
     ({"study": {"n_trials": 0}}, ["[study] n_trials", "must be an integer >= 1, got 0"]),
@@ -291,6 +295,42 @@ def test_bad_study_file_names_key_and_file(tmp_path, changes, words):
     assert str(path) in msg, msg
     for w in words:
         assert w in msg, f"{w!r} not in {msg!r}"
+
+
+def test_old_study_file_keys_are_read_as_the_settings_they_became(tmp_path):
+    """Files written before the keys took the settings' names ([data] seed, [backbone] arch and
+    milestones) load as the same configuration, with one deprecation notice per old key; an
+    old key's bad value is reported under the name the file uses."""
+    from topocam.core.errors import DeprecatedKeyWarning
+
+    def write(name, data, backbone):
+        doc = study_doc(name)
+        doc["data"] = {**doc["data"], **data}
+        doc["backbone"] = {k: v for k, v in doc["backbone"].items() if k != "backbone"} | backbone
+        path = tmp_path / f"{name}.toml"
+        path.write_text(toml_text(doc))
+        return path
+
+    new = write("new", {"data_seed": 3}, {"backbone": "small", "lr_milestones": [1]})
+    old = write("old", {"seed": 3}, {"arch": "small", "milestones": [1]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec_new = load_study(new)
+    assert not [w for w in caught if issubclass(w.category, DeprecatedKeyWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec_old = load_study(old)
+    notices = sorted(str(w.message) for w in caught if issubclass(w.category, DeprecatedKeyWarning))
+    assert len(notices) == 3 and all(str(old) in n for n in notices)
+    assert any("[backbone] arch is now called backbone" in n for n in notices)
+    assert any("[data] seed is now called data_seed" in n for n in notices)
+    assert spec_old.base == spec_new.base and spec_old.base.data_seed == 3 and spec_old.base.lr_milestones == (1,)
+    from topocam.search.fingerprint import definition
+
+    assert definition(spec_old) == definition(spec_new)  # a stored study resumes under either spelling
+    bad = write("bad", {}, {"arch": "vgg"})
+    with pytest.raises(TopoCAMError, match=r"\[backbone\] arch must be one of auto, resnet18, r3d18, small; got 'vgg'"):
+        load_study(bad)
 
 
 def test_unreadable_study_files(tmp_path):

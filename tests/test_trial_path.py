@@ -31,7 +31,8 @@ from topocam.core.classifier import MLPSettings, _mlp, fit_mlp, one_thread
 from topocam.core.data import SPLITS, make_synthetic
 from topocam.core.errors import TopoCAMError
 from topocam.core.roi import UpsampledCache, fuse_upsampled, fusion_weights, roi_masks, upsample_normalised
-from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts, segment
+from topocam.core.roi import segment
+from topocam.core.topology import BettiGrid, features_from_filtrations, roi_counts
 
 # ------------------------------------------------------------------ references
 

@@ -34,10 +34,11 @@ def _stop(signum: int, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops a worker as Ctrl-C does
 
 def _show_warning(python_show, message, category, filename, lineno, file=None, line=None) -> None:
-    """A store or cache entry found damaged and set aside is said in one line, not Python's two."""
-    from topocam.core.errors import CorruptCacheWarning, DamagedStoreWarning
+    """A store or cache entry found damaged and set aside, or an old study-file key, is said in
+    one line, not Python's two."""
+    from topocam.core.errors import CorruptCacheWarning, DamagedStoreWarning, DeprecatedKeyWarning
 
-    if issubclass(category, (CorruptCacheWarning, DamagedStoreWarning)):
+    if issubclass(category, (CorruptCacheWarning, DamagedStoreWarning, DeprecatedKeyWarning)):
         err.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), highlight=False, soft_wrap=True)
     else:
         python_show(message, category, filename, lineno, file, line)

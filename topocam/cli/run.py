@@ -9,16 +9,15 @@ import typer
 from rich.table import Table
 
 from topocam.core.atomic import write_json_atomic
-from topocam.core.choices import BackboneChoice, BettiBackendChoice, CamChoice, OutsideChoice, PresetChoice
-from topocam.core.data import DEFAULT_SYNTHETIC_N
+from topocam.core.choices import PresetChoice
+from topocam.core.settings import run_options
 from topocam.core.stats import format_mean_sd
 
+from .options import parse, with_setting_options
 from .common import (
-    DATA_DIR_OPTION,
     METHOD_NAMES,
     QUIET_OPTION,
     TRACKING_URI_OPTION,
-    _floats,
     _fmt,
     _ints,
     _n_jobs_option,
@@ -59,63 +58,48 @@ def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
         params=["cam", "tau", "weights"], tags=["seeds", "leakage_audit", "degenerate_backbone"], order_by="topocam_val_auc_mean",
     )
 
+def config_from_options(settings: dict, preset: str | None, seed: int, leakage_audit: bool):
+    """The configuration ``topocam run``'s options stand for: each setting as given, else its
+    default; the backbone's recipe from ``--preset`` where a recipe setting is not given."""
+    from topocam.core.backbone import training_recipe
+    from topocam.core.settings import SETTINGS, TopoCAMConfig, recipe_settings
+
+    try:
+        given = {k: parse(SETTINGS[k], v) for k, v in settings.items()}
+    except ValueError as exc:
+        fail(str(exc))
+    recipe = training_recipe(preset, **{key: given.pop(s.name) for key, s in recipe_settings().items()})
+    given.update({s.name: SETTINGS[s.name].check(recipe[key]) for key, s in recipe_settings().items()})
+    return TopoCAMConfig(**{k: v for k, v in given.items() if v is not None}, seed=seed,
+                         cam_target="label" if leakage_audit else "predicted").validated()
+
+
 @app.command()
+@with_setting_options(run_options(), callbacks={"n_jobs": _n_jobs_option})
 def run(
-    dataset: str = typer.Option("breastmnist", help="MedMNIST name, synthetic2d, synthetic3d, or path to an .npz"),
     out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
-    data_dir: Optional[Path] = DATA_DIR_OPTION,
-    size: int = typer.Option(28, help="image size (MedMNIST: 28/64/128/224; synthetic: any >= 12)"),
-    synthetic_n: str = typer.Option(",".join(map(str, DEFAULT_SYNTHETIC_N)), help="synthetic train,val,test counts"),
-    data_seed: int = typer.Option(0, help="synthetic sets: the seed of the images (fixed while --seeds vary)"),
-    clutter: int = typer.Option(2, help="synthetic sets: distractor objects per image (difficulty)"),
-    backbone: BackboneChoice = typer.Option("auto", help="auto: resnet18 in 2D, r3d18 in 3D; small: a tiny CNN for tests and demos"),
-    epochs: Optional[int] = typer.Option(None, help="backbone fine-tuning epochs [default: 10, or the preset's]"),
-    batch_size: Optional[int] = typer.Option(None, help="backbone batch size [default: 32, or the preset's]"),
-    lr: Optional[float] = typer.Option(None, help="backbone learning rate (Adam) [default: 0.001, or the preset's]"),
     preset: Optional[PresetChoice] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
-    cam: CamChoice = typer.Option("gradcam", help="CAM variant: Grad-CAM, Grad-CAM++ or Score-CAM"),
-    weights: str = typer.Option("0.2,0.3,0.5", help="fusion weights of layer2,layer3,layer4 (normalised to sum 1)"),
-    tau: float = typer.Option(0.6, help="ROI threshold on the fused map, in [0, 1]"),
-    outside: OutsideChoice = typer.Option("zero", help="zero: outside voxels are 0 (paper); exclude: they never enter the filtration"),
-    bins: int = typer.Option(50, help="number of Betti-curve thresholds"),
-    betti_backend: BettiBackendChoice = typer.Option("fast", help="fast (exact, default) or giotto (giotto-tda, the optional extra '.[giotto]')"),
-    mlp: str = typer.Option("128,64", help="MLP hidden sizes"),
-    n_jobs: int = typer.Option(-1, callback=_n_jobs_option, help="worker threads for Betti curves (-1: all cores, N >= 1: N threads)"),
     seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
-    cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
     no_tracking: bool = typer.Option(False, "--no-tracking", help="do not log to MLflow"),
     leakage_audit: bool = typer.Option(False, "--leakage-audit", help="ablation ONLY: CAMs target the true label (leaks labels)"),
     quiet: bool = QUIET_OPTION,
+    settings: dict = None,
 ):
     """Run TopoCAM over one or more seeds and compare it with the CNN and Topo-Original baselines."""
     import warnings
 
     from topocam import TopoCAMError
     from topocam.core.errors import DegenerateBackboneWarning
-    from topocam.core.pipeline import TopoCAMConfig
     from topocam.core.pipeline import run as run_pipeline
 
-    n = _ints(synthetic_n, "--synthetic-n")
-    if len(n) != 3:
-        fail(f"--synthetic-n needs three counts train,val,test, got {synthetic_n!r}")
     seed_list = list(dict.fromkeys(_ints(seeds, "--seeds")))
     if not seed_list or min(seed_list) < 0:
         fail(f"--seeds needs one or more integers >= 0, e.g. 0,1,2,3,4; got {seeds!r}")
+    dataset, size = settings["dataset"], settings["size"]
     try:
-        from topocam.core.backbone import training_recipe
-
-        recipe = training_recipe(_value(preset), epochs=epochs, batch_size=batch_size, lr=lr)
-        cfg = TopoCAMConfig(
-            dataset=dataset, data_dir=str(data_dir) if data_dir else None, size=size, synthetic_n=n,
-            data_seed=data_seed, clutter=clutter,
-            backbone=backbone.value, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-            lr_milestones=tuple(recipe["milestones"]), seed=seed_list[0], cam=cam.value,
-            weights=_floats(weights, "--weights"), tau=tau, outside=outside.value, bins=bins, betti_backend=betti_backend.value,
-            mlp=_ints(mlp, "--mlp"), n_jobs=n_jobs, cache_dir=str(cache_dir) if cache_dir else None,
-            cam_target="label" if leakage_audit else "predicted",
-        ).validated()
+        cfg = config_from_options(settings, _value(preset), seed_list[0], leakage_audit)
         with output_dir(out):
             if not no_tracking:  # open the store now: a bad URI fails before any training
                 from topocam.tracking import Tracker
@@ -130,7 +114,7 @@ def run(
     except TopoCAMError as exc:
         fail(str(exc))
     except MemoryError:
-        fail(f"out of memory for {dataset} at --size {size} (synthetic counts {synthetic_n}); "
+        fail(f"out of memory for {dataset} at --size {size} (synthetic counts {settings['synthetic_n']}); "
              "lower --size or --synthetic-n, or free memory")
     console.print(metrics_table(result))
     for r in result["runs"]:

@@ -158,3 +158,27 @@ def _fit_mlp(
     if best_state is not None:
         net.load_state_dict(best_state)
     return TopoMLP(mean, scale, net, best_epoch, history)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """g_psi as a stage: the MLP's settings, its seed and its early-stopping rule.
+    ``stop="inner"`` (the protocol) stops on an inner split carved from train;
+    ``stop="val"`` is the leakage audit's shortcut (validation stops the MLP it
+    then scores) and needs the validation split."""
+
+    settings: MLPSettings
+    seed: int = 0
+    stop: str = "inner"
+
+    @classmethod
+    def of(cls, cfg) -> "Classifier":
+        return cls(cfg.mlp_settings(), cfg.seed, cfg.mlp_stop)
+
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, n_classes: int,
+            x_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> TopoMLP:
+        if self.stop == "val":
+            if x_val is None or y_val is None:
+                raise TopoCAMError("mlp_stop = 'val' (the leakage audit's shortcut) needs the validation split")
+            return fit_mlp(x_train, y_train, x_val, y_val, n_classes, self.settings, self.seed)
+        return fit_on_train(x_train, y_train, n_classes, self.settings, self.seed)

@@ -27,3 +27,7 @@ class DamagedStoreWarning(UserWarning):
 class InfrastructureError(TopoCAMError):
     """The Optuna storage, the MLflow tracking store or the disk failed: not the fault of the
     configuration being tried. A study stops on it (the trial does not count toward the budget)."""
+
+
+class DeprecatedKeyWarning(UserWarning):
+    """A study file uses a key's old name: still read, said in one line."""

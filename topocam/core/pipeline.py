@@ -20,128 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import (
-    CAM_LAYERS, DEFAULT_RECIPE, BackboneInfo, TrainSettings, check_cache_dir, check_init, cnn_probabilities, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone,
-)
+from .backbone import BackboneInfo, cnn_probabilities, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
-from .cam import TARGET_RULES, CamBatch, check_variant, compute_cams
-from .choices import ARMS
-from .classifier import MLPSettings, TopoMLP, fit_mlp, fit_on_train
-from .data import DEFAULT_SYNTHETIC_N, SPLITS, Dataset, check_dataset, load_dataset
-from .stats import summarise_method
+from .cam import CamBatch, check_variant, compute_cams
+from .classifier import Classifier, TopoMLP
+from .data import SPLITS, Dataset, load_dataset
 from .errors import DegenerateBackboneWarning, TopoCAMError
-from .jobs import check_n_jobs, resolve_n_jobs
-from .memory import chunk_voxels, chunks, images_per_chunk
+from .jobs import resolve_n_jobs
+from .memory import chunks, images_per_chunk
 from .metrics import evaluate as score
 from .metrics import predicted_labels
-from .roi import (
-    UpsampledCache, check_tau, check_tau_mode, dice, fuse_upsampled, fusion_weights, pointing_game, random_masks_like, roi_masks, upsample_normalised, upsampled_cache_bytes,
-)
-from .topology import (
-    BettiGrid, check_backend, check_outside, features_from_filtrations, features_per_image_grid, roi_counts, segment,
-)
-
-
-METHODS_TUNABLE = ARMS
-BETTI_GRIDS: tuple[str, ...] = ("train", "per_image")  # per_image: the leakage audit's shortcut
-HEADS: tuple[str, ...] = ("betti", "hybrid")
-MLP_STOPS: tuple[str, ...] = ("inner", "val")  # val: the leakage audit's shortcut
-# Options only ablation arms set (a study file cannot): see topocam.search.ablate
-ABLATION_ONLY: tuple[str, ...] = ("tau_mode", "betti_grid", "head", "mlp_stop", "init")
-
-
-@dataclass(frozen=True)
-class TopoCAMConfig:
-    # data
-    dataset: str = "breastmnist"
-    data_dir: str | None = None
-    size: int = 28
-    synthetic_n: tuple[int, int, int] = DEFAULT_SYNTHETIC_N
-    data_seed: int = 0  # synthetic sets only: the images stay fixed while model seeds vary
-    clutter: int = 2  # synthetic sets only: distractors per image (the difficulty knob)
-    # backbone (f_theta)
-    backbone: str = "auto"
-    epochs: int = DEFAULT_RECIPE["epochs"]
-    batch_size: int = DEFAULT_RECIPE["batch_size"]
-    lr: float = DEFAULT_RECIPE["lr"]
-    lr_milestones: tuple[int, ...] = ()  # backbone lr / 10 after these epochs (the medmnist_v2 preset: 50, 75)
-    seed: int = 0
-    init: str = "auto"  # backbone start: "auto" (pretrained weights if on disk), "pretrained" (required), "scratch"
-    # method: "topocam" (ROI from the CAMs) or "topo_original" (the same phi and g on the whole image)
-    method: str = "topocam"
-    # CAMs and ROI (A_{w,tau})
-    cam: str = "gradcam"
-    weights: tuple[float, float, float] = (0.2, 0.3, 0.5)
-    tau: float = 0.6
-    tau_mode: str = "absolute"  # "relative": M / max(M) >= tau per image (an ablation arm beyond the paper)
-    cam_target: str = "predicted"  # "label" only as the named leakage-audit ablation
-    # topology (phi)
-    outside: str = "zero"
-    bins: int = 50
-    betti_backend: str = "fast"
-    betti_grid: str = "train"  # "per_image" only as the named leakage-audit ablation
-    # classifier (g_psi)
-    head: str = "betti"  # "hybrid": Betti features and the backbone's pooled embedding
-    mlp_stop: str = "inner"  # "val" (early stopping on validation) only as the named leakage-audit ablation
-    mlp: tuple[int, ...] = (128, 64)
-    mlp_lr: float = 1e-3
-    mlp_weight_decay: float = 0.0
-    # execution
-    n_jobs: int = -1
-    cache_dir: str | None = None
-
-    def validated(self) -> "TopoCAMConfig":
-        """Check every option early (before any training) with a clear message."""
-        check_variant(self.cam)
-        check_tau(self.tau)
-        fusion_weights(self.weights)
-        check_outside(self.outside)
-        check_backend(self.betti_backend)
-        if self.method not in METHODS_TUNABLE:
-            raise TopoCAMError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS_TUNABLE)}")
-        if self.cam_target not in TARGET_RULES:
-            raise TopoCAMError(f"unknown CAM target rule {self.cam_target!r}; choose one of {', '.join(TARGET_RULES)}")
-        check_tau_mode(self.tau_mode)
-        check_init(self.init)
-        for name, value, allowed in (("betti_grid", self.betti_grid, BETTI_GRIDS), ("head", self.head, HEADS),
-                                     ("mlp_stop", self.mlp_stop, MLP_STOPS)):
-            if value not in allowed:
-                raise TopoCAMError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if self.bins < 2:
-            raise TopoCAMError(f"bins must be >= 2, got {self.bins}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
-            raise TopoCAMError("epochs must be >= 1, batch size >= 2 and lr > 0")
-        if self.data_seed < 0 or self.seed < 0:
-            raise TopoCAMError(f"seeds must be >= 0, got data seed {self.data_seed} and model seed {self.seed}")
-        if self.clutter < 1:
-            raise TopoCAMError(f"clutter (distractors per synthetic image) must be >= 1, got {self.clutter}")
-        check_n_jobs(self.n_jobs)
-        check_dataset(self.dataset, self.size)
-        check_cache_dir(self.cache_dir)
-        upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
-        chunk_voxels()  # TOPOCAM_CHUNK_VOXELS: likewise
-        MLPSettings(hidden=tuple(self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
-        return self
-
-    @property
-    def leaks(self) -> tuple[str, ...]:
-        """The reference implementation's shortcuts this configuration takes (DESIGN.md §2);
-        non-empty only for the leakage audit's arms, whose numbers are invalid by design."""
-        return tuple(name for name, leaky in (
-            ("cam_target=label", self.cam_target == "label"),
-            ("betti_grid=per_image", self.betti_grid == "per_image"),
-            ("mlp_stop=val", self.mlp_stop == "val"),
-        ) if leaky)
-
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init)
-
-    def mlp_settings(self) -> MLPSettings:
-        return MLPSettings(hidden=tuple(int(h) for h in self.mlp), lr=self.mlp_lr, weight_decay=self.mlp_weight_decay)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from .roi import RoiSelector, UpsampledCache, WholeImage, dice, pointing_game, random_masks_like, upsample_normalised
+from .settings import TopoCAMConfig
+from .stats import summarise_method
+from .topology import BettiFeatures, BettiGrid, roi_counts
 
 
 @dataclass
@@ -288,50 +180,56 @@ def upsampled(ctx: Context, cam: str, split: str, layer: str, lo: int = 0, hi: i
 
 
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fused map M = sum_l w_l H_l and ROI mask of images lo..hi of a split."""
-    w = fusion_weights(cfg.weights)
-    layers = [None if wl == 0 else upsampled(ctx, cfg.cam, split, layer, lo, hi) for layer, wl in zip(CAM_LAYERS, w)]
-    fused = fuse_upsampled(layers, w)
-    return fused, roi_masks(fused, cfg.tau, cfg.tau_mode)
+    """Fused map M = sum_l w_l H_l and ROI mask of images lo..hi of a split: the
+    configuration's :class:`~topocam.core.roi.RoiSelector` on the context's cached maps."""
+    return RoiSelector.of(cfg).transform(lambda layer: upsampled(ctx, cfg.cam, split, layer, lo, hi))
+
+
+Selector = RoiSelector | WholeImage
+
+
+def masks_of(ctx: Context, selector: Selector, cam: str, split: str, lo: int, hi: int) -> np.ndarray:
+    """ROI masks of images lo..hi of a split: the selector on the context's cached CAMs."""
+    if isinstance(selector, WholeImage):
+        return selector.transform(hi - lo, tuple(ctx.data.shape))[1]
+    return selector.transform(lambda layer: upsampled(ctx, cam, split, layer, lo, hi))[1]
 
 
 RoiFn = Callable[[str, int, int], np.ndarray]  # (split, lo, hi) -> ROI masks of images lo..hi
 
 
 def features_from_masks(
-    ctx: Context, cfg: TopoCAMConfig, roi: RoiFn, splits: tuple[str, ...] = SPLITS,
+    ctx: Context, selector: Selector, betti: BettiFeatures, roi: RoiFn, splits: tuple[str, ...] = SPLITS,
     progress: bool = False, label: str = "TopoCAM",
 ) -> Features:
-    """phi for the given splits; the Betti grid is fitted on the training split only.
+    """phi for the given splits: ``betti`` is fitted on the training split's
+    segmented images (its grid), then every split is transformed on that grid.
 
-    A split is worked through a chunk of images at a time (``topocam.memory``):
+    A split is worked through a chunk of images at a time (``topocam.core.memory``):
     ROI, segmented float64 filtration and Betti curves of one chunk are all that is
     held, besides the training ROIs (packed bits) kept between the two passes over
     train (the grid needs all of train before any curve). Every feature is the same,
     bit for bit, whatever the chunk. ``progress`` shows a bar per split."""
-    if "train" not in splits:
-        raise ValueError("features need the training split: it is what the Betti grid is fitted on")
     from tqdm.auto import tqdm
 
     shape = tuple(ctx.data.shape)
     per = images_per_chunk(shape)
-    n = {s: len(ctx.data.y[s]) for s in splits}
+    n = {s: len(ctx.data.y[s]) for s in dict.fromkeys(("train", *splits))}
     kept: dict[int, np.ndarray] = {}
 
     def train_filtrations():
         for lo, hi in chunks(n["train"], per):
             m = roi("train", lo, hi)
             kept[lo] = np.packbits(m)
-            yield segment(ctx.gray("train", lo, hi), m, cfg.outside)
+            yield selector.segment(ctx.gray("train", lo, hi), m)
 
-    grid = BettiGrid.fit_chunks(train_filtrations(), cfg.bins)
+    betti.fit(train_filtrations())
 
     def masks(s: str, lo: int, hi: int) -> np.ndarray:
-        if s == "train":
+        if s == "train" and lo in kept:
             return np.unpackbits(kept.pop(lo), count=(hi - lo) * int(np.prod(shape))).view(bool).reshape(hi - lo, *shape)
         return roi(s, lo, hi)
 
-    n_jobs = resolve_n_jobs(cfg.n_jobs)
     x, frac, empty = {}, {}, {}
     for s in splits:
         rows, counts = [], []
@@ -339,18 +237,14 @@ def features_from_masks(
             for lo, hi in chunks(n[s], per):
                 m = masks(s, lo, hi)
                 c = roi_counts(m)
-                f = segment(ctx.gray(s, lo, hi), m, cfg.outside)
-                if cfg.betti_grid == "per_image":  # the leakage audit's shortcut: every image binned on its own range
-                    rows.append(features_per_image_grid(f, c, cfg.bins, cfg.betti_backend, n_jobs))
-                else:
-                    rows.append(features_from_filtrations(f, c, grid, backend=cfg.betti_backend, n_jobs=n_jobs))
+                rows.append(betti.transform(selector.segment(ctx.gray(s, lo, hi), m), c))
                 counts.append(c)
                 bar.update(hi - lo)
         c = np.concatenate(counts)
         x[s] = np.concatenate(rows)
         frac[s] = float(c.sum() / (n[s] * int(np.prod(shape))))
         empty[s] = int((c == 0).sum())
-    return Features(x, grid, frac, empty)
+    return Features(x, betti.grid_, frac, empty)
 
 
 def _timed(fn: Callable, spent: list[float]) -> Callable:
@@ -378,7 +272,9 @@ def topocam_features(
     splits = _splits(report_test)
     spent: list[float] = []
     t0 = time.perf_counter()
-    feats = features_from_masks(ctx, cfg, _timed(lambda s, lo, hi: roi_for(ctx, cfg, s, lo, hi)[1], spent), splits, progress, "TopoCAM")
+    selector = RoiSelector.of(cfg)
+    roi = _timed(lambda s, lo, hi: masks_of(ctx, selector, cfg.cam, s, lo, hi), spent)
+    feats = features_from_masks(ctx, selector, _betti(cfg), roi, splits, progress, "TopoCAM")
     if timings is not None:
         timings.update(roi=sum(spent), betti=time.perf_counter() - t0 - sum(spent))
     return feats
@@ -386,10 +282,13 @@ def topocam_features(
 
 def original_features(ctx: Context, cfg: TopoCAMConfig, report_test: bool = False, progress: bool = False) -> Features:
     """Topo-Original: the same phi on the whole image (an all-ones mask)."""
-    shape = tuple(ctx.data.shape)
-    return features_from_masks(
-        ctx, cfg, lambda s, lo, hi: np.ones((hi - lo, *shape), dtype=bool), _splits(report_test), progress, "Topo-Original"
-    )
+    whole = WholeImage(cfg.outside)
+    roi = lambda s, lo, hi: masks_of(ctx, whole, cfg.cam, s, lo, hi)  # noqa: E731
+    return features_from_masks(ctx, whole, _betti(cfg), roi, _splits(report_test), progress, "Topo-Original")
+
+
+def _betti(cfg: TopoCAMConfig) -> BettiFeatures:
+    return BettiFeatures.of(cfg, n_jobs=resolve_n_jobs(cfg.n_jobs))
 
 
 def hybrid_inputs(betti: np.ndarray, embedding: np.ndarray) -> np.ndarray:
@@ -417,10 +316,7 @@ def fit_and_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, report_test
     """Fit g_psi on train (early stopping on an inner split of train); score it on
     val, and on test only if asked."""
     y = ctx.data.y
-    if cfg.mlp_stop == "val":  # the leakage audit's shortcut: validation stops the MLP it then scores
-        mlp = fit_mlp(feats.x["train"], y["train"], feats.x["val"], y["val"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
-    else:
-        mlp = fit_on_train(feats.x["train"], y["train"], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed)
+    mlp = Classifier.of(cfg).fit(feats.x["train"], y["train"], ctx.data.n_classes, feats.x["val"], y["val"])
     probs = {s: mlp.predict_proba(feats.x[s]) for s in (("val", "test") if report_test else ("val",))}
     val = score(y["val"], probs["val"], ctx.data.task)
     test = score(y["test"], probs["test"], ctx.data.task) if report_test else None
@@ -443,7 +339,7 @@ def cv_score(ctx: Context, cfg: TopoCAMConfig, feats: Features, folds: int = CV_
         raise TopoCAMError(f"cv objective: every class needs >= {folds} training images for {folds}-fold cross-validation")
     per_fold = []
     for k, (tr, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=cfg.seed % (2**32)).split(x, y)):
-        mlp = fit_on_train(x[tr], y[tr], ctx.data.n_classes, cfg.mlp_settings(), cfg.seed + k)
+        mlp = Classifier(cfg.mlp_settings(), cfg.seed + k).fit(x[tr], y[tr], ctx.data.n_classes)
         per_fold.append(score(y[te], mlp.predict_proba(x[te]), ctx.data.task))
     return {m: float(np.mean([f[m] for f in per_fold])) for m in per_fold[0]}
 
@@ -519,19 +415,16 @@ def predict_images(
     normalised per layer, fused, thresholded, segmented, Betti curves, MLP), so
     a split's images give that split's probabilities."""
     cfg = cfg.validated()
-    x = np.asarray(x, dtype=np.float32)
-    cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
-    w = fusion_weights(cfg.weights)
-    shape = tuple(x.shape[2:])
-    fused = fuse_upsampled(
-        [None if wl == 0 else upsample_normalised(cams.maps[layer], shape) for layer, wl in zip(CAM_LAYERS, w)], w
-    )
-    masks = roi_masks(fused, cfg.tau, cfg.tau_mode)
-    gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
-    counts = roi_counts(masks)
     if cfg.leaks:
         raise TopoCAMError(f"a leakage-audit configuration ({', '.join(cfg.leaks)}) cannot predict new images")
-    feats = features_from_filtrations(segment(gray, masks, cfg.outside), counts, grid, backend=cfg.betti_backend, n_jobs=n_jobs)
+    x = np.asarray(x, dtype=np.float32)
+    cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
+    shape = tuple(x.shape[2:])
+    selector = RoiSelector.of(cfg)
+    fused, masks = selector.from_maps(cams.maps, shape)
+    gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
+    counts = roi_counts(masks)
+    feats = BettiFeatures.fitted(grid, cfg.betti_backend, n_jobs).transform(selector.segment(gray, masks), counts)
     if cfg.head == "hybrid":
         feats = hybrid_inputs(feats, embed(model, x))
     frac = counts / float(np.prod(shape))

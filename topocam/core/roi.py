@@ -1,9 +1,15 @@
 """A_{w,tau}: fuse the per-layer CAMs, threshold at tau, mask the input.
 
 M = sum_l w_l H_l, with each H_l upsampled (bilinear / trilinear) to the input
-grid and min-max normalised to [0, 1], and w on the simplex; ROI = M >= tau.
-Also the ROI-quality measures used against ground-truth lesions (Dice and the
-pointing game).
+grid and min-max normalised to [0, 1], and w on the simplex; ROI = M >= tau;
+segmented input X' = X inside the ROI, and outside it 0 (``outside="zero"``,
+the paper's: those voxels enter the filtration first) or +inf
+(``outside="exclude"``: they never enter it).
+
+:class:`RoiSelector` is that stage with its own settings only; training,
+inference and the figures all take their ROIs from it (:class:`WholeImage` is
+Topo-Original's: every voxel). Also the ROI-quality measures used against
+ground-truth lesions (Dice and the pointing game).
 """
 
 from __future__ import annotations
@@ -12,14 +18,16 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import CAM_LAYERS
-from .cam import normalise_maps
+from .cam import CAM_LAYERS, normalise_maps
+from .choices import OUTSIDE_MODES
 from .errors import TopoCAMError
+from .settings import SETTINGS
 
 UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
 # AdrenalMNIST3D 28^3: 339 MB per CAM variant for train + val (a study trial's splits), so two
@@ -156,7 +164,7 @@ class UpsampledCache:
             self._items.clear()
 
 
-TAU_MODES: tuple[str, ...] = ("absolute", "relative")
+TAU_MODES: tuple[str, ...] = SETTINGS["tau_mode"].choices
 
 
 def check_tau_mode(mode: str) -> str:
@@ -200,3 +208,81 @@ def random_masks_like(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray
     for i, k in enumerate(flat.sum(axis=1)):
         out[i, rng.choice(flat.shape[1], size=int(k), replace=False)] = True
     return out.reshape(masks.shape)
+
+
+def check_outside(outside: str) -> None:
+    if outside not in OUTSIDE_MODES:
+        raise TopoCAMError(f"unknown outside mode {outside!r}; choose one of {', '.join(OUTSIDE_MODES)}")
+
+
+def segment(images: np.ndarray, masks: np.ndarray, outside: str) -> np.ndarray:
+    """Filtration values of X' = X (.) mask, float64, same shape as ``images``."""
+    check_outside(outside)
+    images = np.asarray(images)
+    masks = np.asarray(masks, dtype=bool)
+    if images.shape != masks.shape:
+        raise TopoCAMError(f"images {images.shape} and ROI masks {masks.shape} differ in shape")
+    out = np.full(images.shape, 0.0 if outside == "zero" else np.inf, dtype=np.float64)
+    np.copyto(out, images, where=masks)  # one float64 array, no float64 copy of the whole input first
+    return out
+
+
+LayerMaps = Callable[[str], np.ndarray]  # CAM layer name -> H_l of the images at hand, (n, *shape) float32
+
+
+@dataclass(frozen=True)
+class RoiSelector:
+    """A_{w,tau}, knowing only its own settings: the CAM variant whose maps it fuses,
+    the raw fusion weights (put on the simplex here), tau, how tau applies
+    (``tau_mode``) and what the segmented input holds outside the ROI. It works on
+    whatever images it is handed, a chunk at a time; where the maps come from (the
+    CAM cache of a study, or CAMs computed for new files) is the caller's."""
+
+    cam: str = "gradcam"
+    weights: tuple[float, ...] = (0.2, 0.3, 0.5)
+    tau: float = 0.6
+    tau_mode: str = "absolute"
+    outside: str = "zero"
+
+    @classmethod
+    def of(cls, cfg) -> "RoiSelector":
+        """The selector of a configuration (a ``TopoCAMConfig``)."""
+        return cls(cfg.cam, tuple(cfg.weights), cfg.tau, cfg.tau_mode, cfg.outside)
+
+    @property
+    def fusion(self) -> np.ndarray:
+        return fusion_weights(self.weights)
+
+    def fuse(self, layer: LayerMaps) -> np.ndarray:
+        """M = sum_l w_l H_l; ``layer`` is asked only for the layers whose weight is not 0."""
+        w = self.fusion
+        return fuse_upsampled([None if wl == 0 else layer(name) for name, wl in zip(CAM_LAYERS, w)], w)
+
+    def masks(self, fused: np.ndarray) -> np.ndarray:
+        return roi_masks(fused, self.tau, self.tau_mode)
+
+    def transform(self, layer: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
+        """The fused maps and ROI masks of the images ``layer`` holds."""
+        fused = self.fuse(layer)
+        return fused, self.masks(fused)
+
+    def from_maps(self, maps: dict[str, np.ndarray], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`transform` of native-resolution CAMs (``CamBatch.maps``), upsampled to ``shape``."""
+        return self.transform(lambda name: upsample_normalised(maps[name], shape))
+
+    def segment(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """X' of the images: the filtration values phi reads."""
+        return segment(images, masks, self.outside)
+
+
+@dataclass(frozen=True)
+class WholeImage:
+    """Topo-Original's "ROI": every voxel of the image (no CAM, no tau)."""
+
+    outside: str = "zero"
+
+    def transform(self, n: int, shape: tuple[int, ...]) -> tuple[None, np.ndarray]:
+        return None, np.ones((n, *shape), dtype=bool)
+
+    def segment(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        return segment(images, masks, self.outside)

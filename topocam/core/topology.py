@@ -1,14 +1,11 @@
 """Betti curves of the segmented input X' (the paper's phi).
 
-This module owns two decisions of the protocol:
-
-* the filtration: sublevel cubical filtration of the segmented image, where
-  voxels outside the ROI are either 0 (``outside="zero"``, the paper's
-  behaviour: they enter the filtration first) or never enter it
-  (``outside="exclude"``: their value is +inf);
-* the Betti grid: ONE fixed set of thresholds per dataset, fitted on the
-  training split only (:meth:`BettiGrid.fit`), so a feature column means the
-  same threshold for every image.
+This module owns one decision of the protocol, the Betti grid: ONE fixed set
+of thresholds per dataset, fitted on the training split only
+(:meth:`BettiFeatures.fit`), so a feature column means the same threshold for
+every image. The filtration it reads is the segmented image X' of
+``roi.RoiSelector.segment`` (the sublevel cubical filtration; voxels outside the
+ROI are 0 or never enter it).
 
 Betti curves count, at each threshold t, the persistence intervals [b, d) of
 homology dimension k with b <= t < d, i.e. beta_k of the sublevel set
@@ -28,22 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from .choices import BETTI_BACKENDS, OUTSIDE_MODES
+from .choices import BETTI_BACKENDS
 from .errors import TopoCAMError
 
-Outside = Literal["zero", "exclude"]
 Backend = Literal["fast", "giotto"]
 BACKENDS = BETTI_BACKENDS
-
-
-def check_outside(outside: str) -> None:
-    if outside not in OUTSIDE_MODES:
-        raise TopoCAMError(f"unknown outside mode {outside!r}; choose one of {', '.join(OUTSIDE_MODES)}")
 
 
 GIOTTO_MISSING = (
@@ -59,18 +50,6 @@ def check_backend(backend: str) -> None:
         raise TopoCAMError(f"unknown Betti backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "giotto" and importlib.util.find_spec("gtda") is None:
         raise TopoCAMError(GIOTTO_MISSING)
-
-
-def segment(images: np.ndarray, masks: np.ndarray, outside: Outside) -> np.ndarray:
-    """Filtration values of X' = X (.) mask, float64, same shape as ``images``."""
-    check_outside(outside)
-    images = np.asarray(images)
-    masks = np.asarray(masks, dtype=bool)
-    if images.shape != masks.shape:
-        raise TopoCAMError(f"images {images.shape} and ROI masks {masks.shape} differ in shape")
-    out = np.full(images.shape, 0.0 if outside == "zero" else np.inf, dtype=np.float64)
-    np.copyto(out, images, where=masks)  # one float64 array, no float64 copy of the whole input first
-    return out
 
 
 @dataclass(frozen=True)
@@ -207,3 +186,41 @@ def features_per_image_grid(
         curves = betti_curves(filtrations[i : i + 1], grid.thresholds, backend=backend, n_jobs=n_jobs)
         feats[i, :-1] = (curves.reshape(-1) / counts[i]).astype(np.float32)
     return feats
+
+
+@dataclass
+class BettiFeatures:
+    """phi as a fitted stage: :meth:`fit` learns the Betti grid (``grid_``) from the
+    training split's filtrations, given a chunk of images at a time; :meth:`transform`
+    turns any split's filtrations and ROI counts into features on that grid and
+    refuses to run unfitted. ``grid="per_image"`` is the leakage audit's shortcut
+    (each image binned on its own range; ``grid_`` is still fitted and reported)."""
+
+    bins: int = 50
+    backend: Backend = "fast"
+    grid: str = "train"
+    n_jobs: int = 1
+    grid_: BettiGrid | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, cfg, n_jobs: int = 1) -> "BettiFeatures":
+        """The (unfitted) stage of a configuration (a ``TopoCAMConfig``)."""
+        return cls(cfg.bins, cfg.betti_backend, cfg.betti_grid, n_jobs)
+
+    @classmethod
+    def fitted(cls, grid: BettiGrid, backend: Backend = "fast", n_jobs: int = 1) -> "BettiFeatures":
+        """A stage whose grid was fitted before (an exported model's, stored with it)."""
+        return cls(grid.n_bins, backend, "train", n_jobs, grid)
+
+    def fit(self, train_filtrations: Iterable[np.ndarray]) -> "BettiFeatures":
+        """Learn the grid from the training split only (chunks of its filtrations)."""
+        self.grid_ = BettiGrid.fit_chunks(train_filtrations, self.bins)
+        return self
+
+    def transform(self, filtrations: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Features of segmented images (``RoiSelector.segment``) with their ROI counts."""
+        if self.grid_ is None:
+            raise TopoCAMError("BettiFeatures.transform before fit: fit the Betti grid on the training split first")
+        if self.grid == "per_image":
+            return features_per_image_grid(filtrations, counts, self.bins, self.backend, self.n_jobs)
+        return features_from_filtrations(filtrations, counts, self.grid_, backend=self.backend, n_jobs=self.n_jobs)

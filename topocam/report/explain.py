@@ -211,7 +211,7 @@ def explain_run(
 ) -> ExplainResult:
     """Re-compute a logged run's configuration, draw its figures, write them to ``out``
     and (``log``) log them to the run under ``figures/``."""
-    from . import figures
+    from ..tracking import figures
     from ..core.pipeline import prepare
 
     lc = logged_config(client, run_id, data_dir, cache_dir)

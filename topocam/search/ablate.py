@@ -30,15 +30,13 @@ import numpy as np
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.backbone import pretrained_weights_file, resolve_backbone
 from ..core.errors import DegenerateBackboneWarning, TopoCAMError
-from ..core.pipeline import Context, TopoCAMConfig, baseline, evaluate, prepare
+from ..core.pipeline import Context, baseline, evaluate, prepare
+from ..core.settings import TopoCAMConfig, arm_settings
 from ..core.stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
 from .space import apply_params
 
-# what an arm may change; "method" also takes "cnn" (the backbone's own prediction)
-ARM_KEYS: dict[str, type | tuple] = {
-    "method": str, "tau": (float, int), "tau_mode": str, "weights": list, "cam": str, "outside": str,
-    "cam_target": str, "betti_grid": str, "mlp_stop": str, "head": str, "init": str, "bins": int, "mlp": list,
-}
+# what an arm may change: every setting declared with arm=True; "method" also takes "cnn" (the backbone's own prediction)
+ARM_SETTINGS = arm_settings()
 REPORT_SPLITS = ("test", "val")  # "val": what a shortcut reports as its result (mlp_stop = val)
 METRICS = ("auc", "acc")
 
@@ -77,12 +75,10 @@ def _arm(ablation: str, raw: Any, leakage: bool, where: str) -> Arm:
         raise TopoCAMError(f"{where}: ablation {ablation!r} arm {name!r}: report must be one of {REPORT_SPLITS}, got {report!r}")
     settings = {k: v for k, v in raw.items() if k not in ("arm", "report", "about")}
     for k, v in settings.items():
-        want = ARM_KEYS.get(k)
-        if want is None:
-            raise TopoCAMError(f"{where}: ablation {ablation!r} arm {name!r}: unknown setting {k!r}; allowed: {sorted(ARM_KEYS)}")
-        types = want if isinstance(want, tuple) else (want,)
-        if isinstance(v, bool) or not isinstance(v, types):
-            raise TopoCAMError(f"{where}: ablation {ablation!r} arm {name!r}: {k} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
+        if k not in ARM_SETTINGS:
+            raise TopoCAMError(f"{where}: ablation {ablation!r} arm {name!r}: unknown setting {k!r}; allowed: {sorted(ARM_SETTINGS)}")
+        if not (k == "method" and v == "cnn"):
+            ARM_SETTINGS[k].check(v, f"{where}: ablation {ablation!r} arm {name!r}: ")
     arm = Arm(ablation, name, settings, leakage, report, str(raw.get("about", "")))
     if settings.get("method") != "cnn":  # check the settings now, not after an hour of training
         try:
@@ -144,12 +140,8 @@ def find_suite(name_or_path: str, study_path: Path) -> Path:
 
 
 def config_for(reference: TopoCAMConfig, arm: Arm) -> TopoCAMConfig:
-    """The reference configuration with the arm's settings changed."""
-    s = {k: v for k, v in arm.settings.items() if k != "method" or v != "cnn"}
-    for k in ("weights", "mlp"):
-        if k in s:
-            s[k] = tuple(s[k])
-    return replace(reference, **s)
+    """The reference configuration with the arm's settings changed (as each setting holds them: tuples, floats)."""
+    return replace(reference, **{k: ARM_SETTINGS[k].check(v) for k, v in arm.settings.items() if k != "method" or v != "cnn"})
 
 
 # ------------------------------------------------------------------ running

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from ..core.errors import TopoCAMError
-from ..core.pipeline import ABLATION_ONLY, TopoCAMConfig
+from ..core.settings import SETTINGS, TopoCAMConfig
 from .studyfile import StudySpec
 
 ATTR_DEFINITION = "topocam_definition"
@@ -29,8 +29,8 @@ def definition(spec: StudySpec) -> dict[str, Any]:
     for k in ("data_dir", "cache_dir", "n_jobs"):
         base.pop(k, None)
     defaults = TopoCAMConfig().as_dict()
-    for k in ABLATION_ONLY:  # never set by a study file: left out at their defaults, so stored studies stay comparable
-        if base.get(k) == defaults[k]:
+    for k, s in SETTINGS.items():  # settings studies did not record from the start: left out at their
+        if not s.in_definition_at_default and base.get(k) == defaults[k]:  # defaults, so stored studies resume
             base.pop(k, None)
     space = {k: {a: v for a, v in vars(p).items() if v is not None and a != "name"} for k, p in sorted(spec.space.items())}
     return json.loads(json.dumps({"objective": spec.objective, "base": base, "space": space}, sort_keys=True, default=str))

@@ -1,10 +1,13 @@
-"""The search space over TopoCAM's knobs and its mapping onto a TopoCAMConfig.
+"""The search space over TopoCAM's knobs and its mapping onto a TopoCAMConfig,
+both derived from the settings' declarations (``topocam.core.settings``: each
+searchable setting's parameters, default ranges and hard bounds).
 
 Default space (the paper's parametrisation): three raw fusion weights in
 [0, 1], normalised onto the simplex when the config is built; tau in
 [0.3, 0.9]; the CAM variant; two MLP hidden sizes. A study file can narrow a
-range, fix a parameter, or add one of the optional parameters
-(``mlp_lr``, ``mlp_weight_decay``, ``outside``, ``bins``).
+range, fix a parameter, or add one of the optional parameters (every other
+searchable setting: ``tau_mode``, ``outside``, ``bins``, ``mlp_lr``,
+``mlp_weight_decay``).
 """
 
 from __future__ import annotations
@@ -15,14 +18,8 @@ from typing import Any
 
 import optuna
 
-from ..core.cam import CAM_VARIANTS
 from ..core.errors import TopoCAMError
-from ..core.pipeline import TopoCAMConfig
-from ..core.topology import OUTSIDE_MODES
-
-WEIGHT_PARAMS = ("w_layer2", "w_layer3", "w_layer4")
-ROI_PARAMS = (*WEIGHT_PARAMS, "tau", "cam")  # what only TopoCAM has: Topo-Original's space is the rest
-
+from ..core.settings import ROI_STAGES, SETTINGS, Setting, TopoCAMConfig, assemble, searchable
 
 @dataclass(frozen=True)
 class Param:
@@ -44,27 +41,21 @@ class Param:
         return self.value
 
 
-# name -> (kind, default range or choices, validator of fixed values/choices)
-DEFAULT_SPACE: dict[str, Param] = {
-    "w_layer2": Param("w_layer2", "float", 0.0, 1.0),
-    "w_layer3": Param("w_layer3", "float", 0.0, 1.0),
-    "w_layer4": Param("w_layer4", "float", 0.0, 1.0),
-    "tau": Param("tau", "float", 0.3, 0.9),
-    "cam": Param("cam", "categorical", choices=CAM_VARIANTS),
-    "mlp_h1": Param("mlp_h1", "int", 16, 256, log=True),
-    "mlp_h2": Param("mlp_h2", "int", 8, 128, log=True),
-}
-OPTIONAL_SPACE: dict[str, Param] = {
-    "mlp_lr": Param("mlp_lr", "float", 1e-4, 1e-2, log=True),
-    "mlp_weight_decay": Param("mlp_weight_decay", "float", 1e-6, 1e-2, log=True),
-    "outside": Param("outside", "categorical", choices=OUTSIDE_MODES),
-    "bins": Param("bins", "int", 20, 100),
-}
-BOUNDS = {  # hard limits every range must respect
-    "w_layer2": (0.0, 1.0), "w_layer3": (0.0, 1.0), "w_layer4": (0.0, 1.0), "tau": (0.0, 1.0),
-    "mlp_h1": (1, 4096), "mlp_h2": (1, 4096), "mlp_lr": (1e-6, 1.0), "mlp_weight_decay": (0.0, 1.0), "bins": (2, 1000),
-}
-CHOICES = {"cam": CAM_VARIANTS, "outside": OUTSIDE_MODES}
+def _params_of(setting: Setting) -> dict[str, Param]:
+    """The Optuna parameters that stand for a setting, at their default ranges."""
+    if setting.choices:
+        return {setting.name: Param(setting.name, "categorical", choices=tuple(setting.choices))}
+    kind = "int" if setting.type is int else "float"
+    return {name: Param(name, kind, r.low, r.high, log=r.log) for name, r in zip(setting.params, setting.search.ranges)}
+
+
+DEFAULT_SPACE: dict[str, Param] = {k: v for s in searchable().values() if s.search.default for k, v in _params_of(s).items()}
+OPTIONAL_SPACE: dict[str, Param] = {k: v for s in searchable().values() if not s.search.default for k, v in _params_of(s).items()}
+SETTING_OF: dict[str, str] = {p: s.name for s in searchable().values() for p in s.params}  # parameter -> setting
+BOUNDS = {p: SETTINGS[s].search_bounds for p, s in SETTING_OF.items() if not SETTINGS[s].choices}  # hard limits
+CHOICES = {p: SETTINGS[s].choices for p, s in SETTING_OF.items() if SETTINGS[s].choices}
+WEIGHT_PARAMS = SETTINGS["weights"].params
+ROI_PARAMS = tuple(p for p, s in SETTING_OF.items() if SETTINGS[s].stage in ROI_STAGES)  # Topo-Original's space is the rest
 
 
 def parse_param(name: str, spec: dict, where: str) -> Param:
@@ -136,19 +127,14 @@ def suggest(trial: optuna.Trial, space: dict[str, Param]) -> dict[str, Any]:
 
 
 def apply_params(base: TopoCAMConfig, params: dict[str, Any]) -> TopoCAMConfig:
-    """The configuration a set of parameters stands for. Raw weights that are
-    all zero fall back to equal weights (a defined point, not a failed trial)."""
-    changes: dict[str, Any] = {"mlp": (int(params["mlp_h1"]), int(params["mlp_h2"]))}
-    if all(w in params for w in WEIGHT_PARAMS):  # absent in Topo-Original's space: the base's stay
-        raw = [float(params[w]) for w in WEIGHT_PARAMS]
-        changes["weights"] = tuple(raw) if sum(raw) > 0 else (1.0, 1.0, 1.0)
-    if "tau" in params:
-        changes["tau"] = float(params["tau"])
-    if "cam" in params:
-        changes["cam"] = params["cam"]
-    for opt in ("mlp_lr", "mlp_weight_decay", "outside", "bins"):
-        if opt in params:
-            changes[opt] = params[opt]
+    """The configuration a set of parameters stands for: each setting whose parameters
+    are all given takes their value (``settings.assemble``); the others keep the base's
+    (Topo-Original's space has no fusion weights, say). Raw weights that are all zero
+    fall back to equal weights (a defined point, not a failed trial)."""
+    changes = {
+        s.name: assemble(s.name, [params[p] for p in s.params])
+        for s in searchable().values() if all(p in params for p in s.params)
+    }
     return dataclasses.replace(base, **changes)
 
 

@@ -2,11 +2,18 @@
 
     [study]     name, objective (val_auc | val_acc | cv_auc | cv_acc), n_trials, samplers, seeds, replicate_seeds,
                 tune_topo_original (default true), description, grace_period (seconds, default 20)
-    [data]      dataset, data_dir, size, synthetic_n, seed (synthetic data seed), clutter (synthetic difficulty)
-    [backbone]  arch, epochs, batch_size, lr, seed, milestones, preset (medmnist_v2; explicit keys win)
-    [fixed]     outside, bins, betti_backend, mlp_lr, mlp_weight_decay, n_jobs
+    [data]      the data settings: dataset, data_dir, size, synthetic_n, data_seed (synthetic data seed), clutter
+    [backbone]  the backbone settings: backbone, epochs, batch_size, lr, lr_milestones, seed, init; and preset
+                (medmnist_v2; explicit keys win)
+    [fixed]     every other setting a study may fix (tau, cam, weights, tau_mode, outside, bins, mlp, ...)
     [space.P]   narrow (low/high/log or choices), fix (fixed = v) or add a parameter
     [sampler.de] popsize_per_dim, strategy, mutation, recombination, updating (deferred | immediate)
+
+The keys of [data], [backbone] and [fixed] are the settings' own names
+(``topocam.core.settings``: the `topocam run` options, the ablation arm keys).
+Files written before may use the old names (``[data] seed``, ``[backbone] arch``,
+``[backbone] milestones``): they are read as ``data_seed``, ``backbone`` and
+``lr_milestones``, with a one-line deprecation notice, so stored studies resume.
 
 ``[fixed]`` is the base configuration: what the baselines (CNN, Topo-Original)
 use and what every trial uses unless a ``[space.X]`` table searches or fixes X.
@@ -20,28 +27,24 @@ from __future__ import annotations
 
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import TopoCAMError
-from ..core.pipeline import TopoCAMConfig
+from ..core.errors import DeprecatedKeyWarning, TopoCAMError
+from ..core.settings import SECTIONS, TopoCAMConfig, in_section, old_keys, recipe_settings
 from ..core.choices import check_n_trials, check_samplers
 from .samplers import make_sampler
 from .space import Param, build_space
 
 DEFAULT_GRACE_PERIOD = 20  # seconds; heartbeats every grace_period // 4
 OBJECTIVES = ("val_auc", "val_acc", "cv_auc", "cv_acc")  # cv_*: 5-fold on the training split
-_SECTIONS: dict[str, dict[str, type | tuple]] = {
-    "study": {"name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list,
-              "replicate_seeds": list, "tune_topo_original": bool, "description": str,
-              "grace_period": int},
-    "data": {"dataset": str, "data_dir": str, "size": int, "synthetic_n": list, "seed": int, "clutter": int},
-    "backbone": {"arch": str, "epochs": int, "batch_size": int, "lr": (float, int), "seed": int, "preset": str,
-                 "milestones": list},
-    "fixed": {"outside": str, "bins": int, "betti_backend": str, "mlp_lr": (float, int),
-              "mlp_weight_decay": (float, int), "n_jobs": int},
+_STUDY_KEYS: dict[str, type | tuple] = {
+    "name": str, "objective": str, "n_trials": int, "samplers": list, "seeds": list, "replicate_seeds": list,
+    "tune_topo_original": bool, "description": str, "grace_period": int,
 }
+_EXTRA_KEYS = {"backbone": {"preset": str}}  # keys of a settings table that are not settings themselves
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 _DE_KEYS = {"popsize_per_dim": int, "popsize": int, "strategy": str, "mutation": (float, int, list), "recombination": (float, int),
             "updating": str}  # values are checked by the sampler (make_sampler below)
@@ -90,15 +93,39 @@ def _typed(section: str, key: str, value: Any, want, where: str) -> Any:
     return value
 
 
-def _table(doc: dict, section: str, where: str) -> dict:
+def _study_table(doc: dict, where: str) -> dict:
+    t = doc.get("study", {})
+    if not isinstance(t, dict):
+        raise TopoCAMError(f"{where}: [study] must be a table")
+    unknown = sorted(set(t) - set(_STUDY_KEYS))
+    if unknown:
+        raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [study]; allowed: {sorted(_STUDY_KEYS)}")
+    return {k: _typed("study", k, v, _STUDY_KEYS[k], where) for k, v in t.items()}
+
+
+def settings_table(doc: dict, section: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``[section]`` as (settings by name, checked against their declarations; the
+    section's other keys). Old key names are read as the settings they now are, with
+    a one-line deprecation notice; an old and a new name for one setting is an error."""
     t = doc.get(section, {})
     if not isinstance(t, dict):
         raise TopoCAMError(f"{where}: [{section}] must be a table")
-    schema = _SECTIONS[section]
-    unknown = sorted(set(t) - set(schema))
+    settings, extra, renamed = in_section(section), _EXTRA_KEYS.get(section, {}), old_keys(section)
+    unknown = sorted(set(t) - set(settings) - set(extra) - set(renamed))
     if unknown:
-        raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [{section}]; allowed: {sorted(schema)}")
-    return {k: _typed(section, k, v, schema[k], where) for k, v in t.items()}
+        raise TopoCAMError(f"{where}: unknown key(s) {unknown} in [{section}]; allowed: {sorted({*settings, *extra})}")
+    values: dict[str, Any] = {}
+    for key, value in t.items():
+        if key in extra:
+            continue
+        name = renamed.get(key, key)
+        if key in renamed:
+            if name in t:
+                raise TopoCAMError(f"{where}: [{section}] has both {key} (the old name) and {name}; keep {name}")
+            warnings.warn(DeprecatedKeyWarning(
+                f"{where}: [{section}] {key} is now called {name}; the old name is still read, rename it to {name}"), stacklevel=2)
+        values[name] = settings[name].check(value, f"{where}: [{section}] ", key)
+    return values, {k: _typed(section, k, v, extra[k], where) for k, v in t.items() if k in extra}
 
 
 def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
@@ -112,10 +139,12 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopoCAMError(f"{where}: not valid TOML ({exc})") from None
-    unknown = sorted(set(doc) - {*_SECTIONS, "space", "sampler"})
+    allowed_sections = {"study", *SECTIONS, "space", "sampler"}
+    unknown = sorted(set(doc) - allowed_sections)
     if unknown:
-        raise TopoCAMError(f"{where}: unknown section(s) {unknown}; allowed: {sorted({*_SECTIONS, 'space', 'sampler'})}")
-    st, data, bb, fixed = (_table(doc, s, where) for s in ("study", "data", "backbone", "fixed"))
+        raise TopoCAMError(f"{where}: unknown section(s) {unknown}; allowed: {sorted(allowed_sections)}")
+    st = _study_table(doc, where)
+    (data, _), (bb, bb_extra), (fixed, _) = (settings_table(doc, s, where) for s in SECTIONS)
 
     name = st.get("name", path.stem)
     if not _NAME.fullmatch(name):
@@ -140,36 +169,15 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
             f"{where}: [study] replicate_seeds must be a list of non-negative integers (model seeds), got {list(replicate_seeds)}"
         )
 
-    from ..core.backbone import BACKBONES
-
-    if "arch" in bb and bb["arch"] not in BACKBONES:
-        raise TopoCAMError(f"{where}: [backbone] arch {bb['arch']!r} unknown; choose from {list(BACKBONES)}")
     from ..core.backbone import training_recipe
 
+    recipe_of = recipe_settings()
     try:
-        recipe = training_recipe(bb.get("preset"), **{k: bb.get(k) for k in ("epochs", "batch_size", "lr", "milestones")})
+        recipe = training_recipe(bb_extra.get("preset"), **{k: bb.get(s.name) for k, s in recipe_of.items()})
     except TopoCAMError as exc:
         raise TopoCAMError(f"{where}: [backbone] preset: {exc}") from None
-    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in recipe["milestones"]):
-        raise TopoCAMError(f"{where}: [backbone] milestones must be epochs >= 1, got {list(recipe['milestones'])}")
-    synthetic_n = data.get("synthetic_n", list(TopoCAMConfig.synthetic_n))
-    if len(synthetic_n) != 3 or not all(isinstance(v, int) and v >= 2 for v in synthetic_n):
-        raise TopoCAMError(f"{where}: [data] synthetic_n must be three integers >= 2 (train, val, test), got {synthetic_n}")
-    base = TopoCAMConfig(
-        dataset=data.get("dataset", "breastmnist"),
-        data_dir=data_dir or data.get("data_dir"),
-        size=data.get("size", 28),
-        synthetic_n=tuple(synthetic_n),
-        data_seed=data.get("seed", 0),
-        clutter=data.get("clutter", 2),
-        backbone=bb.get("arch", "auto"),
-        epochs=recipe["epochs"],
-        batch_size=recipe["batch_size"],
-        lr=float(recipe["lr"]),
-        lr_milestones=tuple(recipe["milestones"]),
-        seed=bb.get("seed", 0),
-        **{k: (float(v) if k in ("mlp_lr", "mlp_weight_decay") else v) for k, v in fixed.items()},
-    )
+    recipe = {recipe_of[k].name: recipe_of[k].check(v, f"{where}: [backbone] ") for k, v in recipe.items()}
+    base = TopoCAMConfig(**{**data, **bb, **recipe, **fixed, **({"data_dir": data_dir} if data_dir else {})})
     try:
         base.validated()
     except TopoCAMError as exc:

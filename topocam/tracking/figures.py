@@ -40,6 +40,8 @@ matplotlib.use("Agg", force=False)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..core.roi import RoiSelector  # noqa: E402
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.pipeline import Context, TopoCAMConfig
 
@@ -386,13 +388,16 @@ def _iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def roi_quality_rows(
-    fused: Mapping[str, np.ndarray], truth: np.ndarray, taus: Sequence[float] = DEFAULT_TAUS, seed: int = 0,
+    fused: Mapping[str, np.ndarray], truth: np.ndarray, selector: RoiSelector, taus: Sequence[float] = DEFAULT_TAUS,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Mean Dice, IoU and pointing-game hit rate of the ROI (``fused >= tau``) against the
-    true lesion masks, per CAM variant (``fused``: variant -> fused maps (n, *shape)) and
-    per tau; with the Dice of a random mask of the same size per image (the chance
-    level) and the pointing game's chance (the lesion's share of the image). The
-    pointing game looks at the map's maximum only, so it does not depend on tau."""
+    """Mean Dice, IoU and pointing-game hit rate of the ROI against the true lesion
+    masks, per CAM variant (``fused``: variant -> fused maps (n, *shape)) and per tau;
+    the ROI is the configuration's own ``selector`` at each tau (its tau mode too),
+    so the figure describes the ROI the configuration used. With the Dice of a random
+    mask of the same size per image (the chance level) and the pointing game's chance
+    (the lesion's share of the image). The pointing game looks at the map's maximum
+    only, so it does not depend on tau."""
     from ..core.roi import dice, pointing_game, random_masks_like
 
     truth = np.asarray(truth, dtype=bool)
@@ -401,10 +406,10 @@ def roi_quality_rows(
     for variant, m in fused.items():
         pg = float(pointing_game(m, truth).mean())
         for tau in taus:
-            masks = m >= float(tau)
+            masks = replace(selector, tau=float(tau)).masks(m)
             rand = random_masks_like(masks, np.random.default_rng(seed))
             rows.append({
-                "cam": variant, "tau": float(tau), "dice": float(dice(masks, truth).mean()),
+                "cam": variant, "tau": float(tau), "tau_mode": selector.tau_mode, "dice": float(dice(masks, truth).mean()),
                 "iou": float(_iou(masks, truth).mean()), "pointing_game": pg,
                 "dice_random_same_size": float(dice(rand, truth).mean()), "pointing_game_chance": chance,
                 "roi_fraction": float(masks.mean()), "n_images": int(len(truth)),
@@ -443,7 +448,8 @@ def roi_quality_figure(rows: Sequence[Mapping[str, Any]], *, tau: float | None =
     for ax, what in ((ax_d, "Dice"), (ax_i, "IoU")):
         if tau is not None:
             ax.axvline(tau, color="black", linestyle=":", linewidth=1, label=f"configured τ = {tau:.2f}")
-        ax.set_xlabel("τ (ROI = fused map ≥ τ)")
+        relative = any(r.get("tau_mode") == "relative" for r in rows)
+        ax.set_xlabel("τ (ROI = fused map ≥ τ · its maximum, per image)" if relative else "τ (ROI = fused map ≥ τ)")
         ax.set_ylabel(f"mean {what} with the true lesion")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -532,7 +538,8 @@ def explain(
     pred = predicted_labels(probs, data.task)
     out = FigureSet()
     out.metrics = {s: fit.val if s == "val" else fit.test for s in (("val", "test") if report_test else ("val",))}
-    roi_desc = f"{cfg.cam}, w = {tuple(round(float(w), 2) for w in cfg.weights)}, τ = {cfg.tau:.2f}"
+    roi_desc = f"{cfg.cam}, w = {tuple(round(float(w), 2) for w in cfg.weights)}, τ = {cfg.tau:.2f}" + (
+        " relative to each map's maximum" if cfg.tau_mode == "relative" else "")
     ytr = data.y["train"]
     out["betti_curves"] = betti_curves_figure(
         roi.x["train"], whole.x["train"], ytr, cfg.bins, thresholds=(roi.grid.thresholds, whole.grid.thresholds),
@@ -559,7 +566,7 @@ def explain(
     if data.lesion_masks is not None:
         taus = tuple(taus) if taus is not None else tuple(sorted({*DEFAULT_TAUS, round(float(cfg.tau), 4)}))
         fused_by = {v: roi_for(ctx, replace(cfg, cam=v), split)[0] for v in (variants or CAM_VARIANTS)}
-        rows = roi_quality_rows(fused_by, data.lesion_masks[split], taus, seed)
+        rows = roi_quality_rows(fused_by, data.lesion_masks[split], RoiSelector.of(cfg), taus, seed)
         out.tables["roi_quality"] = rows
         out["roi_quality"] = roi_quality_figure(
             rows, tau=cfg.tau,
