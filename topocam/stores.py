@@ -25,6 +25,7 @@ DEFAULT_RUNS_DIR = Path("mlruns")
 
 Kind = Literal["sqlite", "postgresql", "mysql", "journal", "http", "file", "unknown"]
 
+
 @dataclass(frozen=True)
 class StoreURL:
     url: str  # normalised (the PostgreSQL driver made explicit)
@@ -40,10 +41,12 @@ class StoreURL:
         """A lock file beside a local store, else None."""
         return None if self.path is None else self.path.with_name(f".{self.path.name}.topocam.lock")
 
+
 def sqlite_url(path: Path) -> str:
     """``sqlite:///`` URL of a database file, its folder made absolute."""
     path = Path(path)
     return f"sqlite:///{path.parent.resolve() / path.name}"
+
 
 def parse_store_url(url: str) -> StoreURL:
     """Classify a store URL; never raises (an unknown scheme is ``kind="unknown"``)."""
@@ -63,6 +66,7 @@ def parse_store_url(url: str) -> StoreURL:
     if url.startswith("file:"):
         return StoreURL(url, "file")
     return StoreURL(url, "unknown")
+
 
 def redact_url(url: str) -> str:
     """A storage / tracking URL without its password."""

@@ -18,11 +18,13 @@ def _version(value: bool) -> None:
         console.print(f"topocam {__version__}", markup=False, highlight=False)
         raise typer.Exit()
 
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
 ) -> None:
     """TopoCAM: Betti curves of CAM-selected regions, studies and baselines."""
+
 
 from . import ablate as _ablate  # noqa: E402,F401
 from . import deploy as _deploy  # noqa: E402,F401
@@ -33,6 +35,7 @@ from . import study as _study  # noqa: E402,F401
 def _stop(signum: int, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) stops a worker as Ctrl-C does
 
+
 def _show_warning(python_show, message, category, filename, lineno, file=None, line=None) -> None:
     """A store or cache entry found damaged and set aside, or an old study-file key, is said in
     one line, not Python's two."""
@@ -42,6 +45,7 @@ def _show_warning(python_show, message, category, filename, lineno, file=None, l
         err.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), highlight=False, soft_wrap=True)
     else:
         python_show(message, category, filename, lineno, file, line)
+
 
 def main() -> None:
     import functools
@@ -59,6 +63,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
 
 if __name__ == "__main__":
     main()

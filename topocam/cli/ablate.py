@@ -27,6 +27,7 @@ from .common import (
 
 # ------------------------------------------------------------------ ablations
 
+
 @app.command("ablate")
 def ablate_cmd(
     study_file: Path = typer.Argument(..., help="study definition (TOML) whose best configuration is the reference"),
@@ -71,6 +72,7 @@ def ablate_cmd(
             metrics=["test_auc", "test_acc", "val_auc", "val_acc"], tags=["ablation", "arm", "seed", "valid", "status"],
             order_by="test_auc",
         )
+
 
 @app.command("explain")
 def explain_cmd(

@@ -28,11 +28,13 @@ DATA_DIR_OPTION = typer.Option(None, help="folder holding MedMNIST .npz files (o
 RUNS_DIR_OPTION = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP)
 QUIET_OPTION = typer.Option(False, "--quiet", help="no progress bars")
 
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr and a non-zero exit. The message is plain Text: Rich markup would
     swallow a study file's "[section]", "[0, 1]" or a user's path in brackets."""
     err.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
@@ -40,15 +42,18 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     except ValueError:
         fail(f"{what} must be comma-separated numbers, got {text!r}")
 
+
 def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         fail(f"{what} must be comma-separated integers, got {text!r}")
 
+
 def _value(choice):
     """An Enum option's string (None stays None)."""
     return None if choice is None else choice.value
+
 
 def _n_jobs_option(value: int) -> int:
     from topocam.core.errors import TopoCAMError
@@ -58,6 +63,7 @@ def _n_jobs_option(value: int) -> int:
         return check_n_jobs(value, "--n-jobs")
     except TopoCAMError as exc:
         raise typer.BadParameter(str(exc)) from None
+
 
 def _sampler_list_option(value: Optional[str]) -> Optional[str]:
     """--samplers de,tpe: every name checked at parse time."""
@@ -69,6 +75,7 @@ def _sampler_list_option(value: Optional[str]) -> Optional[str]:
         raise typer.BadParameter(f"unknown sampler(s) {bad or value!r}; choose from {', '.join(SAMPLERS)}")
     return value
 
+
 def ensure_writable_dir(path: Path) -> None:
     """Fail before any work if results could not be written there."""
     try:
@@ -77,6 +84,7 @@ def ensure_writable_dir(path: Path) -> None:
             pass
     except OSError as exc:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
+
 
 @contextmanager
 def output_dir(path: Path):
@@ -95,8 +103,10 @@ def output_dir(path: Path):
                 break
         raise
 
+
 def _fmt(v: float | None) -> str:
     return "—" if v is None or v != v else f"{v:.3f}"
+
 
 def print_runs_link(tracker, experiment: str, **view) -> None:
     """Say where the runs are: the experiment and store, then the link to the runs table with the
@@ -109,7 +119,9 @@ def print_runs_link(tracker, experiment: str, **view) -> None:
         console.print(f"  serve it: {serve}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"  runs table: {tracker.runs_table_url(experiment, **view)}", markup=False, highlight=False, soft_wrap=True)
 
+
 METHOD_NAMES = {"topocam": "TopoCAM", "cnn": "CNN", "topo_original": "Topo-Original"}
+
 
 def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
     import optuna

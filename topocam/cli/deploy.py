@@ -29,10 +29,12 @@ from .common import (
 MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"
 TRACKING_HELP = "MLflow tracking/registry URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db)"
 
+
 def _load_model(model: str, tracking_uri: Optional[str], runs_dir: Path):
     from topocam.deploy.serve import load_model, resolve_tracking_uri
 
     return load_model(model, resolve_tracking_uri(tracking_uri, runs_dir))
+
 
 @app.command("export")
 def export_cmd(
@@ -77,6 +79,7 @@ def export_cmd(
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
@@ -107,6 +110,7 @@ def serve_cmd(
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
 
+
 def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
     """A quick, one-line failure for a model URI that does not resolve (reads MLmodel only)."""
     import mlflow
@@ -123,6 +127,7 @@ def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
         msg = (str(getattr(exc, "message", "") or exc).splitlines() or [type(exc).__name__])[0][:300]
         where = f" in {tracking_uri}" if tracking_uri and model.startswith("models:/") else ""
         raise TopoCAMError(f"cannot find model {model!r}{where}: {msg}") from None
+
 
 @app.command("predict")
 def predict_cmd(
@@ -156,6 +161,7 @@ def predict_cmd(
                   highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)
+
 
 @app.command("app")
 def app_cmd(

@@ -46,6 +46,7 @@ def metrics_table(result: dict) -> Table:
         t.add_row(name, *[format_mean_sd(summ[split][m]) for split, m in cols], f"[{_fmt(lo)}, {_fmt(hi)}]")
     return t
 
+
 def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
     from topocam.tracking import Tracker, log_topocam_run
 
@@ -57,6 +58,7 @@ def _log_run(result: dict, tracking_uri: str | None, runs_dir: Path) -> None:
         metrics=[f"{m}_{s}_auc_mean" for s in ("test", "val") for m in ("topocam", "cnn", "topo_original")],
         params=["cam", "tau", "weights"], tags=["seeds", "leakage_audit", "degenerate_backbone"], order_by="topocam_val_auc_mean",
     )
+
 
 def config_from_options(settings: dict, preset: str | None, seed: int, leakage_audit: bool):
     """The configuration ``topocam run``'s options stand for: each setting as given, else its

@@ -31,6 +31,7 @@ from .common import (
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
 app.add_typer(study_app, name="study")
 
+
 @study_app.command("run")
 def study_run(
     study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/quickstart.toml"),
@@ -83,6 +84,7 @@ def study_run(
         params=[k for k, p in spec.space.items() if p.kind != "fixed"], tags=["kind", "trial"],
     )
 
+
 @study_app.command("compare")
 def study_compare(
     study_file: Path = typer.Argument(..., help="study definition (TOML)"),
@@ -121,6 +123,7 @@ def study_compare(
         metrics=[f"best_{spec.objective}", f"best_test_{m}"] + ([f"replicated_test_{m}_mean"] if spec.replicate_seeds else []),
         tags=["arm", "sampler", "seed", "budget"], order_by=f"best_{spec.objective}",
     )
+
 
 @study_app.command("status")
 def study_status_cmd(

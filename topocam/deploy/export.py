@@ -48,6 +48,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 SELF_CHECK_ATOL = 1e-6
 
+
 @dataclass
 class ExportResult:
     name: str
@@ -63,6 +64,7 @@ class ExportResult:
     provenance: dict[str, Any]
     reference: dict[str, np.ndarray] = field(default_factory=dict)  # split -> pipeline probabilities at export
 
+
 def check_model_name(name: str) -> str:
     if not MODEL_NAME.fullmatch(name or ""):
         raise TopoCAMError(
@@ -72,12 +74,14 @@ def check_model_name(name: str) -> str:
 
 # ---------------------------------------------------------------------- refit
 
+
 def example_input(spec: InputSpec) -> np.ndarray:
     """A synthetic uint8 image (a soft bright disc), never a patient's: the model's input example."""
     grids = np.meshgrid(*[np.linspace(-1.0, 1.0, s) for s in spec.shape], indexing="ij")
     r = np.sqrt(sum(g**2 for g in grids))
     img = (20 + 200 * np.clip(1.2 - 1.5 * r, 0.0, 1.0)).astype(np.uint8)[None]
     return np.repeat(img[..., None], 3, axis=-1) if spec.channels == 3 else img
+
 
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
@@ -90,6 +94,7 @@ def _git_commit() -> str | None:
     if sha.returncode != 0:
         return None
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
 
 def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print):
     """Rebuild the chosen configuration on the study's context and fit it on train.
@@ -127,6 +132,7 @@ def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None
     reference = {s: out.model.predict_proba(out.features.x[s]) for s in ("val", "test")}
     return bundle, out, reference, ctx
 
+
 def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
     """The written bundle, read back, must give the pipeline's validation probabilities."""
     again = Bundle.load(folder)
@@ -140,6 +146,7 @@ def self_check(folder: Path, x_val: np.ndarray, reference: np.ndarray) -> float:
     return diff
 
 # ------------------------------------------------------------------------ log
+
 
 @contextlib.contextmanager
 def _on_store(uri: str):
@@ -157,6 +164,7 @@ def _on_store(uri: str):
     with _use_tracking_uri(uri):
         yield
 
+
 def signature(bundle: Bundle):
     """Input: one tensor of any shape and dtype, validated by the model itself
     (MLflow's tensor specs fix one dtype and one rank, and its JSON parser
@@ -172,6 +180,7 @@ def signature(bundle: Bundle):
                         ColSpec(DataType.double, "roi_fraction")]),
     )
 
+
 def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -182,6 +191,7 @@ def _requirements() -> list[str]:
         except PackageNotFoundError:
             pass
     return out + [f"topocam=={__version__}"]  # this project: serve with --env-manager local from its environment
+
 
 def target_run(tracker, spec, choice: Choice) -> str:
     """The study's ``kind=best`` run of this (sampler, seed) if it is this trial's;
@@ -197,6 +207,7 @@ def target_run(tracker, spec, choice: Choice) -> str:
                                parent=parent, params=choice.params)
     tracker.finish(run_id)
     return run_id
+
 
 def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, choice: Choice,
                      run_id: str) -> tuple[int, str | None]:
@@ -235,8 +246,10 @@ def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, cho
     tracker.set_tags(run_id, {"exported_model": f"{name}/{version}"})
     return version, getattr(info, "model_id", None)
 
+
 def _num(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
 
 def export(spec, name: str, storage_url: str, tracker, sampler: str | None = None, seed: int | None = None,
            trial: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:

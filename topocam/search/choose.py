@@ -16,6 +16,7 @@ from .space import arm_space
 from .storage import open_storage
 from .trials import is_scored, scored_trials
 
+
 @dataclass
 class Choice:
     """The trial to export and where it came from."""
@@ -28,6 +29,7 @@ class Choice:
     params: dict[str, Any]
     how: str  # "best of ..." or "named"
     definition_sha: str | None = None
+
 
 def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
                  trial: int | None = None, arm: str = "topocam") -> Choice:

@@ -21,6 +21,7 @@ import optuna
 from ..core.errors import TopoCAMError
 from ..core.settings import ROI_STAGES, SETTINGS, Setting, TopoCAMConfig, assemble, searchable
 
+
 @dataclass(frozen=True)
 class Param:
     name: str
