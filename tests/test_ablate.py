@@ -73,7 +73,7 @@ def test_relative_tau_fills_a_map_that_never_reaches_an_absolute_tau():
     for i in range(4):
         assert rel[i].any() and np.array_equal(rel[i], fused[i] / peak[i] >= 0.6)
     assert not rel[4].any()
-    with pytest.raises(TopoCAMError, match="tau mode"):
+    with pytest.raises(TopoCAMError, match="tau_mode must be one of absolute, relative"):
         roi_masks(fused, 0.6, "percent")
 
 

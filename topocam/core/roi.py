@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .cam import CAM_LAYERS, normalise_maps
-from .choices import OUTSIDE_MODES
 from .errors import TopoCAMError
 from .settings import SETTINGS
 
@@ -48,9 +47,8 @@ def fusion_weights(raw: Sequence[float]) -> np.ndarray:
 
 
 def check_tau(tau: float) -> float:
-    if not (0.0 <= float(tau) <= 1.0):
-        raise TopoCAMError(f"tau must lie in [0, 1], got {tau}")
-    return float(tau)
+    """tau as its setting declares it (a number in [0, 1])."""
+    return SETTINGS["tau"].check(tau)
 
 
 def upsample_normalised(maps: np.ndarray, shape: tuple[int, ...], chunk: int = 256) -> np.ndarray:
@@ -164,13 +162,8 @@ class UpsampledCache:
             self._items.clear()
 
 
-TAU_MODES: tuple[str, ...] = SETTINGS["tau_mode"].choices
-
-
 def check_tau_mode(mode: str) -> str:
-    if mode not in TAU_MODES:
-        raise TopoCAMError(f"unknown tau mode {mode!r}; choose one of {', '.join(TAU_MODES)}")
-    return mode
+    return SETTINGS["tau_mode"].check(mode)
 
 
 def roi_masks(fused: np.ndarray, tau: float, mode: str = "absolute") -> np.ndarray:
@@ -211,8 +204,7 @@ def random_masks_like(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 def check_outside(outside: str) -> None:
-    if outside not in OUTSIDE_MODES:
-        raise TopoCAMError(f"unknown outside mode {outside!r}; choose one of {', '.join(OUTSIDE_MODES)}")
+    SETTINGS["outside"].check(outside)
 
 
 def segment(images: np.ndarray, masks: np.ndarray, outside: str) -> np.ndarray:
@@ -238,11 +230,11 @@ class RoiSelector:
     whatever images it is handed, a chunk at a time; where the maps come from (the
     CAM cache of a study, or CAMs computed for new files) is the caller's."""
 
-    cam: str = "gradcam"
-    weights: tuple[float, ...] = (0.2, 0.3, 0.5)
-    tau: float = 0.6
-    tau_mode: str = "absolute"
-    outside: str = "zero"
+    cam: str = SETTINGS["cam"].default
+    weights: tuple[float, ...] = SETTINGS["weights"].default
+    tau: float = SETTINGS["tau"].default
+    tau_mode: str = SETTINGS["tau_mode"].default
+    outside: str = SETTINGS["outside"].default
 
     @classmethod
     def of(cls, cfg) -> "RoiSelector":
@@ -279,7 +271,7 @@ class RoiSelector:
 class WholeImage:
     """Topo-Original's "ROI": every voxel of the image (no CAM, no tau)."""
 
-    outside: str = "zero"
+    outside: str = SETTINGS["outside"].default
 
     def transform(self, n: int, shape: tuple[int, ...]) -> tuple[None, np.ndarray]:
         return None, np.ones((n, *shape), dtype=bool)
