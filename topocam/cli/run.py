@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from topocam.core.atomic import write_json_atomic
+from topocam.core.backbone import PresetChoice
 from topocam.core.cam import CamChoice
-from topocam.core.choices import BackboneChoice, BettiBackendChoice, OutsideChoice, PresetChoice
+from topocam.core.choices import BackboneChoice, BettiBackendChoice, OutsideChoice
 from topocam.core.data import DEFAULT_SYNTHETIC_N
 from topocam.core.stats import format_mean_sd
 

@@ -1,7 +1,8 @@
 """The names a user can choose, declared once in a module that imports nothing
 heavy (no torch, no Optuna), so the CLI can show them in ``--help`` and check
 them at parse time, and the library modules check the same tuples. The CAM
-variants are not here: they are the keys of ``topocam.core.cam.CAMS``."""
+variants and the training presets are not here: they are the keys of
+``topocam.core.cam.CAMS`` and ``topocam.core.backbone.PRESETS``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from enum import Enum
 OUTSIDE_MODES: tuple[str, ...] = ("zero", "exclude")
 BETTI_BACKENDS: tuple[str, ...] = ("fast", "giotto")
 BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
-PRESETS: tuple[str, ...] = ("medmnist_v2",)
 SAMPLERS: tuple[str, ...] = ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
 ARMS: tuple[str, ...] = ("topocam", "topo_original")  # the tunable methods
 
@@ -23,7 +23,6 @@ def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
 OutsideChoice = choice_enum("OutsideChoice", OUTSIDE_MODES)
 BettiBackendChoice = choice_enum("BettiBackendChoice", BETTI_BACKENDS)
 BackboneChoice = choice_enum("BackboneChoice", BACKBONES)
-PresetChoice = choice_enum("PresetChoice", PRESETS)
 SamplerChoice = choice_enum("SamplerChoice", SAMPLERS)
 ArmChoice = choice_enum("ArmChoice", ARMS)
 
