@@ -1,8 +1,12 @@
-"""The names a user can choose, declared once in a module that imports nothing
-heavy (no torch, no Optuna), so the CLI can show them in ``--help`` and check
-them at parse time, and the library modules check the same tuples. The CAM
-variants and the training presets are not here: they are the keys of
-``topocam.core.cam.CAMS`` and ``topocam.core.backbone.PRESETS``."""
+"""Names a user can choose that have no table of their own, declared once in a
+module that imports nothing heavy (no torch, no Optuna), so the CLI can show
+them in ``--help`` and check them at parse time, and the library modules check
+the same tuples; and :func:`choice_enum`, which makes a Typer option's Enum.
+
+Names that are the keys of the table that builds them are declared there, not
+here: the CAM variants (``topocam.core.cam.CAMS``), the training presets
+(``topocam.core.backbone.PRESETS``) and the samplers
+(``topocam.search.samplers.SAMPLER_TABLE``)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ from enum import Enum
 OUTSIDE_MODES: tuple[str, ...] = ("zero", "exclude")
 BETTI_BACKENDS: tuple[str, ...] = ("fast", "giotto")
 BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
-SAMPLERS: tuple[str, ...] = ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
 ARMS: tuple[str, ...] = ("topocam", "topo_original")  # the tunable methods
 
 
@@ -23,20 +26,7 @@ def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
 OutsideChoice = choice_enum("OutsideChoice", OUTSIDE_MODES)
 BettiBackendChoice = choice_enum("BettiBackendChoice", BETTI_BACKENDS)
 BackboneChoice = choice_enum("BackboneChoice", BACKBONES)
-SamplerChoice = choice_enum("SamplerChoice", SAMPLERS)
 ArmChoice = choice_enum("ArmChoice", ARMS)
-
-
-def check_samplers(names, what: str = "sampler") -> tuple[str, ...]:
-    """``names`` (one name or several) as a tuple of known sampler names, or a
-    TopoCAMError that names ``what`` (the option or study-file key at fault)."""
-    from .errors import TopoCAMError
-
-    names = (names,) if isinstance(names, str) else tuple(names)
-    bad = [n for n in names if n not in SAMPLERS]
-    if bad or not names:
-        raise TopoCAMError(f"{what}: unknown sampler(s) {bad or list(names)}; choose from {', '.join(SAMPLERS)}")
-    return names
 
 
 def check_sampler_seed(seed) -> int:
