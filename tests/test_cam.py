@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from topocam.core import cam as cam_module
 from topocam.core.backbone import CAM_LAYERS, Backbone, SmallCNN
 from topocam.core.cam import (
-    _Activations, _combine, _score_cam_weights, _scoring_net, cam_targets, compute_cams, normalise_maps,
+    CAM_VARIANTS, CAMS, CamChoice, CamVariant, LayerInputs, _Activations, _combine, _score_cam_weights, _scoring_net,
+    cam_targets, check_variant, compute_cams, normalise_maps,
 )
+from topocam.core.errors import TopoCAMError
 
 
 class TinyNet(nn.Module):
@@ -56,7 +59,7 @@ def reference_cam(model, x1, layer_name, variant, target):
             den = 2 * g**2 + a0.sum(dim=dims, keepdim=True) * g**3
             alpha = torch.where(g != 0, num / (den + 1e-7), torch.zeros_like(g))
             w = (alpha * F.relu(g)).sum(dim=dims)
-    else:
+    elif variant == "scorecam":
         scores = []
         mode = "bilinear" if x1.ndim == 4 else "trilinear"
         with torch.no_grad():
@@ -65,12 +68,14 @@ def reference_cam(model, x1, layer_name, variant, target):
                 m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
                 scores.append(model(x1 * m)[0, target])
         w = torch.softmax(torch.stack(scores), dim=0)
+    else:
+        raise AssertionError(f"no reference computation for CAM variant {variant!r}: write one here")
     cam = (w.reshape(-1, *([1] * (a0.ndim - 1))) * a0).sum(0)
     return _norm(cam.detach().numpy())
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("variant", ["gradcam", "gradcampp", "scorecam"])
+@pytest.mark.parametrize("variant", CAM_VARIANTS)
 def test_batched_cams_match_independent_computation(ndim, variant):
     torch.manual_seed(0)
     model = Backbone(TinyNet(ndim), "tiny").eval()
@@ -134,7 +139,7 @@ def test_batched_score_cam_equals_per_image_loop(ndim, size):
         for layer in CAM_LAYERS:
             a = acts[layer]
             w_ref = _score_cam_weights_loop(model, x, a, targets, 16)
-            w = _score_cam_weights(scorer, x, a, targets, 12)
+            w = _score_cam_weights(LayerInputs(acts=a, grads=None, x=x, targets=targets, scorer=scorer, chunk=12))
             assert (w_ref.max(dim=1).values / w_ref.min(dim=1).values).min() > 1.5, "near-uniform weights test nothing"
             np.testing.assert_allclose(w.numpy(), w_ref.numpy(), rtol=2e-5, atol=1e-7, err_msg=f"{layer} weights")
             ref_map = _combine(a, w_ref).numpy()
@@ -178,3 +183,67 @@ def test_label_rule_changes_maps_where_prediction_is_wrong():
     b = compute_cams(model, x, "gradcam", labels=labels, rule="label")
     assert np.array_equal(a.targets, pred) and np.array_equal(b.targets, labels)
     assert not np.allclose(a.maps["layer4"], b.maps["layer4"])
+
+
+def test_variant_names_are_the_table_keys():
+    assert CAM_VARIANTS == tuple(CAMS) == ("gradcam", "gradcampp", "scorecam")
+    assert [c.value for c in CamChoice] == list(CAMS)
+    assert [n for n, row in CAMS.items() if row.uses_gradients] == ["gradcam", "gradcampp"]
+    assert [n for n, row in CAMS.items() if row.needs_scorer] == ["scorecam"]
+    with pytest.raises(TopoCAMError, match="unknown CAM variant 'layercam'; choose one of gradcam, gradcampp, scorecam"):
+        check_variant("layercam")
+
+
+def _equal_weights(inp: LayerInputs) -> torch.Tensor:
+    """A toy variant ("meancam"): every channel weighs the same; needs no gradients, no scorer."""
+    assert inp.grads is None and inp.scorer is None
+    n, c = inp.acts.shape[:2]
+    return torch.full((n, c), 1.0 / c)
+
+
+def _no_scorer(model):
+    raise AssertionError("a row without needs_scorer must not build the scoring network")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_new_row_is_a_new_variant(monkeypatch, ndim):
+    """Adding a variant touches only the table: compute_cams runs a gradient-free
+    row without taking gradients or building the scorer, and its maps are the
+    direct computation, normalise(ReLU(mean_k A_k))."""
+    monkeypatch.setitem(CAMS, "meancam", CamVariant(_equal_weights, uses_gradients=False, about="toy: equal weights"))
+    monkeypatch.setattr(cam_module, "_scoring_net", _no_scorer)
+    torch.manual_seed(3)
+    model = Backbone(TinyNet(ndim), "tiny").eval()
+    x = torch.rand((5, 1) + (12,) * ndim)
+    check_variant("meancam")
+    out = compute_cams(model, x.numpy(), "meancam", batch_size=2)
+    hooks = _Activations(model)
+    with torch.no_grad():
+        assert np.array_equal(out.targets, model(x).argmax(1).numpy())
+        for layer in CAM_LAYERS:
+            a = hooks.out[layer]
+            expected = normalise_maps(F.relu(a.mean(dim=1))).numpy()
+            np.testing.assert_allclose(out.maps[layer], expected, rtol=0, atol=2e-5, err_msg=layer)
+            assert out.maps[layer].max() == 1.0
+    hooks.close()
+    assert all(p.requires_grad for p in model.parameters()), "the parameters' flags are restored"
+
+
+def test_a_new_gradient_row_gets_the_gradients_of_every_layer(monkeypatch):
+    """uses_gradients=True hands a row dS/dA of its own layer: a row whose weights
+    are the summed gradients is Grad-CAM times the layer's size, the same maps."""
+    seen = []
+
+    def summed(inp: LayerInputs) -> torch.Tensor:
+        assert inp.grads is not None and inp.grads.shape == inp.acts.shape and inp.scorer is None
+        seen.append(inp.acts.shape)
+        return inp.grads.sum(dim=tuple(range(2, inp.grads.ndim)))
+
+    monkeypatch.setitem(CAMS, "sumcam", CamVariant(summed, uses_gradients=True))
+    torch.manual_seed(4)
+    model = Backbone(TinyNet(2), "tiny").eval()
+    x = torch.rand(4, 1, 12, 12).numpy()
+    out, ref = compute_cams(model, x, "sumcam"), compute_cams(model, x, "gradcam")
+    assert len(seen) == len(CAM_LAYERS)
+    for layer in CAM_LAYERS:
+        np.testing.assert_allclose(out.maps[layer], ref.maps[layer], rtol=0, atol=1e-5, err_msg=layer)

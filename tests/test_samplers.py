@@ -3,9 +3,12 @@
 import optuna
 import pytest
 
-from topocam.core.choices import SAMPLERS, check_n_trials, check_samplers
+from topocam.core.choices import check_n_trials
 from topocam.core.errors import TopoCAMError
-from topocam.search.samplers import PerTrialSeeded, make_sampler, trial_seed
+from topocam.search.samplers import (
+    OPTIONS_SECTION, SAMPLER_TABLE, SAMPLERS, PerTrialSeeded, SamplerChoice, SamplerKind, check_samplers, make_sampler,
+    trial_seed,
+)
 
 
 def _proposals(sampler, n=6):
@@ -77,3 +80,24 @@ def test_budget_check(bad):
     with pytest.raises(TopoCAMError, match=r"--n-trials \(the trial budget\) must be an integer >= 1"):
         check_n_trials(bad, "--n-trials")
     assert check_n_trials(5) == 5
+
+
+def test_sampler_names_are_the_table_keys():
+    assert SAMPLERS == tuple(SAMPLER_TABLE) == ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
+    assert [c.value for c in SamplerChoice] == list(SAMPLER_TABLE)
+    assert OPTIONS_SECTION == {"de": "de", "de_immediate": "de"}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # QMCSampler, a toy row here
+def test_a_new_row_is_a_new_sampler(monkeypatch):
+    """Adding a sampler touches only the table: the name is then checked, built,
+    refused options (it declares no [sampler.X] table) and seeded per trial."""
+    monkeypatch.setitem(SAMPLER_TABLE, "qmc", SamplerKind(
+        lambda seed, options: PerTrialSeeded(lambda s: optuna.samplers.QMCSampler(seed=s, warn_independent_sampling=False), seed)))
+    assert check_samplers(["qmc", "tpe"]) == ("qmc", "tpe")
+    a, b = make_sampler("qmc", 5), make_sampler("qmc", 5)
+    assert isinstance(a, PerTrialSeeded) and _proposals(a) == _proposals(b)
+    with pytest.raises(TopoCAMError, match=r"sampler 'qmc' takes no options \(got \['x'\]\); only \[sampler.de\] is configurable"):
+        make_sampler("qmc", 0, {"x": 1})
+    with pytest.raises(TopoCAMError, match=r"choose from de, de_immediate, tpe, cmaes, random, gp, qmc"):
+        check_samplers("sobol")

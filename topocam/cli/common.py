@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from topocam.core.choices import SAMPLERS
+from topocam.search.samplers import SAMPLERS
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="TopoCAM: Betti curves of CAM-selected regions, studies and baselines.")
 # piped output (a log, CI, `| tee`) has no terminal width: tables there keep their full width instead of 80 columns

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from topocam.core.choices import SamplerChoice
+from topocam.search.samplers import SamplerChoice
 
 from .common import (
     DATA_DIR_OPTION,

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from topocam.core.atomic import write_json_atomic
-from topocam.core.choices import PresetChoice
+from topocam.core.backbone import PresetChoice
 from topocam.core.settings import run_options
 from topocam.core.stats import format_mean_sd
 

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from topocam.core.choices import SAMPLERS, ArmChoice, SamplerChoice
+from topocam.core.choices import ArmChoice
+from topocam.search.samplers import SAMPLERS, SamplerChoice
 
 from .common import (
     DATA_DIR_OPTION,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .choices import BACKBONES, PRESETS as PRESET_NAMES
+from .choices import BACKBONES, choice_enum
 from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
@@ -223,13 +223,14 @@ class TrainSettings:
     init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
 
 
-# Named training recipes. "medmnist_v2": MedMNIST v2's ResNet baselines (Yang et al. 2023):
-# 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128, so our CNN
-# baseline can be set beside their published table.
+# Named training recipes, the one declaration of the presets (the CLI's --preset and the
+# study files' [backbone] preset are its keys). "medmnist_v2": MedMNIST v2's ResNet baselines
+# (Yang et al. 2023): 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128,
+# so our CNN baseline can be set beside their published table.
 PRESETS: dict[str, dict] = {
     "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
 }
-assert tuple(PRESETS) == PRESET_NAMES, "declare a new preset's name in topocam.choices too"
+PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))  # the CLI's --preset
 
 
 def training_recipe(preset: str | None = None, **overrides) -> dict:

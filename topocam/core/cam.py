@@ -1,7 +1,11 @@
 """Class activation maps for layer2, layer3 and layer4 in one pass (A_{w,tau}'s input).
 
-One base computation, three variants that differ only in how channel weights
-are computed (as in pytorch-grad-cam):
+One base computation (:func:`compute_cams`); the variants differ only in how
+channel weights are computed, as in pytorch-grad-cam. :data:`CAMS` is the one
+declaration of the variants: each row gives its weights function and whether it
+takes gradients or needs the scoring network, and the names (``CAM_VARIANTS``,
+the CLI's ``--cam``, the search space's ``cam``) are its keys. Adding a variant
+is adding a row.
 
 * ``gradcam``:   w_k = mean of dS/dA_k over space;
 * ``gradcampp``: Grad-CAM++ (Chattopadhyay et al.) second/third-order weights;
@@ -29,18 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import CAM_LAYERS, Backbone
-from .choices import CAM_VARIANTS
+from .choices import choice_enum
 from .data import images_in
 from .errors import TopoCAMError
 
 TARGET_RULES: tuple[str, ...] = ("predicted", "label")  # "label" = leakage audit only
 SCORE_CHUNK_PIXELS = 1 << 22  # Score-CAM's default forward pass: masked inputs holding about 4M pixels/voxels,
 SCORE_CHUNK_MAX = 1024  # at most this many (memory: 1,024 resnet18 stems at 28^2 are 205 MB)
-
-
-def check_variant(variant: str) -> None:
-    if variant not in CAM_VARIANTS:
-        raise TopoCAMError(f"unknown CAM variant {variant!r}; choose one of {', '.join(CAM_VARIANTS)}")
 
 
 def cam_targets(logits: torch.Tensor, labels: torch.Tensor | None = None, rule: str = "predicted") -> torch.Tensor:
@@ -74,11 +73,24 @@ def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, t.ndim))
 
 
-def _gradcam_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return grads.mean(dim=_spatial_dims(grads))
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a weights function may read, for one CAM layer of one batch."""
+
+    acts: torch.Tensor  # (n, c, *layer_shape) the layer's activations A, detached
+    grads: torch.Tensor | None  # dS/dA, same shape; None unless the variant uses gradients
+    x: torch.Tensor  # (n, 1, *input_shape) the input batch
+    targets: torch.Tensor  # (n,) the class each map explains
+    scorer: Callable[[torch.Tensor], torch.Tensor] | None  # the scoring network; None unless the variant needs it
+    chunk: int  # masked inputs per forward pass of the scorer
 
 
-def _gradcampp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def _gradcam_weights(inp: LayerInputs) -> torch.Tensor:
+    return inp.grads.mean(dim=_spatial_dims(inp.grads))
+
+
+def _gradcampp_weights(inp: LayerInputs) -> torch.Tensor:
+    acts, grads = inp.acts, inp.grads
     dims = _spatial_dims(grads)
     g2 = grads.pow(2)
     g3 = g2 * grads
@@ -162,13 +174,13 @@ def _scoring_net(model: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
-def _score_cam_weights(
-    scorer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, acts: torch.Tensor, targets: torch.Tensor, chunk: int
-) -> torch.Tensor:
+@torch.inference_mode()
+def _score_cam_weights(inp: LayerInputs) -> torch.Tensor:
     """Score-CAM weights, softmax_k f(x_i * up(A_ik))[t_i]. Every (image, channel)
     pair is one masked input; they are batched across images and channels,
-    ``chunk`` at a time, and each chunk's masks are upsampled and normalised on
+    ``inp.chunk`` at a time, and each chunk's masks are upsampled and normalised on
     the fly (the n*c full-resolution masks are never held at once)."""
+    x, acts, targets, chunk = inp.x, inp.acts, inp.targets, inp.chunk
     n, c = acts.shape[:2]
     mode = "bilinear" if x.ndim == 4 else "trilinear"
     flat = acts.reshape(n * c, 1, *acts.shape[2:])
@@ -177,8 +189,38 @@ def _score_cam_weights(
     for j in range(0, n * c, chunk):
         masks = normalise_maps(F.interpolate(flat[j : j + chunk], size=x.shape[2:], mode=mode, align_corners=False))
         rows = image[j : j + chunk]
-        scores[j : j + chunk] = scorer(x[rows] * masks).gather(1, targets[rows, None])[:, 0]
+        scores[j : j + chunk] = inp.scorer(x[rows] * masks).gather(1, targets[rows, None])[:, 0]
     return torch.softmax(scores.reshape(n, c), dim=1)
+
+
+@dataclass(frozen=True)
+class CamVariant:
+    """One CAM variant: how its channel weights are computed, and what that needs.
+
+    ``uses_gradients``: dS/dA of every CAM layer are taken (one backward pass per
+    batch, the graph starting at the first CAM layer) and passed as ``grads``.
+    ``needs_scorer``: the BatchNorm-folded scoring network (:func:`_scoring_net`)
+    is built once per call and passed as ``scorer``."""
+
+    weights: Callable[[LayerInputs], torch.Tensor]  # -> (n, c) channel weights w_k
+    uses_gradients: bool
+    needs_scorer: bool = False
+    about: str = ""
+
+
+# THE CAM variants (their order is the CLI's and the search space's).
+CAMS: dict[str, CamVariant] = {
+    "gradcam": CamVariant(_gradcam_weights, uses_gradients=True, about="Grad-CAM (Selvaraju et al.)"),
+    "gradcampp": CamVariant(_gradcampp_weights, uses_gradients=True, about="Grad-CAM++ (Chattopadhyay et al.)"),
+    "scorecam": CamVariant(_score_cam_weights, uses_gradients=False, needs_scorer=True, about="Score-CAM (Wang et al.)"),
+}
+CAM_VARIANTS: tuple[str, ...] = tuple(CAMS)
+CamChoice = choice_enum("CamChoice", CAM_VARIANTS)  # the CLI's --cam
+
+
+def check_variant(variant: str) -> None:
+    if variant not in CAMS:
+        raise TopoCAMError(f"unknown CAM variant {variant!r}; choose one of {', '.join(CAMS)}")
 
 
 def compute_cams(
@@ -199,11 +241,12 @@ def compute_cams(
     1,024 images at 28^2): larger passes measured faster on a CPU than the old
     128, above all when the CPU is shared."""
     check_variant(variant)
+    row = CAMS[variant]
     device = next(model.parameters()).device
     model.eval()
-    scorer = _scoring_net(model) if variant == "scorecam" else None  # before the hooks: fuse copies the model
+    scorer = _scoring_net(model) if row.needs_scorer else None  # before the hooks: fuse copies the model
     chunk = score_chunk or max(1, min(SCORE_CHUNK_MAX, SCORE_CHUNK_PIXELS // int(np.prod(x.shape[2:]))))
-    hooks = _Activations(model, graph_from_first=variant != "scorecam")
+    hooks = _Activations(model, graph_from_first=row.uses_gradients)
     maps: dict[str, list[np.ndarray]] = {name: [] for name in CAM_LAYERS}
     targets_all, probs_all = [], []
     from tqdm.auto import tqdm
@@ -217,19 +260,14 @@ def compute_cams(
                     logits = model(xb)
                     acts = {name: hooks.out[name] for name in CAM_LAYERS}
                     targets = cam_targets(logits.detach(), lb, rule)
-                    if variant != "scorecam":
+                    grads = dict.fromkeys(CAM_LAYERS)
+                    if row.uses_gradients:
                         score = logits.gather(1, targets[:, None]).sum()
-                        grads = torch.autograd.grad(score, [acts[n] for n in CAM_LAYERS])
+                        grads = dict(zip(CAM_LAYERS, torch.autograd.grad(score, [acts[n] for n in CAM_LAYERS])))
                 with torch.no_grad():
-                    for name, g in zip(CAM_LAYERS, grads if variant != "scorecam" else [None] * len(CAM_LAYERS)):
+                    for name in CAM_LAYERS:
                         a = acts[name].detach()
-                        if variant == "gradcam":
-                            w = _gradcam_weights(a, g)
-                        elif variant == "gradcampp":
-                            w = _gradcampp_weights(a, g)
-                        else:
-                            with torch.inference_mode():
-                                w = _score_cam_weights(scorer, xb, a, targets, chunk)
+                        w = row.weights(LayerInputs(acts=a, grads=grads[name], x=xb, targets=targets, scorer=scorer, chunk=chunk))
                         maps[name].append(_combine(a, w).float().cpu().numpy())
                 targets_all.append(targets.cpu().numpy())
                 probs_all.append(torch.softmax(logits.detach(), dim=1).float().cpu().numpy())

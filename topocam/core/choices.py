@@ -1,17 +1,20 @@
-"""The names a user can choose, declared once in a module that imports nothing
-heavy (no torch, no Optuna), so the CLI can show them in ``--help`` and check
-them at parse time, and the library modules check the same tuples."""
+"""Names a user can choose that have no table of their own, declared once in a
+module that imports nothing heavy (no torch, no Optuna), so the CLI can show
+them in ``--help`` and check them at parse time, and the library modules check
+the same tuples; and :func:`choice_enum`, which makes a Typer option's Enum.
+
+Names that are the keys of the table that builds them are declared there, not
+here: the CAM variants (``topocam.core.cam.CAMS``), the training presets
+(``topocam.core.backbone.PRESETS``) and the samplers
+(``topocam.search.samplers.SAMPLER_TABLE``)."""
 
 from __future__ import annotations
 
 from enum import Enum
 
-CAM_VARIANTS: tuple[str, ...] = ("gradcam", "gradcampp", "scorecam")
 OUTSIDE_MODES: tuple[str, ...] = ("zero", "exclude")
 BETTI_BACKENDS: tuple[str, ...] = ("fast", "giotto")
 BACKBONES: tuple[str, ...] = ("auto", "resnet18", "r3d18", "small")
-PRESETS: tuple[str, ...] = ("medmnist_v2",)
-SAMPLERS: tuple[str, ...] = ("de", "de_immediate", "tpe", "cmaes", "random", "gp")
 ARMS: tuple[str, ...] = ("topocam", "topo_original")  # the tunable methods
 
 
@@ -20,25 +23,10 @@ def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-CamChoice = choice_enum("CamChoice", CAM_VARIANTS)
 OutsideChoice = choice_enum("OutsideChoice", OUTSIDE_MODES)
 BettiBackendChoice = choice_enum("BettiBackendChoice", BETTI_BACKENDS)
 BackboneChoice = choice_enum("BackboneChoice", BACKBONES)
-PresetChoice = choice_enum("PresetChoice", PRESETS)
-SamplerChoice = choice_enum("SamplerChoice", SAMPLERS)
 ArmChoice = choice_enum("ArmChoice", ARMS)
-
-
-def check_samplers(names, what: str = "sampler") -> tuple[str, ...]:
-    """``names`` (one name or several) as a tuple of known sampler names, or a
-    TopoCAMError that names ``what`` (the option or study-file key at fault)."""
-    from .errors import TopoCAMError
-
-    names = (names,) if isinstance(names, str) else tuple(names)
-    bad = [n for n in names if n not in SAMPLERS]
-    if bad or not names:
-        raise TopoCAMError(f"{what}: unknown sampler(s) {bad or list(names)}; choose from {', '.join(SAMPLERS)}")
-    return names
 
 
 def check_sampler_seed(seed) -> int:

@@ -15,7 +15,8 @@ So adding a setting is one entry here plus the code that uses it. The names a
 user sees are the field names everywhere: ``--tau-mode`` on the command line,
 ``tau_mode`` in a study file's ``[fixed]`` table, an arm and ``[space.tau_mode]``.
 
-This module imports nothing heavy (no torch): the CLI builds its options from it.
+Choices dispatched by a stage's own table (the CAM variants, the CAM target rules, the
+backbone inits) and the backbone's default training recipe are taken from their owners.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .choices import ARMS, BACKBONES, BETTI_BACKENDS, CAM_VARIANTS, OUTSIDE_MODES
+from .backbone import DEFAULT_RECIPE, INITS
+from .cam import CAM_VARIANTS, TARGET_RULES
+from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 
 STAGES = ("data", "backbone", "method", "cam", "roi", "topology", "classifier", "execution")
@@ -188,19 +191,23 @@ class TopoCAMConfig:
     # backbone (f_theta)
     backbone: str = setting("auto", "auto: resnet18 in 2D, r3d18 in 3D; small: a tiny CNN for tests and demos", "backbone",
                             "backbone", choices=BACKBONES, arm=False, old_keys=("arch",))
-    epochs: int = setting(10, "backbone fine-tuning epochs", "backbone", "backbone", type=int, bounds=(1, None),
+    epochs: int = setting(DEFAULT_RECIPE["epochs"], "backbone fine-tuning epochs", "backbone", "backbone", type=int,
+                          bounds=(1, None),
                           arm=False, recipe="epochs")
-    batch_size: int = setting(32, "backbone batch size", "backbone", "backbone", type=int, bounds=(2, None), arm=False,
+    batch_size: int = setting(DEFAULT_RECIPE["batch_size"], "backbone batch size", "backbone", "backbone", type=int,
+                              bounds=(2, None), arm=False,
                               recipe="batch_size")
-    lr: float = setting(1e-3, "backbone learning rate (Adam)", "backbone", "backbone", type=float, above=0.0, arm=False,
+    lr: float = setting(DEFAULT_RECIPE["lr"], "backbone learning rate (Adam)", "backbone", "backbone", type=float,
+                        above=0.0, arm=False,
                         recipe="lr")
-    lr_milestones: tuple[int, ...] = setting((), "backbone lr / 10 after these epochs (comma-separated)", "backbone",
+    lr_milestones: tuple[int, ...] = setting(DEFAULT_RECIPE["milestones"],
+                                             "backbone lr / 10 after these epochs (comma-separated)", "backbone",
                                              "backbone", type=int, length=0, bounds=(1, None), arm=False, recipe="milestones",
                                              old_keys=("milestones",))
     seed: int = setting(0, "model seed (backbone and MLP)", "backbone", "backbone", type=int, bounds=(0, None), arm=False,
                         cli=False)
     init: str = setting("auto", "backbone start: auto (pretrained weights if on disk), pretrained (required), scratch",
-                        "backbone", "backbone", choices=("auto", "pretrained", "scratch"), in_definition_at_default=False)
+                        "backbone", "backbone", choices=INITS, in_definition_at_default=False)
     # method: "topocam" (ROI from the CAMs) or "topo_original" (the same phi and g on the whole image)
     method: str = setting("topocam", "topocam (ROI from the CAMs) or topo_original (the whole image)", "method", None,
                           choices=ARMS, cli=False)
@@ -216,7 +223,7 @@ class TopoCAMConfig:
     cam: str = setting("gradcam", "CAM variant: Grad-CAM, Grad-CAM++ or Score-CAM", "cam", "fixed", choices=CAM_VARIANTS,
                        search=Search())
     cam_target: str = setting("predicted", "the class each CAM explains: predicted (always), or label (leakage audit only)",
-                              "cam", None, choices=("predicted", "label"), audit_only=("label",), cli=False)
+                              "cam", None, choices=TARGET_RULES, audit_only=("label",), cli=False)
     # topology (phi)
     outside: str = setting("zero", "zero: outside voxels are 0 (paper); exclude: they never enter the filtration",
                            "topology", "fixed", choices=OUTSIDE_MODES, search=Search(default=False))

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import write_text_atomic
-from ..core.choices import check_n_trials, check_samplers
+from ..core.choices import check_n_trials
 from ..core.errors import TopoCAMError
 from ..core.pipeline import baseline
 from ..core.stats import format_mean_sd, mean_sd
 from .plots import comparison_plot
 from .runner import SamplerRun, StudyRunner
+from .samplers import check_samplers
 
 FRACTIONS = (0.25, 0.5, 1.0)
 

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from ..core.choices import check_n_trials, check_sampler_seed, check_samplers
+from ..core.choices import check_n_trials, check_sampler_seed
 from ..core.errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..core.pipeline import BASELINES, Context, baseline, evaluate, prepare
 from ..core.locks import FileLock
@@ -59,7 +59,7 @@ from ..stores import DEFAULT_RUNS_DIR
 from ..tracking import Tracker
 from .fingerprint import check_definition
 from .mlflow_runs import StudyRuns
-from .samplers import OPTIONS_SECTION, make_sampler
+from .samplers import OPTIONS_SECTION, check_samplers, make_sampler
 from .space import apply_params, arm_space, suggest
 from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
 from .storage import infrastructure_error

@@ -14,6 +14,10 @@
 * ``random``: uniform random search, the control;
 * ``gp``: Optuna's Gaussian-process sampler (optional; needs scipy and torch).
 
+:data:`SAMPLER_TABLE` is the one declaration: name -> how it is built and which
+``[sampler.X]`` options table it reads. ``SAMPLERS`` (the names a study file and
+the CLI accept) are its keys; adding a sampler is adding a row.
+
 Seeding. Optuna's own samplers keep one random stream per sampler *object*:
 a resumed study (a new process, a new object with the same seed) would replay
 the proposals of its first trials, and two workers with the same seed would
@@ -28,6 +32,7 @@ one, and workers never repeat each other.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -36,10 +41,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from ..core.choices import check_samplers
+from ..core.choices import choice_enum
 from ..core.errors import TopoCAMError
-
-OPTIONS_SECTION: dict[str, str] = {"de": "de", "de_immediate": "de"}  # sampler -> its [sampler.X] table
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -91,32 +94,64 @@ class PerTrialSeeded(BaseSampler):
         """Nothing to reseed: the randomness of a trial is a function of (seed, trial number)."""
 
 
-def _factory(name: str) -> Callable[[int], BaseSampler]:
-    if name == "tpe":
-        return lambda s: optuna.samplers.TPESampler(seed=s)
-    if name == "cmaes":
-        return lambda s: optuna.samplers.CmaEsSampler(
-            seed=s, independent_sampler=optuna.samplers.RandomSampler(seed=s), warn_independent_sampling=False
-        )
-    if name == "random":
-        return lambda s: optuna.samplers.RandomSampler(seed=s)
-    if name == "gp":
-        return lambda s: optuna.samplers.GPSampler(seed=s)
-    raise AssertionError(f"sampler {name!r} is in SAMPLERS but has no factory")
+def _per_trial(factory: Callable[[int], BaseSampler]) -> Callable[[int, dict[str, Any]], BaseSampler]:
+    """An Optuna sampler, trial ``n`` proposed by ``factory(trial_seed(seed, n))`` (:class:`PerTrialSeeded`)."""
+    return lambda seed, options: PerTrialSeeded(factory, seed)
+
+
+def _de(**fixed: Any) -> Callable[[int, dict[str, Any]], BaseSampler]:
+    """Our DE sampler (``de.py``) with the ``[sampler.de]`` options, ``fixed`` ones over them."""
+
+    def build(seed: int, options: dict[str, Any]) -> BaseSampler:
+        from .de import DifferentialEvolutionSampler, DifferentialEvolutionSamplerError
+
+        try:
+            return DifferentialEvolutionSampler(seed=seed, **{**options, **fixed})
+        except DifferentialEvolutionSamplerError as exc:
+            raise TopoCAMError(f"[sampler.de]: {exc}") from None
+
+    return build
+
+
+@dataclass(frozen=True)
+class SamplerKind:
+    """How one named sampler is built."""
+
+    build: Callable[[int, dict[str, Any]], BaseSampler]  # (seed, options) -> the sampler
+    options: str | None = None  # the [sampler.X] table of options it reads; None: it takes none
+
+
+# THE samplers (their order is the CLI's and the error messages').
+SAMPLER_TABLE: dict[str, SamplerKind] = {
+    "de": SamplerKind(_de(), options="de"),
+    "de_immediate": SamplerKind(_de(updating="immediate"), options="de"),
+    "tpe": SamplerKind(_per_trial(lambda s: optuna.samplers.TPESampler(seed=s))),
+    "cmaes": SamplerKind(_per_trial(lambda s: optuna.samplers.CmaEsSampler(
+        seed=s, independent_sampler=optuna.samplers.RandomSampler(seed=s), warn_independent_sampling=False))),
+    "random": SamplerKind(_per_trial(lambda s: optuna.samplers.RandomSampler(seed=s))),
+    "gp": SamplerKind(_per_trial(lambda s: optuna.samplers.GPSampler(seed=s))),
+}
+SAMPLERS: tuple[str, ...] = tuple(SAMPLER_TABLE)
+SamplerChoice = choice_enum("SamplerChoice", SAMPLERS)  # the CLI's --sampler
+OPTIONS_SECTION: dict[str, str] = {n: k.options for n, k in SAMPLER_TABLE.items() if k.options}  # sampler -> its [sampler.X]
+
+
+def check_samplers(names, what: str = "sampler") -> tuple[str, ...]:
+    """``names`` (one name or several) as a tuple of known sampler names, or a
+    TopoCAMError that names ``what`` (the option or study-file key at fault)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    bad = [n for n in names if n not in SAMPLER_TABLE]
+    if bad or not names:
+        raise TopoCAMError(f"{what}: unknown sampler(s) {bad or list(names)}; choose from {', '.join(SAMPLER_TABLE)}")
+    return names
 
 
 def make_sampler(name: str, seed: int, options: dict[str, Any] | None = None) -> BaseSampler:
     check_samplers(name)
+    kind = SAMPLER_TABLE[name]
     options = options or {}
-    if name in ("de", "de_immediate"):
-        from .de import DifferentialEvolutionSampler, DifferentialEvolutionSamplerError
-
-        if name == "de_immediate":
-            options = {**options, "updating": "immediate"}
-        try:
-            return DifferentialEvolutionSampler(seed=seed, **options)
-        except DifferentialEvolutionSamplerError as exc:
-            raise TopoCAMError(f"[sampler.de]: {exc}") from None
-    if options:
-        raise TopoCAMError(f"sampler {name!r} takes no options (got {sorted(options)}); only [sampler.de] is configurable")
-    return PerTrialSeeded(_factory(name), seed)
+    if options and kind.options is None:
+        tables = [f"[sampler.{t}]" for t in dict.fromkeys(k.options for k in SAMPLER_TABLE.values() if k.options)]
+        configurable = f"only {', '.join(tables)} {'is' if len(tables) == 1 else 'are'} configurable"
+        raise TopoCAMError(f"sampler {name!r} takes no options (got {sorted(options)}); {configurable}")
+    return kind.build(seed, options)

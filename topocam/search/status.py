@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
-from ..core.choices import SAMPLERS
 from ..core.errors import TopoCAMError
+from .samplers import SAMPLERS
 from .storage import open_storage, quiet_experimental
 from .trials import ATTR_ERROR, counts, scored_trials
 

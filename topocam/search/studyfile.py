@@ -34,8 +34,8 @@ from typing import Any
 
 from ..core.errors import DeprecatedKeyWarning, TopoCAMError
 from ..core.settings import SECTIONS, TopoCAMConfig, in_section, old_keys, recipe_settings
-from ..core.choices import check_n_trials, check_samplers
-from .samplers import make_sampler
+from ..core.choices import check_n_trials
+from .samplers import check_samplers, make_sampler
 from .space import Param, build_space
 
 DEFAULT_GRACE_PERIOD = 20  # seconds; heartbeats every grace_period // 4
