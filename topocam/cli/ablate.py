@@ -8,21 +8,8 @@ from typing import Optional
 import typer
 
 from .common import (
-    DATA_DIR_OPTION,
-    METHOD_NAMES,
-    QUIET_OPTION,
-    RUNS_DIR_OPTION,
-    STORAGE_OPTION,
-    TRACKING_URI_OPTION,
-    _fmt,
-    _ints,
-    _study_setup,
-    app,
-    console,
-    ensure_writable_dir,
-    err,
-    fail,
-    print_runs_link,
+    DATA_DIR_OPTION, METHOD_NAMES, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _ints,
+    _study_setup, app, console, ensure_writable_dir, err, fail, print_runs_link,
 )
 
 # ------------------------------------------------------------------ ablations

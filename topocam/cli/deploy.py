@@ -11,17 +11,7 @@ import typer
 from topocam.search.samplers import SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION,
-    QUIET_OPTION,
-    RUNS_DIR_OPTION,
-    _fmt,
-    _study_setup,
-    _value,
-    app,
-    console,
-    err,
-    fail,
-    output_dir,
+    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, _fmt, _study_setup, _value, app, console, err, fail, output_dir,
 )
 
 # ------------------------------------------------------------------ shipping

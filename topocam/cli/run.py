@@ -15,19 +15,8 @@ from topocam.core.stats import format_mean_sd
 
 from .options import parse, with_setting_options
 from .common import (
-    METHOD_NAMES,
-    QUIET_OPTION,
-    TRACKING_URI_OPTION,
-    _fmt,
-    _ints,
-    _n_jobs_option,
-    _value,
-    app,
-    console,
-    err,
-    fail,
-    output_dir,
-    print_runs_link,
+    METHOD_NAMES, QUIET_OPTION, TRACKING_URI_OPTION, _fmt, _ints, _n_jobs_option, _value, app, console, err, fail,
+    output_dir, print_runs_link,
 )
 
 

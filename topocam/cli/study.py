@@ -12,21 +12,8 @@ from topocam.core.choices import ArmChoice
 from topocam.search.samplers import SAMPLERS, SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION,
-    QUIET_OPTION,
-    RUNS_DIR_OPTION,
-    STORAGE_OPTION,
-    TRACKING_URI_OPTION,
-    _fmt,
-    _sampler_list_option,
-    _study_setup,
-    _value,
-    app,
-    console,
-    err,
-    fail,
-    output_dir,
-    print_runs_link,
+    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _sampler_list_option,
+    _study_setup, _value, app, console, err, fail, output_dir, print_runs_link,
 )
 
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
