@@ -3,7 +3,7 @@
 A run's configuration is read from what was logged:
 
 * a ``topocam run`` run (``kind=run``): the parent run holds every
-  :class:`~topocam.pipeline.TopoCAMConfig` field as a parameter (not the data
+  :class:`~topocam.core.pipeline.TopoCAMConfig` field as a parameter (not the data
   or cache folders) and the data fingerprint; a seed's run holds the seed. The
   parent itself stands for its first seed;
 * a study's ``kind=trial``, ``kind=best`` or ``kind=export`` run: its parameters
@@ -13,9 +13,9 @@ A run's configuration is read from what was logged:
   validation split and never touch test (DESIGN.md section 2.5); best and
   export runs are reported ones (test).
 
-The context is re-built with :func:`topocam.pipeline.prepare` (the backbone and
+The context is re-built with :func:`topocam.core.pipeline.prepare` (the backbone and
 CAM caches make it cheap when the cache folder is the run's), the figures drawn
-by :func:`topocam.figures.explain`, and the re-computed metrics compared with
+by :func:`topocam.tracking.figures.explain`, and the re-computed metrics compared with
 the logged ones: a difference (a retrained backbone, other data) is reported,
 never hidden.
 """
@@ -211,7 +211,7 @@ def explain_run(
 ) -> ExplainResult:
     """Re-compute a logged run's configuration, draw its figures, write them to ``out``
     and (``log``) log them to the run under ``figures/``."""
-    from . import figures
+    from ..tracking import figures
     from ..core.pipeline import prepare
 
     lc = logged_config(client, run_id, data_dir, cache_dir)
