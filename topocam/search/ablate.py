@@ -343,13 +343,11 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def write_tables(rows: list[dict], title: str, out_dir: Path, extra: dict) -> dict[str, Path]:
-    from .compare import _json_safe
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"md": out_dir / "ablation.md", "csv": out_dir / "ablation.csv", "json": out_dir / "ablation.json"}
     write_text_atomic(files["md"], markdown(rows, title))
     write_text_atomic(files["csv"], csv_text(rows))
-    write_json_atomic(files["json"], _json_safe({**extra, "rows": rows}))
+    write_json_atomic(files["json"], {**extra, "rows": rows})
     return files
 
 

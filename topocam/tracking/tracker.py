@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import json_safe
 from ..core.errors import DamagedStoreWarning, TopoCAMError
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR, parse_store_url, sqlite_url
@@ -383,7 +384,7 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
                 if "ci95" in stat:
                     summary[f"{key}_ci95_lo"], summary[f"{key}_ci95_hi"] = stat["ci95"]
     tracker.log_metrics(parent, summary)
-    tracker.log_text(parent, json.dumps(result, indent=2, default=float, allow_nan=True), "metrics.json")
+    tracker.log_text(parent, json.dumps(json_safe(result), indent=2, allow_nan=False), "metrics.json")
     for r in result["runs"]:
         bb = r["backbone"]
         child = tracker.start_run(
