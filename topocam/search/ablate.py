@@ -469,7 +469,7 @@ def log_arm_figures(ab: Ablation, results: list[ArmResult], children: dict[tuple
         cfg = replace(r.config, seed=seed)
         try:
             figs = figures.explain(ab.context(cfg), cfg, report_test=True, variants=(cfg.cam,))
-            figures.log_figures(tracker.client, children[(r.arm.key, seed)], figs)
+            figures.log_figures(tracker, children[(r.arm.key, seed)], figs)
         except TopoCAMError as exc:
             log(f"figures for {r.arm.key} (seed {seed}) not made: {exc}")
 
