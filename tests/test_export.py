@@ -389,6 +389,25 @@ def test_export_cli_adds_versions_and_moves_the_alias(shipped):
     assert run.data.tags["trial"] == str(other) and run.data.tags["kind"] in ("best", "export")
 
 
+def test_export_cli_takes_both_stores_from_the_environment(shipped, tmp_path):
+    """Only TOPOCAM_STORAGE and MLFLOW_TRACKING_URI set, as for `study run`: `export` used to
+    declare --storage and --tracking-uri without them and stop with 'no study storage'."""
+    from typer.testing import CliRunner
+
+    from topocam.cli import app
+
+    empty = tmp_path / "runs"  # holds neither store: both come from the environment
+    r = CliRunner().invoke(app, ["export", str(shipped.study_file), "--name", "tiny-env", "--runs-dir", str(empty), "--quiet"],
+                           env={"TOPOCAM_STORAGE": shipped.storage, "MLFLOW_TRACKING_URI": shipped.tracking_uri})
+    assert r.exit_code == 0, r.output
+    assert "registered tiny-env version 1 (alias champion)" in r.output
+    assert f"tracking {shipped.tracking_uri}" in r.output
+    assert f"serve: MLFLOW_TRACKING_URI={shipped.tracking_uri} topocam serve --model models:/tiny-env@champion" in r.output
+    assert not empty.exists()  # no store was made under the runs folder
+    mv = _client(shipped).get_model_version_by_alias("tiny-env", "champion")
+    assert int(mv.version) == 1 and mv.tags["study"] == "shiptiny"
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -55,7 +55,7 @@ def test_runs_table_link_in_headless_chromium(tmp_path):
     from topocam.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, tags_filter
 
     tracker, exp = _store(tmp_path / "mlruns")
-    assert tracker.client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # model training, not GenAI
+    assert tracker._client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # model training, not GenAI
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     view = dict(name="cam ablation", filter=tags_filter({"ablation": "cam"}) + " and tags.arm != ''",
@@ -116,13 +116,13 @@ def _view(tracker, output: str) -> tuple[str, dict]:
     url = re.search(r"http://127\.0\.0\.1:5000/#/experiments/(\w+)/runs\?workflowType=machine_learning&viewStateShareKey=(\S+)", output)
     assert url, output
     exp, key = url.groups()
-    value = json.loads(tracker.client.get_experiment(exp).tags[VIEW_TAG_PREFIX + key])
+    value = json.loads(tracker._client.get_experiment(exp).tags[VIEW_TAG_PREFIX + key])
     return exp, json.loads(value["state"]) if "state" in value else value  # a named view's envelope, or the bare state
 
 
 def _shown(tracker, exp: str, state: dict) -> list:
     """The runs the view's filter selects; every one has each metric column the view shows."""
-    runs = tracker.client.search_runs([exp], filter_string=state["searchFilter"], max_results=1000)
+    runs = tracker.search_runs([exp], filter_string=state["searchFilter"], max_results=1000)
     for col in state["selectedColumns"]:
         kind, key = re.fullmatch(r"(\w+)\.`(.+)`", col).groups()
         assert any(key in getattr(r.data, kind) for r in runs), (col, [r.data for r in runs])

@@ -213,8 +213,7 @@ def trial_runs(folder: Path, study: str) -> dict[int, object]:
     from topocam.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
-    exp = tracker.client.get_experiment_by_name(study)
-    runs = tracker.client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'", max_results=100)
+    runs = tracker.search_runs([tracker.experiment(study)], filter_string="tags.kind = 'trial'", max_results=100)
     return {int(r.data.tags["trial"]): r for r in runs}
 
 
@@ -274,8 +273,7 @@ def test_sigint_stops_a_worker_cleanly(env, tmp_path, signame):
     from topocam.tracking import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    exp = tracker.client.get_experiment_by_name("sigint").experiment_id
-    (parent,) = tracker.client.search_runs([exp], filter_string="tags.kind = 'sampler'")
+    (parent,) = tracker.search_runs([tracker.experiment("sigint")], filter_string="tags.kind = 'sampler'")
     assert parent.info.status == "KILLED"
     outs = finish(procs := [start_worker(env, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "2", "--storage", url)])
     trials = trials_of(url, "sigint.random.s0")
@@ -351,7 +349,7 @@ def _broken_tracking(runner, monkeypatch):
     def create_run(*a, **k):
         raise MlflowException("(sqlite3.OperationalError) no such table: runs")
 
-    monkeypatch.setattr(runner.tracker.client, "create_run", create_run)
+    monkeypatch.setattr(runner.tracker._client, "create_run", create_run)  # the tracker's store fails
 
 
 def _full_disk(runner, monkeypatch):

@@ -183,7 +183,7 @@ def test_a_half_created_mlflow_database_holding_no_runs_is_set_aside_and_recreat
     rid = tracker.start_run(tracker.experiment("after"), "r", {"kind": "trial"})
     tracker.log_metrics(rid, {"val_auc": 0.5})
     tracker.finish(rid)
-    assert Tracker(None, runs).client.get_run(rid).data.metrics == {"val_auc": 0.5}  # and it opens again, quietly
+    assert Tracker(None, runs).get_run(rid).data.metrics == {"val_auc": 0.5}  # and it opens again, quietly
 
 
 def _half_upgraded_with_runs(db: Path) -> None:

@@ -121,10 +121,13 @@ def trials_of(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def mlflow_runs(tracker: Tracker, study: str, **tags) -> list:
-    exp = tracker.client.get_experiment_by_name(study)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracker.uri)  # a client of the test's own, on the tracker's store
+    exp = client.get_experiment_by_name(study)
     assert exp is not None, f"no MLflow experiment {study!r}"
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()) or None
-    return list(tracker.client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000))
+    return list(client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000))
 
 
 # ----------------------------------------------------------------- fixtures
@@ -453,7 +456,9 @@ def test_resume_does_not_duplicate_mlflow_runs(resumed, env):
 
 
 def test_mlflow_run_structure(resumed, env):
-    client, tr = env.tracker.client, env.tracker
+    from mlflow import MlflowClient
+
+    client, tr = MlflowClient(env.tracker.uri), env.tracker
     exps = [e for e in client.search_experiments() if e.name == "resume"]
     assert len(exps) == 1
     base = mlflow_runs(tr, "resume", kind="baseline")
@@ -534,7 +539,7 @@ def test_every_trial_failing(env, warm, tmp_path, monkeypatch):
     assert mlflow_runs(env.tracker, "allfail", kind="best") == []
     (parent,) = mlflow_runs(env.tracker, "allfail", kind="sampler")
     assert parent.info.status == "FINISHED"
-    plots = {a.path for a in env.tracker.client.list_artifacts(parent.info.run_id, "plots")}
+    plots = {a.path for a in env.tracker.list_artifacts(parent.info.run_id, "plots")}
     assert plots, "the plots (or notes saying why they are missing) were not logged"
     rows = study_status("allfail", storage)
     assert rows[0]["failed"] == 3 and rows[0]["best_trial"] == -1 and math.isnan(rows[0]["best_value"])
@@ -576,7 +581,7 @@ def test_killed_worker_trial_is_closed_in_mlflow(env, warm, tmp_path):
     rid = env.tracker.start_run(env.tracker.experiment("killed"), "orphan", tags, parent=parent.info.run_id)
     st.tell(orphan, state=S.FAIL)  # what Optuna's heartbeat check does after the grace period
     make_runner(path, storage, env.tracker).run("random", 0, 3)
-    run = env.tracker.client.get_run(rid)
+    run = env.tracker.get_run(rid)
     assert run.info.status == "KILLED" and "stale heartbeat" in run.data.tags["error"]
     # the lost trial does not count toward the budget of 3
     assert [t.state for t in trials_of(storage, "killed.random.s0")] == [S.COMPLETE, S.FAIL, S.COMPLETE, S.COMPLETE]
@@ -691,7 +696,7 @@ def test_compare_equal_budgets_and_consistent_summary(env, warm, tmp_path):
     best = mlflow_runs(env.tracker, "cmp", kind="best", sampler="random", seed="0", arm="topocam")
     assert len(best) == 1 and best[0].data.tags["trial"] == str(rand0.best_trial)
     (run,) = mlflow_runs(env.tracker, "cmp", kind="comparison")
-    arts = {a.path for a in env.tracker.client.list_artifacts(run.info.run_id, "comparison")}
+    arts = {a.path for a in env.tracker.list_artifacts(run.info.run_id, "comparison")}
     assert arts == {f"comparison/{f}" for f in ("comparison.md", "comparison.csv", "comparison.json", "best_so_far.png")}
     assert run.data.metrics["random_best_val_auc_at100pct_median"] == pytest.approx(detail["rows"][0]["best_val_auc@100%"]["median"])
     assert "| random |" in (out / "comparison.md").read_text()

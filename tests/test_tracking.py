@@ -28,20 +28,20 @@ def test_default_store_is_sqlite_under_the_runs_folder(tracker):
 
 def test_a_new_experiment_is_a_model_training_experiment(tracker):
     exp = tracker.experiment("kind-new")
-    assert tracker.client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert tracker._client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     assert tracker.experiment("kind-new") == exp  # found, not created twice
 
 
 def test_an_experiment_created_before_the_tag_gets_it(tracker):
-    exp = tracker.client.create_experiment("kind-old")
-    assert EXPERIMENT_KIND_TAG not in tracker.client.get_experiment(exp).tags
+    exp = tracker._client.create_experiment("kind-old")
+    assert EXPERIMENT_KIND_TAG not in tracker._client.get_experiment(exp).tags
     assert tracker.experiment("kind-old") == exp
-    assert tracker.client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert tracker._client.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
 
 
 def test_a_deleted_experiment_is_one_sentence_naming_the_way_out(tracker):
     exp = tracker.experiment("kind-deleted")
-    tracker.client.delete_experiment(exp)
+    tracker._client.delete_experiment(exp)
     with pytest.raises(TopoCAMError, match=rf"'kind-deleted' .* is deleted; restore it .*--experiment-id {exp}"):
         tracker.experiment("kind-deleted")
 
@@ -50,11 +50,11 @@ def test_start_run_nests_under_its_parent_with_string_tags_and_params(tracker):
     exp = tracker.experiment("nesting")
     parent = tracker.start_run(exp, "sampler-de", {"kind": "sampler", "seed": 3})
     child = tracker.start_run(exp, "trial-0", {"kind": "trial", "seed": 3}, parent=parent, params={"tau": 0.5})
-    c, p = tracker.client.get_run(child).data, tracker.client.get_run(parent).data
+    c, p = tracker.get_run(child).data, tracker.get_run(parent).data
     assert c.tags["mlflow.parentRunId"] == parent and "mlflow.parentRunId" not in p.tags
     assert c.tags["seed"] == "3" and c.tags["kind"] == "trial"
     assert c.params == {"tau": "0.5"}
-    assert tracker.client.get_run(child).info.run_name == "trial-0"
+    assert tracker.get_run(child).info.run_name == "trial-0"
 
 
 def test_keys_are_sanitised_and_missing_metrics_dropped(tracker):
@@ -62,7 +62,7 @@ def test_keys_are_sanitised_and_missing_metrics_dropped(tracker):
     rid = tracker.start_run(exp, "r", {"kind": "trial"})
     tracker.log_params(rid, {"best@5%": 1, "mlp (hidden)": (128, 64), "long": "x" * 7000})
     tracker.log_metrics(rid, {"best_val_auc@25%": 0.75, "bad#name": 1.0, "nan": float("nan"), "none": None})
-    data = tracker.client.get_run(rid).data
+    data = tracker.get_run(rid).data
     assert data.metrics == {"best_val_auc_at25pct": 0.75, "bad_name": 1.0}
     assert set(data.params) == {"best_at5pct", "mlp _hidden_", "long"}
     assert data.params["mlp _hidden_"] == "(128, 64)" and len(data.params["long"]) == 6000
@@ -73,7 +73,7 @@ def test_more_than_one_batch_of_params(tracker):
     """MLflow takes 100 params per batch: the rest must not be lost."""
     exp = tracker.experiment("keys")
     rid = tracker.start_run(exp, "many", {"kind": "trial"}, params={f"p{i}": i for i in range(230)})
-    assert len(tracker.client.get_run(rid).data.params) == 230
+    assert len(tracker.get_run(rid).data.params) == 230
 
 
 # MLflow's filter parser takes a literal verbatim between its quotes: a value with a quote, a
@@ -107,7 +107,7 @@ def test_find_runs_filters_on_status_and_a_key_that_needs_backquotes(tracker):
 
 
 def _view_tags(tracker, exp):
-    return {k: v for k, v in tracker.client.get_experiment(exp).tags.items() if k.startswith(VIEW_TAG_PREFIX)}
+    return {k: v for k, v in tracker._client.get_experiment(exp).tags.items() if k.startswith(VIEW_TAG_PREFIX)}
 
 
 def test_runs_table_url_is_stable_for_the_same_view_and_saves_it_once(tracker):

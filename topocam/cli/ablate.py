@@ -75,15 +75,16 @@ def explain_cmd(
     """Figures of a logged run (Betti curves, t-SNE, CAM overlays, ROC, confusion, ROI quality), logged back to it."""
     from topocam import TopoCAMError
     from topocam.report.explain import explain_run
-    from topocam.tracking import Tracker
+    from topocam.tracking import Tracker, resolve_tracking_uri
 
-    if tracking_uri is None and not (runs_dir / "mlflow.db").is_file():
+    uri = resolve_tracking_uri(tracking_uri, runs_dir, must_exist=True)  # explain reads a store: it makes none
+    if uri is None:
         fail(f"no MLflow store at {runs_dir / 'mlflow.db'}; pass --runs-dir or --tracking-uri")
     out_dir = out or runs_dir / "explain" / run_id
     ensure_writable_dir(out_dir)
     try:
-        tracker = Tracker(tracking_uri, runs_dir)
-        res = explain_run(tracker.client, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
+        tracker = Tracker(uri, runs_dir)
+        res = explain_run(tracker, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
                           cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet)
     except TopoCAMError as exc:
         fail(str(exc))

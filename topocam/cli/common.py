@@ -21,9 +21,13 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 RUNS_DIR_HELP = "local runs folder: default Optuna storage (optuna.db) and MLflow store (mlflow.db + artifacts/)"
-# options several commands share (one declaration each)
-STORAGE_OPTION = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite under --runs-dir)")
-TRACKING_URI_OPTION = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite under --runs-dir)")
+# options several commands share (one declaration each); every command taking a store takes it
+# through these, so the flag, then its environment variable, then the runs folder decide, as
+# topocam.tracking.resolve_tracking_uri does for a Tracker and for serve / predict / app / explain
+STORAGE_OPTION = typer.Option(None, envvar="TOPOCAM_STORAGE", help="Optuna storage URL (default: sqlite RUNS_DIR/optuna.db)")
+TRACKING_URI_OPTION = typer.Option(
+    None, envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI, also the model registry of models:/ URIs (default: sqlite RUNS_DIR/mlflow.db)")
 DATA_DIR_OPTION = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)")
 RUNS_DIR_OPTION = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP)
 QUIET_OPTION = typer.Option(False, "--quiet", help="no progress bars")
@@ -112,7 +116,7 @@ def print_runs_link(tracker, experiment: str, **view) -> None:
     """Say where the runs are: the experiment and store, then the link to the runs table with the
     runs to compare and their metric columns (``Tracker.runs_table_url``'s keywords), and for a local
     store the command that serves it first."""
-    name = tracker.client.get_experiment(experiment).name
+    name = tracker.experiment_name(experiment)
     console.print(f"MLflow: experiment {name!r} in {tracker.uri}", markup=False, highlight=False, soft_wrap=True)
     serve = tracker.ui_command()
     if serve:

@@ -11,19 +11,26 @@ import typer
 from topocam.search.samplers import SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, _fmt, _study_setup, _value, app, console, err, fail, output_dir,
+    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _study_setup, _value, app,
+    console, err, fail, output_dir,
 )
 
 # ------------------------------------------------------------------ shipping
 
 MODEL_HELP = "model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/RUN/model or a local model folder"
-TRACKING_HELP = "MLflow tracking/registry URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db)"
+
+
+def _registry(tracking_uri: str | None, runs_dir: Path) -> str | None:
+    """The store models:/ URIs resolve in; None when there is none (nothing is created)."""
+    from topocam.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri, runs_dir, must_exist=True)
 
 
 def _load_model(model: str, tracking_uri: Optional[str], runs_dir: Path):
-    from topocam.deploy.serve import load_model, resolve_tracking_uri
+    from topocam.deploy.serve import load_model
 
-    return load_model(model, resolve_tracking_uri(tracking_uri, runs_dir))
+    return load_model(model, _registry(tracking_uri, runs_dir))
 
 
 @app.command("export")
@@ -33,8 +40,8 @@ def export_cmd(
     sampler: Optional[SamplerChoice] = typer.Option(None, help="only this sampler's trials (default: all samplers)"),
     seed: Optional[int] = typer.Option(None, help="only this sampler seed's trials (default: all seeds)"),
     trial: Optional[int] = typer.Option(None, help="export this trial number instead of the best (needs one sampler and seed)"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite under --runs-dir)"),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite under --runs-dir)"),
+    storage: Optional[str] = STORAGE_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -76,17 +83,17 @@ def serve_cmd(
     port: int = typer.Option(5000, help="port on --host"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
     workers: int = typer.Option(1, help="uvicorn worker processes"),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
 ):
     """`mlflow models serve --env-manager local` for a model, working without an activated venv."""
     import os
 
     from topocam import TopoCAMError
-    from topocam.deploy.serve import check_port_free, resolve_tracking_uri, serve_command
+    from topocam.deploy.serve import check_port_free, serve_command
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = resolve_tracking_uri(tracking_uri, runs_dir)
+    uri = _registry(tracking_uri, runs_dir)
     try:
         if workers < 1:
             raise TopoCAMError("--workers must be >= 1")
@@ -124,7 +131,7 @@ def predict_cmd(
     files: list[Path] = typer.Argument(..., help="image files and/or folders (2D: .png .jpg .jpeg .npy; 3D: .npy .nii .nii.gz)"),
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and overlays/"),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ):
@@ -158,7 +165,7 @@ def app_cmd(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     port: int = typer.Option(8000, help="port on --host"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
-    tracking_uri: Optional[str] = typer.Option(None, help=TRACKING_HELP),
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
 ):
     """A web page over a model: upload an image, see class, probabilities, CAM, ROI and provenance."""

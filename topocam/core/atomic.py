@@ -1,15 +1,22 @@
 """Write a file or a folder so that readers see the old content or the new, never half
 of it: write a temporary path beside it, then rename it into place (``os.replace``).
-A write that fails (disk full, an exception, Ctrl-C) leaves no temporary behind."""
+A write that fails (disk full, an exception, Ctrl-C) leaves no temporary behind.
+
+:func:`json_safe` is the project's one conversion of results to JSON data; every JSON
+file written (tables, ``metrics.json``, a bundle's ``topocam.json``) goes through it."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
 
 TMP_MARK = ".tmp"  # temporaries are ``.<name>.tmp<pid>``: hidden, and found by :func:`temporaries_of`
 
@@ -64,5 +71,35 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=float) + "\n")
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON data: numpy scalars and arrays as Python numbers and lists,
+    tuples as lists, paths as strings, other numbers (``__float__``) as floats, and NaN and
+    infinities as null, so that the text is strict JSON (jq, JavaScript). Dict keys that
+    ``json`` cannot write become strings. Anything else is left as it is (``json.dumps``
+    refuses it)."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return json_safe(obj.tolist())  # a numpy scalar's tolist() is its Python value
+    if isinstance(obj, dict):
+        return {_json_key(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if hasattr(obj, "__float__"):
+        return json_safe(float(obj))
+    return obj
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, np.generic):
+        key = key.item()
+    return key if key is None or isinstance(key, (str, int, float, bool)) else str(key)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as strict JSON (:func:`json_safe`), indented, written atomically."""
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.atomic import json_safe
 from ..core.backbone import CAM_LAYERS, Backbone, build_backbone
 from ..core.classifier import TopoMLP
 from ..core.errors import TopoCAMError
@@ -85,7 +86,7 @@ class Bundle:
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "topocam.json").write_text(json.dumps(self.describe(), indent=2, default=_json_default) + "\n")
+        (folder / "topocam.json").write_text(json.dumps(json_safe(self.describe()), indent=2, allow_nan=False) + "\n")
         state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
         torch.save({"arch": self.backbone.arch, "ndim": self.input.ndim, "n_classes": self.n_classes,
                     "input_size": min(self.input.shape), "state_dict": state}, folder / "backbone.pt")
@@ -113,13 +114,3 @@ class Bundle:
         mlp = TopoMLP(mean=mean, scale=scale, net=net, best_epoch=int(meta["mlp"]["best_epoch"]))
         return cls(backbone, config_from_dict(meta["config"]), BettiGrid(thresholds), mlp,
                    InputSpec.from_dict(meta["input"]), list(meta["classes"]), meta.get("provenance", {}))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

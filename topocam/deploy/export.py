@@ -233,15 +233,13 @@ def log_and_register(bundle: Bundle, folder: Path, name: str, tracker, spec, cho
             tags={k: str(v) for k, v in summary.items()},
         )
     version = int(info.registered_model_version)
-    client = tracker.client
-    client.set_registered_model_alias(name, ALIAS, str(version))
-    for k, v in summary.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
-    client.update_model_version(
-        name, str(version),
-        description=(f"TopoCAM, study {spec.name}: {choice.sampler} seed {choice.seed} trial {choice.trial}; "
-                     f"val {metric.upper()} {_num(summary[f'val_{metric}'])}, test {metric.upper()} "
-                     f"{_num(summary[f'test_{metric}'])} (test: provenance only). Input: {bundle.input.describe()}."),
+    tracker.set_model_alias(name, ALIAS, version)
+    tracker.set_model_version_tags(name, version, summary)
+    tracker.describe_model_version(
+        name, version,
+        f"TopoCAM, study {spec.name}: {choice.sampler} seed {choice.seed} trial {choice.trial}; "
+        f"val {metric.upper()} {_num(summary[f'val_{metric}'])}, test {metric.upper()} "
+        f"{_num(summary[f'test_{metric}'])} (test: provenance only). Input: {bundle.input.describe()}.",
     )
     tracker.set_tags(run_id, {"exported_model": f"{name}/{version}"})
     return version, getattr(info, "model_id", None)

@@ -1,9 +1,10 @@
 """Model URIs, the tracking store they resolve against, and ``mlflow models serve``.
 
-A ``models:/NAME@champion`` URI is looked up in a model registry: the one
-named by ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the local
-store ``RUNS_DIR/mlflow.db`` (``mlruns/mlflow.db``), where ``topocam export``
-registers by default. Local paths and ``runs:/`` URIs work too.
+A ``models:/NAME@champion`` URI is looked up in a model registry: the tracking
+store of :func:`topocam.tracking.resolve_tracking_uri` (``--tracking-uri``, else
+``$MLFLOW_TRACKING_URI``, else the local store ``RUNS_DIR/mlflow.db`` if it
+exists), where ``topocam export`` registers. Local paths and ``runs:/`` URIs
+work too.
 
 ``mlflow models serve`` starts its HTTP server by running ``uvicorn`` through
 the shell, so it fails with "uvicorn: command not found" when the virtual
@@ -21,18 +22,6 @@ import sys
 from pathlib import Path
 
 from ..core.errors import TopoCAMError
-from ..tracking import default_tracking_uri
-
-
-def resolve_tracking_uri(tracking_uri: str | None, runs_dir: Path) -> str | None:
-    """Explicit URI, else $MLFLOW_TRACKING_URI, else RUNS_DIR/mlflow.db if it exists."""
-    if tracking_uri:
-        return tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if (Path(runs_dir) / "mlflow.db").is_file():
-        return default_tracking_uri(Path(runs_dir))
-    return None
 
 
 def check_registry(uri: str, tracking_uri: str | None) -> None:

@@ -3,7 +3,7 @@
 A run's configuration is read from what was logged:
 
 * a ``topocam run`` run (``kind=run``): the parent run holds every
-  :class:`~topocam.pipeline.TopoCAMConfig` field as a parameter (not the data
+  :class:`~topocam.core.pipeline.TopoCAMConfig` field as a parameter (not the data
   or cache folders) and the data fingerprint; a seed's run holds the seed. The
   parent itself stands for its first seed;
 * a study's ``kind=trial``, ``kind=best`` or ``kind=export`` run: its parameters
@@ -13,9 +13,9 @@ A run's configuration is read from what was logged:
   validation split and never touch test (DESIGN.md section 2.5); best and
   export runs are reported ones (test).
 
-The context is re-built with :func:`topocam.pipeline.prepare` (the backbone and
+The context is re-built with :func:`topocam.core.pipeline.prepare` (the backbone and
 CAM caches make it cheap when the cache folder is the run's), the figures drawn
-by :func:`topocam.figures.explain`, and the re-computed metrics compared with
+by :func:`topocam.tracking.figures.explain`, and the re-computed metrics compared with
 the logged ones: a difference (a retrained backbone, other data) is reported,
 never hidden.
 """
@@ -52,9 +52,9 @@ class LoggedConfig:
     note: str = ""  # e.g. "parent run: explained with its first seed 0"
 
 
-def _run(client, run_id: str):
+def _run(tracker, run_id: str):
     try:
-        return client.get_run(run_id)
+        return tracker.get_run(run_id)
     except Exception as exc:  # MlflowException (RESOURCE_DOES_NOT_EXIST), bad id format
         msg = (str(getattr(exc, "message", "") or exc).splitlines() or [type(exc).__name__])[0][:200]
         raise TopoCAMError(f"no MLflow run {run_id!r} in this tracking store ({msg}); check the run id and --tracking-uri / --runs-dir") from None
@@ -91,19 +91,19 @@ def _run_metrics(metrics: dict[str, float], method: str) -> dict[str, float]:
     return {k[len(method) + 1:]: v for k, v in metrics.items() if k.startswith(f"{method}_") and "_pred_" not in k}
 
 
-def _from_topocam_run(client, run, data_dir: str | None, cache_dir: str | None) -> LoggedConfig:
+def _from_topocam_run(tracker, run, data_dir: str | None, cache_dir: str | None) -> LoggedConfig:
     tags = run.data.tags
     parent_id = tags.get("mlflow.parentRunId")
     note = ""
     if parent_id:  # a seed's run
-        parent = _run(client, parent_id)
+        parent = _run(tracker, parent_id)
         seed, child = int(tags["seed"]), run
     else:
         parent = run
         seeds = ast.literal_eval(run.data.params.get("seeds", "[0]"))
         seed = int(seeds[0])
-        found = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
-                                   f"and tags.seed = '{seed}'", max_results=1)
+        found = tracker.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
+                                    f"and tags.seed = '{seed}'", max_results=1)
         child = found[0] if found else None
         note = f"parent run of seeds {list(seeds)}: explained with its first seed, {seed}"
     params = parent.data.params
@@ -114,14 +114,14 @@ def _from_topocam_run(client, run, data_dir: str | None, cache_dir: str | None) 
     return LoggedConfig(run.info.run_id, "run", cfg, True, logged, params.get("data_fingerprint"), note)
 
 
-def _study_file(client, sampler_run_id: str, folder: Path) -> Path:
+def _study_file(tracker, sampler_run_id: str, folder: Path) -> Path:
     try:
-        files = [f.path for f in client.list_artifacts(sampler_run_id, "study") if f.path.endswith(".toml")]
+        files = [f.path for f in tracker.list_artifacts(sampler_run_id, "study") if f.path.endswith(".toml")]
     except Exception:  # an artifact store that cannot be read
         files = []
     if not files:
         raise TopoCAMError(f"sampler run {sampler_run_id} has no study file (artifact study/*.toml): cannot rebuild the trial's base configuration")
-    return Path(client.download_artifacts(sampler_run_id, files[0], str(folder)))
+    return Path(tracker.download_artifacts(sampler_run_id, files[0], str(folder)))
 
 
 def _param_value(name: str, text: str, spec) -> Any:
@@ -140,7 +140,7 @@ def _param_value(name: str, text: str, spec) -> Any:
     return by_text[text]
 
 
-def _from_study_run(client, run, kind: str, data_dir: str | None, cache_dir: str | None) -> LoggedConfig:
+def _from_study_run(tracker, run, kind: str, data_dir: str | None, cache_dir: str | None) -> LoggedConfig:
     from ..search.space import apply_params
     from ..search.studyfile import load_study
 
@@ -149,7 +149,7 @@ def _from_study_run(client, run, kind: str, data_dir: str | None, cache_dir: str
     if not parent_id:
         raise TopoCAMError(f"{kind} run {run.info.run_id} has no parent sampler run: cannot find its study file")
     with tempfile.TemporaryDirectory(prefix="topocam-explain-") as tmp:
-        spec = load_study(_study_file(client, parent_id, Path(tmp)), data_dir=data_dir)
+        spec = load_study(_study_file(tracker, parent_id, Path(tmp)), data_dir=data_dir)
     arm = tags.get("arm", "topocam")
     if arm != "topocam":
         from ..search.space import arm_space
@@ -163,14 +163,17 @@ def _from_study_run(client, run, kind: str, data_dir: str | None, cache_dir: str
     return LoggedConfig(run.info.run_id, kind, cfg, REPORTED[kind], logged)
 
 
-def logged_config(client, run_id: str, data_dir: str | None = None, cache_dir: str | None = None) -> LoggedConfig:
-    """The configuration a ``topocam run`` run or a study's trial / best / export run evaluated."""
-    run = _run(client, run_id)
+def logged_config(tracker, run_id: str, data_dir: str | None = None, cache_dir: str | None = None) -> LoggedConfig:
+    """The configuration a ``topocam run`` run or a study's trial / best / export run evaluated.
+
+    ``tracker``: a :class:`~topocam.tracking.Tracker` (what it calls, ``get_run``,
+    ``search_runs``, ``list_artifacts`` and ``download_artifacts``, an ``MlflowClient`` has too)."""
+    run = _run(tracker, run_id)
     kind = run.data.tags.get("kind")
     if kind == "run":
-        return _from_topocam_run(client, run, data_dir, cache_dir)
+        return _from_topocam_run(tracker, run, data_dir, cache_dir)
     if kind in ("trial", "best", "export"):
-        return _from_study_run(client, run, kind, data_dir, cache_dir)
+        return _from_study_run(tracker, run, kind, data_dir, cache_dir)
     if kind == "ablation_arm" and "seed" in run.data.tags:  # `topocam ablate`: the arm's whole configuration is logged
         cfg = config_from_params(run.data.params, seed=int(run.data.tags["seed"]), data_dir=data_dir, cache_dir=cache_dir)
         if run.data.params.get("arm.method") == "cnn":
@@ -206,15 +209,16 @@ def compare_metrics(recomputed: dict[str, dict[str, float]], logged: dict[str, f
 
 
 def explain_run(
-    client, run_id: str, out: Path, data_dir: str | None = None, cache_dir: str | None = None, log: bool = True,
+    tracker, run_id: str, out: Path, data_dir: str | None = None, cache_dir: str | None = None, log: bool = True,
     progress: bool = True,
 ) -> ExplainResult:
     """Re-compute a logged run's configuration, draw its figures, write them to ``out``
-    and (``log``) log them to the run under ``figures/``."""
+    and (``log``) log them to the run under ``figures/``, through ``tracker`` (a
+    :class:`~topocam.tracking.Tracker`: :func:`logged_config`'s reads, ``log_figure``, ``log_text``)."""
     from ..tracking import figures
     from ..core.pipeline import prepare
 
-    lc = logged_config(client, run_id, data_dir, cache_dir)
+    lc = logged_config(tracker, run_id, data_dir, cache_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported in the result instead
         ctx = prepare(lc.config, progress=progress)
@@ -225,7 +229,7 @@ def explain_run(
         )
     figs = figures.explain(ctx, lc.config, report_test=lc.report_test)
     files = figures.save_figures(figs, out)
-    artifacts = figures.log_figures(client, run_id, figs) if log else []
+    artifacts = figures.log_figures(tracker, run_id, figs) if log else []
     health = ctx.health()
     return ExplainResult(lc, files, artifacts, figs.metrics, compare_metrics(
         {s: m for s, m in figs.metrics.items() if s in ("val", "test")}, lc.logged), health.message,

@@ -335,13 +335,11 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def write_tables(rows: list[dict], title: str, out_dir: Path, extra: dict) -> dict[str, Path]:
-    from .compare import _json_safe
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"md": out_dir / "ablation.md", "csv": out_dir / "ablation.csv", "json": out_dir / "ablation.json"}
     write_text_atomic(files["md"], markdown(rows, title))
     write_text_atomic(files["csv"], csv_text(rows))
-    write_json_atomic(files["json"], _json_safe({**extra, "rows": rows}))
+    write_json_atomic(files["json"], {**extra, "rows": rows})
     return files
 
 
@@ -463,7 +461,7 @@ def log_arm_figures(ab: Ablation, results: list[ArmResult], children: dict[tuple
         cfg = replace(r.config, seed=seed)
         try:
             figs = figures.explain(ab.context(cfg), cfg, report_test=True, variants=(cfg.cam,))
-            figures.log_figures(tracker.client, children[(r.arm.key, seed)], figs)
+            figures.log_figures(tracker, children[(r.arm.key, seed)], figs)
         except TopoCAMError as exc:
             log(f"figures for {r.arm.key} (seed {seed}) not made: {exc}")
 

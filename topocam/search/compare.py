@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..core.atomic import write_text_atomic
+from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.choices import check_n_trials
 from ..core.errors import TopoCAMError
 from ..core.pipeline import baseline
@@ -230,19 +229,6 @@ def equal_budget_table(rows: list[dict], base_rows: list[dict], runs: list[Sampl
     return text, out
 
 
-def _json_safe(obj):
-    """NaN and infinities become null: the file is strict JSON (jq, JavaScript)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials: int, out_dir: Path) -> Comparison:
     spec = runner.spec
     samplers, seeds = list(dict.fromkeys(samplers)), list(dict.fromkeys(seeds))  # a repeated name would count twice
@@ -303,7 +289,7 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
                   "trial_numbers": r.numbers, "n_failed": r.n_failed, "failures": r.failures,
                   "durations_s": r.durations_s} for r in runs],
     }
-    write_text_atomic(files["json"], json.dumps(_json_safe(detail), indent=2, allow_nan=False))
+    write_json_atomic(files["json"], detail)  # strict JSON: NaN as null
     comparison_plot(curves, files["plot"], f"{spec.name}: best-so-far {spec.objective}", f"best {spec.objective}")
     if runner.tracker is not None:
         t = runner.tracker

@@ -117,7 +117,7 @@ class StudyRuns:
                 )
                 t.log_text(rid, spec.text, f"study/{spec.path.name}")
             else:
-                t.client.update_run(rid, status="RUNNING")
+                t.reopen(rid)
             # params are immutable: the latest budget is a tag; so is the backbone's health (DESIGN.md §2.10)
             t.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(degenerate()).lower()})
         return rid
@@ -210,7 +210,7 @@ class StudyRuns:
         from .plots import study_plots
 
         n_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if self.tracker.client.get_run(run_id).data.tags.get("plotted_trials") == str(n_finished):
+        if self.tracker.get_run(run_id).data.tags.get("plotted_trials") == str(n_finished):
             return  # what is logged already shows these trials
         with tempfile.TemporaryDirectory(prefix=f"topocam-{study.study_name}-") as tmp:
             folder = Path(tmp)

@@ -9,8 +9,9 @@ In the MLflow UI: every experiment is tagged a model-training experiment
 link the CLI prints: the runs table with the runs to compare and their metric
 columns already chosen, in a browser that has never opened MLflow before.
 
-Default store: SQLite under the runs folder (``mlruns/mlflow.db``) with
-artifacts beside it (``mlruns/artifacts``). All calls go through
+Which store: :func:`resolve_tracking_uri`, the one rule every command follows (an explicit
+URI, else ``$MLFLOW_TRACKING_URI``, else SQLite under the runs folder, ``mlruns/mlflow.db``,
+with artifacts beside it in ``mlruns/artifacts``). All calls go through
 ``MlflowClient`` with explicit run ids: no global active run, so trials from
 several threads or workers cannot cross wires. Metric and parameter
 names are made MLflow-safe (``best_val_auc@25%`` -> ``best_val_auc_at25pct``).
@@ -29,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import json_safe
 from ..core.errors import DamagedStoreWarning, TopoCAMError
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR, parse_store_url, sqlite_url
@@ -59,8 +61,28 @@ def _no_database_error_log(record: logging.LogRecord) -> bool:
 logging.getLogger("mlflow.store.db.utils").addFilter(_no_database_error_log)
 
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 def default_tracking_uri(runs_dir: Path) -> str:
+    """The local store under a runs folder: ``sqlite:///<runs_dir>/mlflow.db`` (absolute)."""
     return sqlite_url(Path(runs_dir) / "mlflow.db")
+
+
+def resolve_tracking_uri(tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR, *,
+                         must_exist: bool = False) -> str | None:
+    """Which MLflow store, for every command: ``tracking_uri`` if given, else
+    ``$MLFLOW_TRACKING_URI``, else the local store under ``runs_dir``
+    (:func:`default_tracking_uri`). With ``must_exist`` (a reader: serve, predict, explain),
+    that local store counts only if its file exists; otherwise None (no store), and nothing is
+    created. A command's ``--tracking-uri`` option reads the same variable, so the option, a
+    :class:`Tracker` and the readers all give the same answer."""
+    uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or None
+    if uri:
+        return uri
+    if must_exist and not (Path(runs_dir) / "mlflow.db").is_file():
+        return None
+    return default_tracking_uri(runs_dir)
 
 
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
@@ -73,14 +95,18 @@ def metric_key(name: str) -> str:
 
 
 class Tracker:
+    """The one way to MLflow: experiments, runs, artifacts and the model registry of one
+    store (:func:`resolve_tracking_uri` of ``tracking_uri`` and ``runs_dir``). Its MLflow
+    client is its own (``_client``): callers use the methods below."""
+
     def __init__(self, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR):
         # fail within seconds on an unreachable server instead of retrying for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.runs_dir = Path(runs_dir).resolve()
-        if tracking_uri is None:
+        tracking_uri = resolve_tracking_uri(tracking_uri, self.runs_dir)
+        if tracking_uri == default_tracking_uri(self.runs_dir):  # the local store's folder is ours to make
             self.runs_dir.mkdir(parents=True, exist_ok=True)
-            tracking_uri = default_tracking_uri(self.runs_dir)
         self.store = parse_store_url(tracking_uri)
         if self.store.kind == "postgresql":  # the driver installed with the project
             tracking_uri = self.store.url
@@ -97,12 +123,12 @@ class Tracker:
             # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
             with FileLock(self.store.lock_path):
                 try:
-                    self.client = _open_client(tracking_uri)
+                    self._client = _open_client(tracking_uri)
                 except Exception as exc:
                     if self.store.kind != "sqlite" or not _set_aside_half_created(self.store.path, exc):
                         raise
                     _forget_engine(tracking_uri)
-                    self.client = _open_client(tracking_uri)
+                    self._client = _open_client(tracking_uri)
         except TopoCAMError:
             raise
         except Exception as exc:  # mlflow raises many types for a bad URI; all mean "cannot track here"
@@ -119,7 +145,7 @@ class Tracker:
         return self.store.lock_path
 
     def experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
+        exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise TopoCAMError(
@@ -127,18 +153,31 @@ class Tracker:
                     f"--experiment-id {exp.experiment_id}), purge it (mlflow gc), or rename the study"
                 )
             if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # a store written before the tag was set
-                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         artifacts = None
         if self.store.kind in ("sqlite", "file"):
             artifacts = (self.runs_dir / "artifacts" / name).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return self._client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created concurrently by another worker: use theirs
-            exp = self.client.get_experiment_by_name(name)
+            exp = self._client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self._client.get_experiment(experiment_id).name
+
+    def get_run(self, run_id: str):
+        """The run (MLflow's ``Run``: ``info``, ``data.tags``, ``data.params``, ``data.metrics``)."""
+        return self._client.get_run(run_id)
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "", max_results: int = 1000,
+                    order_by: list[str] | None = None) -> list:
+        """Active runs of these experiments matching an MLflow search filter."""
+        return list(self._client.search_runs(experiment_ids, filter_string=filter_string, max_results=max_results,
+                                             order_by=order_by))
 
     # -- the MLflow UI ---------------------------------------------------------
     def ui_command(self) -> str | None:
@@ -179,9 +218,9 @@ class Tracker:
         view_id = "topocam-" + hashlib.sha256(f"{name}\n{blob}".encode()).hexdigest()[:16]
         key = VIEW_TAG_PREFIX + view_id
         try:
-            if key not in self.client.get_experiment(experiment_id).tags:  # a saved view's envelope, or a bare shared state
+            if key not in self._client.get_experiment(experiment_id).tags:  # a saved view's envelope, or a bare shared state
                 value = json.dumps({"name": name[:200], "createdAt": int(time.time() * 1000), "state": blob}) if name else blob
-                self.client.set_experiment_tag(experiment_id, key, value)
+                self._client.set_experiment_tag(experiment_id, key, value)
         except Exception:  # the link without the view is still the right page
             return url
         return f"{url}&viewStateShareKey={view_id}"
@@ -189,8 +228,7 @@ class Tracker:
     def find_runs(self, experiment_id: str, tags: dict[str, Any], max_results: int = 1000, status: str | None = None) -> list:
         """Active runs carrying all these tags (and this status), newest first."""
         flt = " and ".join(([tags_filter(tags)] if tags else []) + ([f"attributes.status = '{status}'"] if status else []))
-        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=max_results,
-                                       order_by=["attributes.start_time DESC"])
+        runs = self.search_runs([experiment_id], flt, max_results=max_results, order_by=["attributes.start_time DESC"])
         want = {k: str(v) for k, v in tags.items()}
         return [r for r in runs if all(r.data.tags.get(k) == v for k, v in want.items())]  # LIKE's near misses out
 
@@ -205,7 +243,7 @@ class Tracker:
         all_tags = {k: str(v) for k, v in tags.items()}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        run = self._client.create_run(experiment_id, run_name=name, tags=all_tags)
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -215,7 +253,7 @@ class Tracker:
 
         items = [Param(metric_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+            self._client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -223,20 +261,48 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
         if items:
-            self.client.log_batch(run_id, metrics=items)
+            self._client.log_batch(run_id, metrics=items)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+            self._client.set_tag(run_id, k, str(v))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._client.set_terminated(run_id, status=status)
 
+    def reopen(self, run_id: str) -> None:
+        """Mark a finished run RUNNING again (a sampler resumed with more trials); :meth:`finish` ends it."""
+        self._client.update_run(run_id, status="RUNNING")
+
+    # -- artifacts ---------------------------------------------------------------
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (works on a finished run)."""
+        self._client.log_figure(run_id, figure, artifact_file)
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list:
+        return self._client.list_artifacts(run_id, path)
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str:
+        """Copy a run's artifact (file or folder) to ``dst_path``; returns its local path."""
+        return self._client.download_artifacts(run_id, path, dst_path)
+
+    # -- the model registry ------------------------------------------------------
+    def set_model_alias(self, name: str, alias: str, version: int | str) -> None:
+        """Point ``models:/NAME@ALIAS`` at this version of a registered model."""
+        self._client.set_registered_model_alias(name, alias, str(version))
+
+    def set_model_version_tags(self, name: str, version: int | str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._client.set_model_version_tag(name, str(version), k, str(v))
+
+    def describe_model_version(self, name: str, version: int | str, description: str) -> None:
+        self._client.update_model_version(name, str(version), description=description)
 
 
 def _open_client(uri: str):
@@ -383,7 +449,7 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
                 if "ci95" in stat:
                     summary[f"{key}_ci95_lo"], summary[f"{key}_ci95_hi"] = stat["ci95"]
     tracker.log_metrics(parent, summary)
-    tracker.log_text(parent, json.dumps(result, indent=2, default=float, allow_nan=True), "metrics.json")
+    tracker.log_text(parent, json.dumps(json_safe(result), indent=2, allow_nan=False), "metrics.json")
     for r in result["runs"]:
         bb = r["backbone"]
         child = tracker.start_run(
