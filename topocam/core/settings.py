@@ -32,6 +32,7 @@ from .backbone import DEFAULT_RECIPE, INITS
 from .cam import CAM_VARIANTS, TARGET_RULES
 from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
+from .jobs import check_n_jobs
 
 STAGES = ("data", "backbone", "method", "cam", "roi", "topology", "classifier", "execution")
 SECTIONS = ("data", "backbone", "fixed")  # study-file tables that set configuration values
@@ -83,6 +84,7 @@ class Setting:
     old_keys: tuple[str, ...] = ()  # study-file names it had before (read with a deprecation notice)
     # a stored study's definition holds it at its default only where studies recorded it from the start
     in_definition_at_default: bool = True
+    validator: Callable[[Any], Any] | None = None  # the owner's own check, used instead of the generic one
     name: str = ""  # filled in from the field
 
     @property
@@ -123,6 +125,11 @@ class Setting:
         TopoCAMError that names ``where`` the value came from, the key as the user wrote
         it (``key``, default the setting's name) and the allowed values."""
         label = f"{where}{key or self.name}"
+        if self.validator is not None:
+            try:
+                return self.validator(value)
+            except TopoCAMError as exc:
+                raise TopoCAMError(f"{where}{exc}") from None
         if self.default is None and value is None:
             return None
         if self.is_tuple:
@@ -249,7 +256,7 @@ class TopoCAMConfig:
                                       search=Search((Range(1e-6, 1e-2, log=True),), default=False, bounds=(0.0, 1.0)))
     # execution
     n_jobs: int = setting(-1, "worker threads for Betti curves (-1: all cores, N >= 1: N threads)", "execution", "fixed",
-                          type=int, arm=False)
+                          type=int, arm=False, validator=check_n_jobs)
     cache_dir: str | None = setting(None, "checkpoint and CAM cache (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)",
                                     "execution", None, arm=False)
 
@@ -260,14 +267,12 @@ class TopoCAMConfig:
             s.check(getattr(self, s.name))
         from .backbone import check_cache_dir
         from .data import check_dataset
-        from .jobs import check_n_jobs
         from .memory import chunk_voxels
         from .roi import fusion_weights, upsampled_cache_bytes
         from .topology import check_backend
 
         fusion_weights(self.weights)
         check_backend(self.betti_backend)
-        check_n_jobs(self.n_jobs)
         check_dataset(self.dataset, self.size)
         check_cache_dir(self.cache_dir)
         upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
