@@ -151,7 +151,8 @@ arms = [{ arm = "label", cam_target = "label" }, { arm = "stop_on_val", mlp_stop
     cli = CliRunner()
     # no study in the storage: --base best says what to do, and nothing is written
     res = cli.invoke(app, ["ablate", str(study), "--suite", str(suite), "--runs-dir", str(runs), "--quiet"])
-    assert res.exit_code != 0 and "run `topocam study run" in res.output
+    assert res.exit_code != 0 and f"no study storage at {runs.resolve() / 'optuna.db'}; run a study first" in res.output
+    assert not runs.exists()  # a look-up: no optuna.db or mlflow.db made
     res = cli.invoke(app, ["ablate", str(study), "--suite", str(suite), "--base", "file", "--skip", "tau=0.8",
                            "--runs-dir", str(runs), "--quiet", "--no-figures"])
     assert res.exit_code == 0, res.output

@@ -9,7 +9,7 @@ import typer
 
 from .common import (
     DATA_DIR_OPTION, METHOD_NAMES, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _ints,
-    _study_setup, app, console, ensure_writable_dir, err, fail, print_runs_link,
+    _checked_study, _study_storage, app, console, ensure_writable_dir, err, fail, print_runs_link,
 )
 
 # ------------------------------------------------------------------ ablations
@@ -34,17 +34,22 @@ def ablate_cmd(
     """Every arm of an ablation suite over seeds, beside the reference: a table (Markdown, CSV,
     JSON) with mean ± sd, bootstrap intervals and differences, one MLflow parent run."""
     from topocam import TopoCAMError
-    from topocam.search.ablate import find_suite, load_suite, run_suite
+    from topocam.search.ablate import find_suite, load_suite, reference_configs, run_suite
+    from topocam.tracking import Tracker
 
     try:
         suite_obj = load_suite(find_suite(suite, study_file))  # a bad suite fails before any store is opened
-        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        spec, data = _checked_study(study_file, data_dir)  # and so do bad data
         seed_list = list(_ints(seeds, "--seeds")) if seeds.strip() else (list(spec.replicate_seeds) or [0, 1, 2])
+        storage_url = _study_storage(storage, runs_dir)
+        reference = reference_configs(spec, storage_url, base)  # the study's trials, read only: no storage is made
         out_dir = out or runs_dir / "ablate" / f"{spec.name}-{suite_obj.name}"
         ensure_writable_dir(out_dir)
+        tracker = Tracker(tracking_uri, runs_dir)
         split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731
-        result = run_suite(spec, suite_obj, runner.storage_url, runner.tracker, list(dict.fromkeys(seed_list)), out_dir,
-                           base=base, only=split(only), skip=split(skip), progress=not quiet, figures=figures, log=lambda m: console.print(m, markup=False, highlight=False))
+        result = run_suite(spec, suite_obj, storage_url, tracker, list(dict.fromkeys(seed_list)), out_dir,
+                           base=base, only=split(only), skip=split(skip), progress=not quiet, figures=figures,
+                           log=lambda m: console.print(m, markup=False, highlight=False), reference=reference, data=data)
     except TopoCAMError as exc:
         fail(str(exc))
     console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)
@@ -54,7 +59,7 @@ def ablate_cmd(
 
         # every arm's seed runs of this suite run, arms side by side with their val/test AUC and ACC
         print_runs_link(
-            runner.tracker, result.experiment_id, name=f"ablation {suite_obj.name} ({result.parent_run[:8]})",
+            tracker, result.experiment_id, name=f"ablation {suite_obj.name} ({result.parent_run[:8]})",
             filter=tags_filter({"kind": "ablation_arm", "suite": suite_obj.name}) + f" and tags.`mlflow.parentRunId` = '{result.parent_run}'",
             metrics=["test_auc", "test_acc", "val_auc", "val_acc"], tags=["ablation", "arm", "seed", "valid", "status"],
             order_by="test_auc",
@@ -80,10 +85,19 @@ def explain_cmd(
     uri = resolve_tracking_uri(tracking_uri, runs_dir, must_exist=True)  # explain reads a store: it makes none
     if uri is None:
         fail(f"no MLflow store at {runs_dir / 'mlflow.db'}; pass --runs-dir or --tracking-uri")
+    try:
+        tracker = Tracker(tracking_uri, runs_dir, create=False)  # a store that is not there is an error, never made
+    except TopoCAMError as exc:
+        fail(str(exc))
+    if not no_log and tracker.store.path is not None:
+        from topocam.stores import not_writable
+
+        why = not_writable(tracker.store.path)
+        if why is not None:
+            fail(f"cannot log the figures to run {run_id} in {tracker.store.path}: {why}; pass --no-log to write the PNGs only")
     out_dir = out or runs_dir / "explain" / run_id
     ensure_writable_dir(out_dir)
     try:
-        tracker = Tracker(uri, runs_dir)
         res = explain_run(tracker, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
                           cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet)
     except TopoCAMError as exc:

@@ -127,18 +127,44 @@ def print_runs_link(tracker, experiment: str, **view) -> None:
 METHOD_NAMES = {"topocam": "TopoCAM", "cnn": "CNN", "topo_original": "Topo-Original"}
 
 
-def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
+def make_runs_dir(runs_dir: Path) -> None:
+    """The runs folder, made if missing, for the stores a command writes there (a TopoCAMError if it cannot be)."""
+    from topocam import TopoCAMError
+
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TopoCAMError(f"cannot create the runs folder {runs_dir} ({exc.strerror or exc}); choose another --runs-dir, "
+                           "or pass --storage and --tracking-uri") from None
+
+
+def _checked_study(study_file: Path, data_dir):
+    """The study file and its data, both checked: what a study command does before it opens or makes any store."""
     import optuna
 
-    from topocam.search.runner import StudyRunner
-    from topocam.search.storage import default_storage
+    from topocam.core.pipeline import load_checked
     from topocam.search.studyfile import load_study
 
     # one line per trial from Optuna's logger would bury the trial bar (trials, best, ETA);
     # every trial's parameters and metrics are in MLflow and `topocam study status`
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(study_file, data_dir=str(data_dir) if data_dir else None)
-    if storage is None:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        storage = default_storage(runs_dir)
-    return spec, StudyRunner.open(spec, storage, tracking_uri, runs_dir, progress=not quiet)
+    return spec, load_checked(spec.base)
+
+
+def _study_storage(storage: Optional[str], runs_dir: Path) -> str:
+    """``--storage``, else the runs folder's optuna.db (its URL only: nothing is made)."""
+    from topocam.search.storage import default_storage
+
+    return storage if storage is not None else default_storage(runs_dir)
+
+
+def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
+    """A study's spec and a runner on its opened stores; the study file and its data are checked first,
+    so bad input leaves no store behind."""
+    from topocam.search.runner import StudyRunner
+
+    spec, data = _checked_study(study_file, data_dir)
+    if storage is None or tracking_uri is None:
+        make_runs_dir(runs_dir)
+    return spec, StudyRunner.open(spec, _study_storage(storage, runs_dir), tracking_uri, runs_dir, progress=not quiet, data=data)

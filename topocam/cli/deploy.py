@@ -11,8 +11,7 @@ import typer
 from topocam.search.samplers import SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _study_setup, _value, app,
-    console, err, fail, output_dir,
+    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _checked_study, _fmt, _study_storage, _value, app, console, err, fail, make_runs_dir, output_dir,
 )
 
 # ------------------------------------------------------------------ shipping
@@ -54,14 +53,21 @@ def export_cmd(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from topocam.deploy.export import check_model_name, export
+        from topocam.search.choose import choose_trial
+        from topocam.tracking import Tracker
 
         check_model_name(name)
         sampler = _value(sampler)
-        if storage is None and not (runs_dir / "optuna.db").is_file():
-            fail(f"no study storage at {runs_dir / 'optuna.db'}; run the study first or pass --storage / --runs-dir")
-        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
-        res = export(spec, name, runner.storage_url, runner.tracker, sampler, seed, trial, progress=not quiet,
-                     log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+        # the study file and its data, then the trial looked up read-only (a storage that is not there is an
+        # error, never made), and only then the MLflow store it is registered in
+        spec, data = _checked_study(study_file, data_dir)
+        storage_url = _study_storage(storage, runs_dir)
+        choice = choose_trial(spec, storage_url, sampler, seed, trial)
+        if tracking_uri is None:
+            make_runs_dir(runs_dir)
+        tracker = Tracker(tracking_uri, runs_dir)
+        res = export(spec, name, storage_url, tracker, sampler, seed, trial, progress=not quiet,
+                     log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True), choice=choice, data=data)
     except TopoCAMError as exc:
         fail(str(exc))
     m = spec.metric.upper()

@@ -83,7 +83,7 @@ def run(
 
     from topocam import TopoCAMError
     from topocam.core.errors import DegenerateBackboneWarning
-    from topocam.core.pipeline import run as run_pipeline
+    from topocam.core.pipeline import load_checked, run as run_pipeline
 
     seed_list = list(dict.fromkeys(_ints(seeds, "--seeds")))
     if not seed_list or min(seed_list) < 0:
@@ -91,6 +91,7 @@ def run(
     dataset, size = settings["dataset"], settings["size"]
     try:
         cfg = config_from_options(settings, _value(preset), seed_list[0], leakage_audit)
+        data = load_checked(cfg)  # bad data fails here, before any folder or store is made
         with output_dir(out):
             if not no_tracking:  # open the store now: a bad URI fails before any training
                 from topocam.tracking import Tracker
@@ -98,7 +99,7 @@ def run(
                 Tracker(tracking_uri, runs_dir)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported below, per seed, loudly
-                result = run_pipeline(cfg, seeds=seed_list, progress=not quiet)
+                result = run_pipeline(cfg, seeds=seed_list, progress=not quiet, data=data)
             if leakage_audit:
                 result["leakage_audit"] = "CAM target = TRUE LABEL: these numbers leak labels and are not a valid result"
             write_json_atomic(out / "metrics.json", result)

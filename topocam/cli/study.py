@@ -119,15 +119,14 @@ def study_status_cmd(
     storage: Optional[str] = STORAGE_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
 ):
-    """Trials done / running / failed and the best value, per sampler and seed."""
+    """Trials done / running / failed and the best value, per sampler and seed. Reads the storage
+    only: one that is not there is an error, never made; a read-only one is read."""
     from topocam import TopoCAMError
     from topocam.search.status import study_status
-    from topocam.search.storage import default_storage
 
-    if storage is None:
-        if not (runs_dir / "optuna.db").is_file():
-            fail(f"no study storage at {runs_dir / 'optuna.db'}; run a study first or pass --storage")
-        storage = default_storage(runs_dir)
+    from .common import _study_storage
+
+    storage = _study_storage(storage, runs_dir)
     try:
         rows = study_status(study_name, storage)
     except TopoCAMError as exc:

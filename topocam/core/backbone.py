@@ -53,9 +53,11 @@ def default_cache_dir() -> Path:
 
 def check_cache_dir(path: str | Path | None) -> Path:
     """The cache folder (``--cache-dir``, TOPOCAM_CACHE_DIR or the default), or a
-    TopoCAMError if it, or the nearest existing folder above it, is a file or
-    not writable: checked before any work, instead of a traceback at the end
-    of backbone training."""
+    TopoCAMError if it, or the nearest existing folder above it, is a file, or if it
+    does not exist and cannot be made there: checked before any work, instead of a
+    traceback at the end of backbone training. An existing cache folder may be
+    read-only (a warm cache shared on a cluster): its entries are read, and one that
+    must be built is refused, naming it, before it is built (:func:`load_or_build`)."""
     folder = Path(path) if path else default_cache_dir()
     for q in (folder, *folder.parents):
         if not q.exists():
@@ -63,8 +65,9 @@ def check_cache_dir(path: str | Path | None) -> Path:
         if not q.is_dir():
             where = "is a file" if q == folder else f"lies under {q}, which is a file"
             raise TopoCAMError(f"cache folder {folder} {where}; choose another --cache-dir (or {CACHE_ENV})")
-        if not os.access(q, os.W_OK | os.X_OK):
-            raise TopoCAMError(f"cache folder {folder}: {q} is not writable; choose another --cache-dir (or {CACHE_ENV})")
+        if q != folder and not os.access(q, os.W_OK | os.X_OK):
+            raise TopoCAMError(f"cache folder {folder} does not exist and cannot be created: {q} is read-only; "
+                               f"choose another --cache-dir (or {CACHE_ENV})")
         break
     return folder
 

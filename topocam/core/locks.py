@@ -4,6 +4,7 @@ each entry once."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from .atomic import remove, temporaries_of
-from .errors import CorruptCacheWarning, TopoCAMError
+from .errors import CorruptCacheWarning, InfrastructureError, TopoCAMError
 
 WAIT_NOTICE_S = 5.0  # a process waiting this long for another's cache entry says so, once
+# what the OS says when a write is refused: permissions, or a read-only filesystem (all a root process meets)
+WRITE_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class FileLock:
@@ -108,15 +111,29 @@ def load_or_build(entry: Path, load: Callable[[], T | None], build: Callable[[],
     The first to take ``.<name>.lock`` builds; the others wait on it and then load what
     it built, saying so on stderr if that takes more than ``WAIT_NOTICE_S`` seconds (a
     backbone trains for minutes). An entry found good needs no lock (it only appears by a
-    rename), so a read-only cache still serves."""
+    rename), so a read-only cache still serves; one that must be built there is an
+    :class:`InfrastructureError` naming it and the folder, raised before ``build`` runs."""
     try:
         found = load()
-    except BadEntry:
-        found = None  # judged again under the lock, where it is named and rebuilt
+        bad = None
+    except BadEntry as exc:
+        found, bad = None, exc  # judged again under the lock, where it is named and rebuilt
     if found is not None:
         return found, True
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(entry.with_name(f".{entry.name}.lock"), waiting=lambda pid: _say_waiting(entry, pid)):
+    lock = FileLock(entry.with_name(f".{entry.name}.lock"), waiting=lambda pid: _say_waiting(entry, pid))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in WRITE_REFUSED:
+            raise
+        state = f"is unusable ({bad})" if bad is not None else "is not built yet"
+        folder = next(p for p in (entry.parent, *entry.parent.parents) if p.exists())  # where it would be made
+        raise InfrastructureError(
+            f"cache entry {entry} {state}, and building it needs write access to {folder} ({exc.strerror}); "
+            "fill the cache once where it is writable, or choose a writable --cache-dir (or TOPOCAM_CACHE_DIR)"
+        ) from None
+    with lock:
         try:
             found = load()
         except BadEntry as exc:

@@ -122,6 +122,17 @@ def load_data(config: TopoCAMConfig) -> Dataset:
     )
 
 
+def load_checked(config: TopoCAMConfig) -> Dataset:
+    """The configuration checked (:meth:`TopoCAMConfig.validated`), its data read and validated, and
+    the backbone checked against the data's dimension: all that can be checked without a store, so
+    that the commands do it before they open or create one (bad data then leaves no empty store).
+    Hand the dataset to :func:`prepare` / :func:`run` (``data=``): it is read once."""
+    config = config.validated()
+    ds = load_data(config)
+    resolve_backbone(config.backbone, ds.ndim)
+    return ds
+
+
 @dataclass(frozen=True)
 class BackboneHealth:
     """Predicted-class counts per split: the CAM target is the predicted class, so a

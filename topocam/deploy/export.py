@@ -96,14 +96,15 @@ def _git_commit() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print):
+def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print, data=None):
     """Rebuild the chosen configuration on the study's context and fit it on train.
     Returns the bundle, the outcome (val and test metrics), the pipeline's
-    probabilities per split (val, test) and the context."""
+    probabilities per split (val, test) and the context. ``data``: the study's
+    dataset if already read (else it is read here)."""
     from ..search.space import apply_params
 
     cfg = apply_params(spec.base, choice.params)
-    ctx = prepare(spec.base, progress=progress)
+    ctx = prepare(spec.base, progress=progress, data=data)
     out = evaluate(ctx, cfg, report_test=True, progress=progress)
     metric = spec.metric
     if not math.isclose(out.val[metric], choice.value, rel_tol=0, abs_tol=1e-9):
@@ -250,12 +251,14 @@ def _num(v) -> str:
 
 
 def export(spec, name: str, storage_url: str, tracker, sampler: str | None = None, seed: int | None = None,
-           trial: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:
-    """Choose, refit, check, log, register (see the module doc)."""
+           trial: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+           choice: Choice | None = None, data=None) -> ExportResult:
+    """Choose, refit, check, log, register (see the module doc). ``choice``: the trial if already
+    chosen (``choose_trial`` with these arguments); ``data``: the study's dataset if already read."""
     check_model_name(name)
-    choice = choose_trial(spec, storage_url, sampler, seed, trial)
+    choice = choice if choice is not None else choose_trial(spec, storage_url, sampler, seed, trial)
     log(f"exporting {choice.optuna_study} trial {choice.trial} ({spec.objective} {choice.value:.4f}; {choice.how})")
-    bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log)
+    bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log, data=data)
     with tempfile.TemporaryDirectory(prefix="topocam-export-") as tmp:
         folder = bundle.save(Path(tmp) / "bundle")
         self_check(folder, ctx.data.x["val"], reference["val"])  # before anything is logged

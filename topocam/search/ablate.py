@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.backbone import pretrained_weights_file, resolve_backbone
+from ..core.data import Dataset
 from ..core.errors import DegenerateBackboneWarning, TopoCAMError
 from ..core.pipeline import Context, baseline, evaluate, prepare
 from ..core.settings import TopoCAMConfig, arm_settings
@@ -175,13 +176,14 @@ class Ablation:
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> params of its tuned configuration
     progress: bool = True
     log: Callable[[str], None] = print
+    data: Dataset | None = None  # the study's data if already read (else read with the first context)
     _contexts: dict[tuple, Context] = field(default_factory=dict)
     _memo: dict[tuple, ArmSeed] = field(default_factory=dict)
 
     def context(self, cfg: TopoCAMConfig) -> Context:
         key = (cfg.seed, cfg.cam_target, cfg.init)
         if key not in self._contexts:
-            data = next(iter(self._contexts.values())).data if self._contexts else None
+            data = next(iter(self._contexts.values())).data if self._contexts else self.data
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DegenerateBackboneWarning)
                 ctx = prepare(cfg, progress=self.progress, data=data)
@@ -402,21 +404,23 @@ def select_arms(suite: Suite, only: list[str] | None, skip: list[str] | None) ->
 def run_suite(
     spec, suite: Suite, storage_url: str, tracker, seeds: list[int], out_dir: Path, base: str = "best",
     only: list[str] | None = None, skip: list[str] | None = None, progress: bool = True,
-    log: Callable[[str], None] = print, figures: bool = False,
+    log: Callable[[str], None] = print, figures: bool = False, reference: tuple | None = None, data: Dataset | None = None,
 ) -> SuiteRun:
     """Every selected arm of ``suite`` under every seed; tables written and, with a
-    tracker, one parent run with a child run per (arm, seed) tagged ablation/arm."""
+    tracker, one parent run with a child run per (arm, seed) tagged ablation/arm.
+    ``reference``: :func:`reference_configs` of this storage and ``base`` if already looked
+    up; ``data``: the study's dataset if already read."""
     from tqdm.auto import tqdm
 
     if not seeds or any(s < 0 for s in seeds):
         raise TopoCAMError(f"--seeds must be non-negative integers, got {seeds}")
     arms, skipped = select_arms(suite, only, skip)
-    reference, source, tuned = reference_configs(spec, storage_url, base)
+    reference, source, tuned = reference if reference is not None else reference_configs(spec, storage_url, base)
     log(f"reference: TopoCAM at {source}")
     if "topo_original" not in tuned and any(a.settings.get("method") == "topo_original" for a in arms):
         log("note: no Topo-Original search of this study in the storage: the Topo-Original arm uses the reference's MLP "
             "(not tuned; run `topocam study compare` for the equal-budget baseline)")
-    ab = Ablation(reference, seeds, tuned, progress, log)
+    ab = Ablation(reference, seeds, tuned, progress, log, data)
     results: list[ArmResult] = []
     with tqdm(total=(len(arms) + 1) * len(seeds), desc=f"ablate {suite.name}", unit="arm-seed", disable=not progress) as bar:
         ref_result = ab.run_arm(REFERENCE, bar)

@@ -40,7 +40,7 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
     if arm != "topocam":
         spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, method=arm), space=arm_space(spec.space, arm))
 
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, read_only=True)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     mine = sorted(
         (s for s in summaries if s.user_attrs.get("topocam_study") == spec.name

@@ -52,6 +52,7 @@ import numpy as np
 import optuna
 
 from ..core.choices import check_n_trials, check_sampler_seed
+from ..core.data import Dataset
 from ..core.errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
 from ..core.pipeline import BASELINES, Context, baseline, evaluate, prepare
 from ..core.locks import FileLock
@@ -135,13 +136,15 @@ class StudyRunner:
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
     _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
+    data: Dataset | None = None  # the study's data, read and checked before the stores were opened (else read by ``ctx``)
 
     @classmethod
     def open(cls, spec: StudySpec, storage_url: str, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR,
              **options: Any) -> "StudyRunner":
         """A tracked runner on opened stores: the Optuna storage first, then the MLflow tracking
         store (``tracking_uri`` None: the one under ``runs_dir``), so that a bad URL of either
-        fails within seconds, before any training. ``options``: the other fields (``progress``, ``log``)."""
+        fails within seconds, before any training. ``options``: the other fields (``progress``, ``log``,
+        ``data``: the study's data, checked before any store is opened, :func:`pipeline.load_checked`)."""
         storage = open_storage(storage_url, spec.grace_period)
         return cls(spec, storage_url, Tracker(tracking_uri, runs_dir), runs_dir=runs_dir, _storage=storage, **options)
 
@@ -165,7 +168,7 @@ class StudyRunner:
     def ctx(self) -> Context:
         if self._ctx is None:
             t0 = time.perf_counter()
-            self._ctx = self._prepare(self.spec.base, self.spec.name)
+            self._ctx = self._prepare(self.spec.base, self.spec.name, data=self.data)
             self.timings_s["prepare"] = time.perf_counter() - t0
         return self._ctx
 

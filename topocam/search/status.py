@@ -18,7 +18,7 @@ S = optuna.trial.TrialState
 
 def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
     """One row per (sampler, seed) study of ``name``: trial counts and best value."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, read_only=True)
     with quiet_experimental():
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
     owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}

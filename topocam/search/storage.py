@@ -26,9 +26,14 @@ import optuna
 
 from ..core.errors import InfrastructureError, TopoCAMError
 from ..core.locks import FileLock
-from ..stores import DEFAULT_RUNS_DIR, StoreURL, parse_store_url, sqlite_url
+from ..stores import (
+    DEFAULT_RUNS_DIR, StoreURL, not_writable, parse_store_url, redact_url, sqlite_read_only, sqlite_tables, sqlite_url,
+    write_refused,
+)
 
 SUPPORTED = "sqlite:///path.db, postgresql://user:pw@host:port/db, mysql://... or journal:/path.log"
+OPTUNA_TABLES = frozenset({"studies", "version_info"})  # what any Optuna RDB storage holds
+NO_STORAGE = "run a study first or pass --storage"
 
 
 @contextmanager
@@ -62,7 +67,7 @@ def _heartbeat(grace_period: int | None) -> dict[str, Any]:
             "heartbeat_stale_trial_callback": retry_callback()}
 
 
-def open_storage(url: str, grace_period: int | None = None) -> optuna.storages.BaseStorage:
+def open_storage(url: str, grace_period: int | None = None, read_only: bool = False) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL, or a clear error within seconds.
 
     ``sqlite:///PATH`` (the default, one machine), ``postgresql://USER@HOST:PORT/DB`` (many
@@ -70,15 +75,23 @@ def open_storage(url: str, grace_period: int | None = None) -> optuna.storages.B
     several processes on one machine without a server, no SQLite write contention).
 
     ``grace_period`` (seconds) turns Optuna's heartbeat on (SQLite and database servers; Optuna's
-    journal storage has none): what a worker running trials opens; readers leave it out."""
+    journal storage has none): what a worker running trials opens; readers leave it out.
+
+    ``read_only``: what a look-up opens (``study status``, ``export``, ``ablate``): a storage that
+    is not there is an error naming it, never created; no lock file is made and an SQLite file is
+    opened read-only, so a storage on a read-only file or folder can be read. A worker's storage
+    (not ``read_only``) must be writable, or a one-line error says what is not."""
     store = parse_store_url(url)
+    if read_only:
+        return _open_read_only(store, url)
     try:
         with quiet_experimental():
             if store.kind == "sqlite":
                 _check_folder(store, url)
+                _check_writable(store)
                 # schema creation is not safe between processes (two workers on a fresh file:
                 # "table study_directions already exists"): create or check it under the store's lock
-                with FileLock(store.lock_path):
+                with _writing(store), FileLock(store.lock_path):
                     return optuna.storages.RDBStorage(
                         store.url, engine_kwargs={"connect_args": {"timeout": 60}}, **_heartbeat(grace_period)
                     )
@@ -99,12 +112,56 @@ def open_storage(url: str, grace_period: int | None = None) -> optuna.storages.B
                 from optuna.storages.journal import JournalFileBackend
 
                 _check_folder(store, url)
+                _check_writable(store)
+                with _writing(store):
+                    return optuna.storages.JournalStorage(JournalFileBackend(str(store.path)))
+    except TopoCAMError:
+        raise
+    except Exception as exc:  # sqlalchemy/driver errors: all mean "cannot open this storage"
+        raise _cannot_open(url, exc) from None
+    raise TopoCAMError(f"unsupported storage URL {url!r}; use {SUPPORTED}")
+
+
+def _cannot_open(url: str, exc: BaseException) -> TopoCAMError:
+    msg = (str(exc).splitlines() or [""])[0][:300]
+    return TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg}); check --storage")
+
+
+def _open_read_only(store: StoreURL, url: str) -> optuna.storages.BaseStorage:
+    """``open_storage(url, read_only=True)``: an existing storage, opened without writing to it."""
+    try:
+        with quiet_experimental():
+            if store.kind in ("sqlite", "journal"):
+                assert store.path is not None
+                if not store.path.is_file():
+                    raise TopoCAMError(f"no study storage at {store.path}; {NO_STORAGE}")
+            if store.kind == "sqlite":
+                tables = sqlite_tables(store.path)
+                if tables is None or not OPTUNA_TABLES <= tables:
+                    what = "not an SQLite database" if tables is None else "no Optuna tables in it"
+                    raise TopoCAMError(f"no study storage at {store.path} ({what}); {NO_STORAGE}")
+                return optuna.storages.RDBStorage(store.url, engine_kwargs={"creator": sqlite_read_only(store.path)},
+                                                  skip_table_creation=True)
+            if store.is_database_server:
+                import sqlalchemy
+
+                kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+                engine = sqlalchemy.create_engine(store.url, poolclass=sqlalchemy.pool.NullPool, **kwargs)
+                try:
+                    tables = set(sqlalchemy.inspect(engine).get_table_names())
+                finally:
+                    engine.dispose()
+                if not OPTUNA_TABLES <= tables:
+                    raise TopoCAMError(f"no study storage in {redact_url(url)} (the database holds no Optuna tables); {NO_STORAGE}")
+                return optuna.storages.RDBStorage(store.url, engine_kwargs=kwargs, skip_table_creation=True)
+            if store.kind == "journal":
+                from optuna.storages.journal import JournalFileBackend
+
                 return optuna.storages.JournalStorage(JournalFileBackend(str(store.path)))
     except TopoCAMError:
         raise
     except Exception as exc:  # sqlalchemy/driver errors: all mean "cannot open this storage"
-        msg = (str(exc).splitlines() or [""])[0][:300]
-        raise TopoCAMError(f"cannot open Optuna storage {url!r} ({type(exc).__name__}: {msg}); check --storage") from None
+        raise _cannot_open(url, exc) from None
     raise TopoCAMError(f"unsupported storage URL {url!r}; use {SUPPORTED}")
 
 
@@ -112,6 +169,31 @@ def _check_folder(store: StoreURL, url: str) -> None:
     assert store.path is not None
     if not store.path.parent.is_dir():
         raise TopoCAMError(f"storage {url!r}: folder {store.path.parent} does not exist; create it or choose another --storage")
+
+
+def _read_only_storage(store: StoreURL, why: str) -> TopoCAMError:
+    return TopoCAMError(
+        f"cannot write the Optuna storage {store.path}: {why}; a study's workers write their trials (and a lock) there, so "
+        "pass a writable --storage or --runs-dir (`topocam study status` reads it without write access)"
+    )
+
+
+def _check_writable(store: StoreURL) -> None:
+    why = not_writable(store.path)
+    if why is not None:
+        raise _read_only_storage(store, why)
+
+
+@contextmanager
+def _writing(store: StoreURL) -> Iterator[None]:
+    """A write the OS refuses while opening (the lock file, the journal: a folder ``os.access``
+    judged writable, say over NFS) is the same one-line error as one found beforehand."""
+    try:
+        yield
+    except OSError as exc:
+        if write_refused(exc):
+            raise _read_only_storage(store, f"{exc.filename or store.path}: {exc.strerror}") from None
+        raise
 
 
 class DatabaseLock:

@@ -33,7 +33,7 @@ from typing import Any
 from ..core.atomic import json_safe
 from ..core.errors import DamagedStoreWarning, TopoCAMError
 from ..core.locks import FileLock
-from ..stores import DEFAULT_RUNS_DIR, parse_store_url, sqlite_url
+from ..stores import DEFAULT_RUNS_DIR, not_writable, parse_store_url, sqlite_url
 
 # What MLflow's UI reads (checked in 3.17.2's bundle and in its sources, mlflow/server/js/src/):
 # * the experiment tag ``mlflow.experimentKind`` (experiment-tracking/utils/ExperimentKindUtils.ts;
@@ -97,35 +97,48 @@ def metric_key(name: str) -> str:
 class Tracker:
     """The one way to MLflow: experiments, runs, artifacts and the model registry of one
     store (:func:`resolve_tracking_uri` of ``tracking_uri`` and ``runs_dir``). Its MLflow
-    client is its own (``_client``): callers use the methods below."""
+    client is its own (``_client``): callers use the methods below.
 
-    def __init__(self, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR):
+    ``create=False``: a reader's store (``topocam explain``): a local SQLite store that is not
+    there is an error naming it, and nothing is made (no runs folder, database or lock file), so a
+    store in a read-only folder can be read. Otherwise a local store must be writable."""
+
+    def __init__(self, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR, create: bool = True):
         # fail within seconds on an unreachable server instead of retrying for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.runs_dir = Path(runs_dir).resolve()
         tracking_uri = resolve_tracking_uri(tracking_uri, self.runs_dir)
-        if tracking_uri == default_tracking_uri(self.runs_dir):  # the local store's folder is ours to make
+        if create and tracking_uri == default_tracking_uri(self.runs_dir):  # the local store's folder is ours to make
             self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.store = parse_store_url(tracking_uri)
         if self.store.kind == "postgresql":  # the driver installed with the project
             tracking_uri = self.store.url
         self.uri = tracking_uri
         if self.store.kind == "sqlite":
+            if not create and not self.store.path.is_file():
+                raise TopoCAMError(f"no MLflow store at {self.store.path}; pass --runs-dir or --tracking-uri")
             folder = self.store.path.parent
             if not folder.is_dir():
                 raise TopoCAMError(
                     f"cannot open the MLflow tracking store {tracking_uri!r}: folder {folder} does not exist; "
                     "create it or check --tracking-uri"
                 )
+            why = not_writable(self.store.path) if create else None
+            if why is not None:
+                raise TopoCAMError(
+                    f"cannot write the MLflow tracking store {self.store.path}: {why}; logging runs writes there, so pass a "
+                    "writable --tracking-uri or --runs-dir"
+                )
         try:
             # the first call creates or migrates a database store, which is not safe between
-            # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock
-            with FileLock(self.store.lock_path):
+            # processes ("UNIQUE constraint failed: alembic_version.version_num"): under the store's lock.
+            # A reader creates nothing and takes no lock (none in a read-only folder)
+            with FileLock(self.store.lock_path if create else None):
                 try:
                     self._client = _open_client(tracking_uri)
                 except Exception as exc:
-                    if self.store.kind != "sqlite" or not _set_aside_half_created(self.store.path, exc):
+                    if not create or self.store.kind != "sqlite" or not _set_aside_half_created(self.store.path, exc):
                         raise
                     _forget_engine(tracking_uri)
                     self._client = _open_client(tracking_uri)
