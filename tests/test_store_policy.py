@@ -119,6 +119,9 @@ def no_store_opened(monkeypatch):
     """Every way a command opens an MLflow store fails at once, saying the store it was given
     (a Tracker names it in its one-line error, serve / predict / app in 'cannot ... model')."""
 
+    import mlflow.models
+    import mlflow.pyfunc  # imported now: a lazy first import later would bring the real functions back
+
     def refuse(*a, **k):
         raise RuntimeError("not opened in this test")
 
