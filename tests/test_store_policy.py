@@ -120,7 +120,7 @@ def no_store_opened(monkeypatch):
     (a Tracker names it in its one-line error, serve / predict / app in 'cannot ... model')."""
 
     import mlflow.models
-    import mlflow.pyfunc  # imported now: a lazy first import later would bring the real functions back
+    import mlflow.pyfunc  # noqa: F401  imported now: a lazy first import later would bring the real functions back
 
     def refuse(*a, **k):
         raise RuntimeError("not opened in this test")

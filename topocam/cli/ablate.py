@@ -42,14 +42,16 @@ def ablate_cmd(
         spec, data = _checked_study(study_file, data_dir)  # and so do bad data
         seed_list = list(_ints(seeds, "--seeds")) if seeds.strip() else (list(spec.replicate_seeds) or [0, 1, 2])
         storage_url = _study_storage(storage, runs_dir)
-        reference = reference_configs(spec, storage_url, base)  # the study's trials, read only: no storage is made
+        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        # the study's trials, read only (no storage is made), and the data checked against what they were scored on
+        reference = reference_configs(spec, storage_url, base, data if base == "best" else None, say)
         out_dir = out or runs_dir / "ablate" / f"{spec.name}-{suite_obj.name}"
         ensure_writable_dir(out_dir)
         tracker = Tracker(tracking_uri, runs_dir)
         split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731
         result = run_suite(spec, suite_obj, storage_url, tracker, list(dict.fromkeys(seed_list)), out_dir,
                            base=base, only=split(only), skip=split(skip), progress=not quiet, figures=figures,
-                           log=lambda m: console.print(m, markup=False, highlight=False), reference=reference, data=data)
+                           log=say, reference=reference, data=data)
     except TopoCAMError as exc:
         fail(str(exc))
     console.print(result.files["md"].read_text(), markup=False, highlight=False, soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,7 @@ def study_run(
         sampler = _value(sampler) or spec.samplers[0]
         arm = arm.value
         seed = spec.seeds[0] if seed is None else seed
+        runner.preflight(sampler, seed, arm)  # objective, definition and data checked before the baselines train
         runner.log_baselines()
         runner = runner.for_arm(arm)
         r = runner.run(sampler, seed, n_trials)
@@ -71,6 +73,9 @@ def study_run(
         metrics=list(dict.fromkeys([spec.objective, f"val_{m}", f"test_{m}"])), order_by=spec.objective,
         params=[k for k, p in spec.space.items() if p.kind != "fixed"], tags=["kind", "trial"],
     )
+    if not any(math.isfinite(v) for v in r.values):
+        fail(f"{spec.name} ({arm}, {sampler}, seed {seed}) has no trial with a finite {spec.objective} "
+             f"({len(r.values)} trial(s), {r.n_failed} failed; errors above): there is no result", code=1)
 
 
 @study_app.command("compare")
@@ -111,6 +116,13 @@ def study_compare(
         metrics=[f"best_{spec.objective}", f"best_test_{m}"] + ([f"replicated_test_{m}_mean"] if spec.replicate_seeds else []),
         tags=["arm", "sampler", "seed", "budget"], order_by=f"best_{spec.objective}",
     )
+    from topocam.search.runner import optuna_name
+
+    empty = [optuna_name(spec, r.sampler, r.seed, arm) for arm, runs in (("topocam", result.runs), ("topo_original", result.base_runs))
+             for r in runs if not any(map(math.isfinite, r.values))]
+    if empty:  # any search without a result: the comparison is incomplete
+        fail(f"{spec.name}: {len(empty)} search(es) have no trial with a finite {spec.objective} ({', '.join(empty)}; "
+             "errors in the table above): their rows compare nothing", code=1)
 
 
 @study_app.command("status")

@@ -5,11 +5,14 @@
    trial with the best objective (a validation metric). Ties go to the lower
    trial number, then to the first (sampler, seed) in name order. Test metrics
    take no part in the choice. ``trial=K`` names a trial instead.
-2. **Refit.** Its configuration (``space.apply_params`` over the study's
-   base) is evaluated on the study's context (``pipeline.prepare``: the same
-   cached backbone and CAMs): the MLP is fitted on the training split, the
-   Betti grid is the train-fitted one. Validation and test metrics are
-   recorded as provenance.
+2. **Refit.** The study's data must have the content fingerprint the Optuna
+   study recorded (checked before anything trains; a study from before it was
+   recorded is said in one warning line). Its configuration
+   (``space.apply_params`` over the study's base) is evaluated on the study's
+   context (``pipeline.prepare``: the same cached backbone and CAMs): the MLP is
+   fitted on the training split, the Betti grid is the train-fitted one. Its
+   validation metrics must equal the search's to ``REFIT_ATOL``, or nothing is
+   logged. Validation and test metrics are recorded as provenance.
 3. **Check.** The bundle is written, read back, and applied to the validation
    images through the exported code path; its probabilities must equal the
    pipeline's (to 1e-6), or nothing is logged.
@@ -37,8 +40,9 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import TopoCAMError
-from ..core.pipeline import evaluate, prepare
+from ..core.pipeline import evaluate, load_data, prepare
 from ..search.choose import Choice, choose_trial
+from ..search.fingerprint import check_data
 from ..stores import redact_url
 from .bundle import Bundle
 from .inputs import InputSpec
@@ -47,6 +51,7 @@ ALIAS = "champion"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 SELF_CHECK_ATOL = 1e-6
+REFIT_ATOL = 1e-6  # absolute: a refit's validation metrics (the objective among them) must equal the search's to this
 
 
 @dataclass
@@ -96,20 +101,33 @@ def _git_commit() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def check_refit(spec, choice: Choice, val: dict[str, float]) -> None:
+    """The refit scores validation as the search did: each validation metric the trial recorded
+    (the objective itself when it is a validation one) within ``REFIT_ATOL``, else an error."""
+    search = dict(choice.val)  # the trial's val_* attributes
+    if not spec.cv_folds:
+        search[spec.metric] = choice.value  # the objective, as the search stored it
+    off = [f"{k.upper()} {val[k]:.6f} (search: {v:.6f})" for k, v in sorted(search.items(), key=lambda kv: (kv[0] != spec.metric, kv[0]))
+           if k in val and not (math.isnan(val[k]) and math.isnan(v)) and not abs(val[k] - v) <= REFIT_ATOL]
+    if off:
+        raise TopoCAMError(
+            f"the refit of {choice.optuna_study} trial {choice.trial} scores validation {', '.join(off)}, beyond the "
+            f"tolerance {REFIT_ATOL:g}: it is not the model the search scored (backbone or CAM cache rebuilt on other "
+            "hardware or library versions?); nothing was registered: export where the study ran, with its cache, or run the study again here"
+        )
+
+
 def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print, data=None):
-    """Rebuild the chosen configuration on the study's context and fit it on train.
-    Returns the bundle, the outcome (val and test metrics), the pipeline's
-    probabilities per split (val, test) and the context. ``data``: the study's
-    dataset if already read (else it is read here)."""
+    """Rebuild the chosen configuration on the study's context and fit it on train; its
+    validation metrics must be the search's (:func:`check_refit`). ``data``: the study's
+    dataset, when already loaded (and checked). Returns the bundle, the outcome (val and
+    test metrics), the pipeline's probabilities per split (val, test) and the context."""
     from ..search.space import apply_params
 
     cfg = apply_params(spec.base, choice.params)
     ctx = prepare(spec.base, progress=progress, data=data)
     out = evaluate(ctx, cfg, report_test=True, progress=progress)
-    metric = spec.metric
-    if not math.isclose(out.val[metric], choice.value, rel_tol=0, abs_tol=1e-9):
-        log(f"warning: refitted validation {metric.upper()} {out.val[metric]:.6f} differs from the search's "
-            f"{choice.value:.6f} (backbone cache rebuilt on other hardware?); both are recorded")
+    check_refit(spec, choice, out.val)
     ds = ctx.data
     names = list(ds.class_names) if len(ds.class_names) == ds.n_classes else [str(i) for i in range(ds.n_classes)]
     bb = ctx.backbone
@@ -258,6 +276,8 @@ def export(spec, name: str, storage_url: str, tracker, sampler: str | None = Non
     check_model_name(name)
     choice = choice if choice is not None else choose_trial(spec, storage_url, sampler, seed, trial)
     log(f"exporting {choice.optuna_study} trial {choice.trial} ({spec.objective} {choice.value:.4f}; {choice.how})")
+    data = data if data is not None else load_data(spec.base)
+    check_data(choice.attrs, choice.optuna_study, data, log)  # before anything trains
     bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log, data=data)
     with tempfile.TemporaryDirectory(prefix="topocam-export-") as tmp:
         folder = bundle.save(Path(tmp) / "bundle")

@@ -13,7 +13,11 @@ A run's configuration is read from what was logged:
   validation split and never touch test (DESIGN.md section 2.5); best and
   export runs are reported ones (test).
 
-The context is re-built with :func:`topocam.core.pipeline.prepare` (the backbone and
+The data are checked first, before anything trains: their content fingerprint must be
+the one the run logged (a ``topocam run`` run's parameter ``data_fingerprint``; a study
+run's sampler run's tag ``data_fingerprint``, the fingerprint its Optuna study recorded;
+a study from before it was recorded is said in one warning line). The context is then
+re-built with :func:`topocam.core.pipeline.prepare` (the backbone and
 CAM caches make it cheap when the cache folder is the run's), the figures drawn
 by :func:`topocam.tracking.figures.explain`, and the re-computed metrics compared with
 the logged ones: a difference (a retrained backbone, other data) is reported,
@@ -160,7 +164,11 @@ def _from_study_run(tracker, run, kind: str, data_dir: str | None, cache_dir: st
     cfg = apply_params(base, params).validated()
     m = run.data.metrics
     logged = {k: v for k, v in m.items() if k.startswith(("val_", "test_"))}
-    return LoggedConfig(run.info.run_id, kind, cfg, REPORTED[kind], logged)
+    fingerprint = _run(tracker, parent_id).data.tags.get("data_fingerprint")
+    note = "" if fingerprint else (
+        f"warning: study {spec.name!r} records no dataset fingerprint (run before topocam recorded one): "
+        f"cannot check that the data are those its {kind} run was scored on")
+    return LoggedConfig(run.info.run_id, kind, cfg, REPORTED[kind], logged, fingerprint, note)
 
 
 def logged_config(tracker, run_id: str, data_dir: str | None = None, cache_dir: str | None = None) -> LoggedConfig:
@@ -216,17 +224,18 @@ def explain_run(
     and (``log``) log them to the run under ``figures/``, through ``tracker`` (a
     :class:`~topocam.tracking.Tracker`: :func:`logged_config`'s reads, ``log_figure``, ``log_text``)."""
     from ..tracking import figures
-    from ..core.pipeline import prepare
+    from ..core.pipeline import load_data, prepare
 
     lc = logged_config(tracker, run_id, data_dir, cache_dir)
+    data = load_data(lc.config)
+    if lc.data_fingerprint and data.fingerprint != lc.data_fingerprint:  # before anything trains
+        raise TopoCAMError(
+            f"{data.source} has content fingerprint {data.fingerprint}, but run {run_id} was scored on data with "
+            f"fingerprint {lc.data_fingerprint}: the data changed since it ran; restore them (or check --data-dir)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported in the result instead
-        ctx = prepare(lc.config, progress=progress)
-    if lc.data_fingerprint and ctx.data.fingerprint != lc.data_fingerprint:
-        raise TopoCAMError(
-            f"the data differ from the run's: fingerprint {ctx.data.fingerprint} here, {lc.data_fingerprint} logged; "
-            "check --data-dir"
-        )
+        ctx = prepare(lc.config, progress=progress, data=data)
     figs = figures.explain(ctx, lc.config, report_test=lc.report_test)
     files = figures.save_figures(figs, out)
     artifacts = figures.log_figures(tracker, run_id, figs) if log else []

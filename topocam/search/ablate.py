@@ -31,9 +31,10 @@ from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.backbone import pretrained_weights_file, resolve_backbone
 from ..core.data import Dataset
 from ..core.errors import DegenerateBackboneWarning, TopoCAMError
-from ..core.pipeline import Context, baseline, evaluate, prepare
+from ..core.pipeline import Context, baseline, evaluate, load_data, prepare
 from ..core.settings import TopoCAMConfig, arm_settings
 from ..core.stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
+from .fingerprint import check_data
 from .space import apply_params
 
 # what an arm may change: every setting declared with arm=True; "method" also takes "cnn" (the backbone's own prediction)
@@ -176,7 +177,7 @@ class Ablation:
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> params of its tuned configuration
     progress: bool = True
     log: Callable[[str], None] = print
-    data: Dataset | None = None  # the study's data if already read (else read with the first context)
+    data: Dataset | None = None  # the study's dataset, when already loaded (and checked against the study's)
     _contexts: dict[tuple, Context] = field(default_factory=dict)
     _memo: dict[tuple, ArmSeed] = field(default_factory=dict)
 
@@ -357,12 +358,15 @@ class SuiteRun:
     experiment_id: str | None = None
 
 
-def reference_configs(spec, storage_url: str, base: str) -> tuple[TopoCAMConfig, str, dict[str, dict[str, Any]]]:
+def reference_configs(spec, storage_url: str, base: str, data: Dataset | None = None,
+                      log: Callable[[str], None] = print) -> tuple[TopoCAMConfig, str, dict[str, dict[str, Any]]]:
     """The reference configuration, where it came from, and the tuned baselines found.
 
     ``base="best"``: the study's best TopoCAM trial by its validation objective (as
     ``topocam export`` chooses; test never read), and the best Topo-Original trial of
-    its equal-budget search when stored. ``base="file"``: the study file's base."""
+    its equal-budget search when stored; ``data`` (the study's dataset, where given) must be
+    what each was scored on (:func:`.fingerprint.check_data`). ``base="file"``: the study
+    file's base."""
     if base == "file":
         return spec.base, f"the base configuration of {spec.path}", {}
     if base != "best":
@@ -370,14 +374,19 @@ def reference_configs(spec, storage_url: str, base: str) -> tuple[TopoCAMConfig,
     from .choose import choose_trial
 
     choice = choose_trial(spec, storage_url)
+    if data is not None:
+        check_data(choice.attrs, choice.optuna_study, data, log)
     ref = apply_params(spec.base, choice.params)
     tuned: dict[str, dict[str, Any]] = {}
     try:
         orig = choose_trial(spec, storage_url, arm="topo_original")
+    except TopoCAMError:
+        orig = None
+    if orig is not None:
+        if data is not None:
+            check_data(orig.attrs, orig.optuna_study, data, log)
         tuned["topo_original"] = {"params": orig.params,
                                   "source": f"tuned: its best {spec.objective} (validation) is trial {orig.trial} of {orig.optuna_study}"}
-    except TopoCAMError:
-        pass
     return ref, (f"the study's best {spec.objective} (validation only; test never used): trial {choice.trial} of "
                  f"{choice.optuna_study} ({spec.objective} {choice.value:.4f})"), tuned
 
@@ -415,7 +424,10 @@ def run_suite(
     if not seeds or any(s < 0 for s in seeds):
         raise TopoCAMError(f"--seeds must be non-negative integers, got {seeds}")
     arms, skipped = select_arms(suite, only, skip)
-    reference, source, tuned = reference if reference is not None else reference_configs(spec, storage_url, base)
+    if reference is None:
+        data = data if data is not None else (load_data(spec.base) if base == "best" else None)  # checked before training
+        reference = reference_configs(spec, storage_url, base, data, log)
+    reference, source, tuned = reference
     log(f"reference: TopoCAM at {source}")
     if "topo_original" not in tuned and any(a.settings.get("method") == "topo_original" for a in arms):
         log("note: no Topo-Original search of this study in the storage: the Topo-Original arm uses the reference's MLP "

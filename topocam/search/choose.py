@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.errors import TopoCAMError
 from ..stores import redact_url
-from .fingerprint import ATTR_DEFINITION, definition
+from .fingerprint import ATTR_DATA, ATTR_DEFINITION, definition
 from .space import arm_space
 from .storage import open_storage
 from .trials import is_scored, scored_trials
@@ -29,6 +29,13 @@ class Choice:
     params: dict[str, Any]
     how: str  # "best of ..." or "named"
     definition_sha: str | None = None
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)  # the Optuna study's user attributes
+    val: dict[str, float] = dataclasses.field(default_factory=dict)  # the trial's validation metrics at the search
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        """Fingerprint of the data the trial was scored on (None: a study from before it was recorded)."""
+        return self.attrs.get(ATTR_DATA)
 
 
 def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int | None = None,
@@ -89,5 +96,6 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
     value, s, t = best
     how = (f"trial {t.number} named by the user" if trial is not None else
            f"best {spec.objective} over {', '.join(x.study_name for x in mine)} (validation only; test never used)")
+    val = {k[4:]: float(v) for k, v in t.user_attrs.items() if k.startswith("val_") and isinstance(v, (int, float))}
     return Choice(s.study_name, str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed")), t.number, float(value),
-                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"))
+                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"), dict(s.user_attrs), val)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class Comparison:
     runs: list[SamplerRun]
     files: dict[str, Path]
     replication: dict | None = None
+    base_runs: list[SamplerRun] = field(default_factory=list)  # the tuned Topo-Original searches
 
 
 def _stat(values: list[float]) -> dict[str, float]:
@@ -236,6 +237,11 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
     check_n_trials(n_trials)
     if not seeds:
         raise TopoCAMError("compare needs one or more seeds")
+    arms = ("topocam", "topo_original") if spec.tune_topo_original else ("topocam",)
+    for arm in arms:  # objective, definitions and data of every search checked before anything trains
+        for s in samplers:
+            for seed in seeds:
+                runner.preflight(s, seed, arm)
     runner.log_baselines()
     runs = [runner.run(s, seed, n_trials) for s in samplers for seed in seeds]
     rows, curves = summarise(runs, n_trials, spec.metric, spec.objective)
@@ -316,4 +322,4 @@ def compare(runner: StudyRunner, samplers: list[str], seeds: list[int], n_trials
             t.log_artifact(rid, p, "comparison")
         t.log_text(rid, spec.text, f"study/{spec.path.name}")
         t.finish(rid)
-    return Comparison(rows, runs, files, replication)
+    return Comparison(rows, runs, files, replication, base_runs)

@@ -97,9 +97,12 @@ class StudyRuns:
         self.tracker.finish(rid)
 
     # ------------------------------------------------------------ one sampler
-    def parent_run(self, sampler: str, seed: int, n_trials: int, degenerate: Callable[[], bool]) -> str | None:
+    def parent_run(self, sampler: str, seed: int, n_trials: int, degenerate: Callable[[], bool],
+                   data_fingerprint: str | None = None) -> str | None:
         """The sampler run of (arm, sampler, seed), found or made, RUNNING, tagged with the budget
-        asked for and the backbone's health (``degenerate()``, asked under the lock)."""
+        asked for, the backbone's health (``degenerate()``, asked under the lock) and the
+        fingerprint of the data the Optuna study was scored on (where it recorded one:
+        ``topocam explain`` checks its data against it)."""
         if self.tracker is None:
             return None
         t, spec = self.tracker, self.spec
@@ -119,7 +122,8 @@ class StudyRuns:
             else:
                 t.reopen(rid)
             # params are immutable: the latest budget is a tag; so is the backbone's health (DESIGN.md §2.10)
-            t.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(degenerate()).lower()})
+            t.set_tags(rid, {"budget": n_trials, "degenerate_backbone": str(degenerate()).lower(),
+                             **({"data_fingerprint": data_fingerprint} if data_fingerprint else {})})
         return rid
 
     def start_trial(self, trial: optuna.Trial, sampler: str, seed: int, parent: str | None, params: dict[str, Any]) -> str | None:

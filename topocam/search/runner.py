@@ -32,7 +32,11 @@ finish exactly ``n_trials``. Optuna's journal storage has no heartbeat: there a
 killed worker's trial stays RUNNING and counts.
 
 Resume. A study that already exists is continued (same name in the same
-storage) provided it was defined the same way (:mod:`.fingerprint`).
+storage) provided it was defined the same way and its data have the fingerprint it
+recorded (:mod:`.fingerprint`). A new one is created only if every other Optuna study of
+its ``[study] name`` (other samplers, seeds, arms) was defined the same way and scored on
+the same data, and only if its objective can be computed on the data's labels
+(:meth:`StudyRunner.preflight`, before any training).
 """
 
 from __future__ import annotations
@@ -54,14 +58,14 @@ import optuna
 from ..core.choices import check_n_trials, check_sampler_seed
 from ..core.data import Dataset
 from ..core.errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
-from ..core.pipeline import BASELINES, Context, baseline, evaluate, prepare
+from ..core.pipeline import BASELINES, Context, baseline, evaluate, load_data, prepare
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR
 from ..tracking import Tracker
-from .fingerprint import check_definition
+from .fingerprint import ATTR_DATA, ATTR_DEFINITION, arm_spec, check_attrs, check_data, check_definition, check_name
 from .mlflow_runs import StudyRuns
 from .samplers import OPTIONS_SECTION, check_samplers, make_sampler
-from .space import apply_params, arm_space, suggest
+from .space import apply_params, suggest
 from .storage import DatabaseLock, open_storage, quiet_experimental, retry_callback, storage_lock
 from .storage import infrastructure_error
 from .status import TrialBar, failure_groups
@@ -91,6 +95,33 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 def _used(study: optuna.Study) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
+
+
+def check_objective(spec: StudySpec, data: Dataset) -> None:
+    """The study's objective can be computed on the data's labels, else an error before any
+    training: an AUC on validation needs every class in the validation split (binary: both;
+    multi-class: one-vs-rest for each class), a K-fold one ``cv_folds`` training images of each."""
+    where = f"{spec.path}: [study] objective {spec.objective!r} cannot be computed"
+    if spec.cv_folds:
+        counts = np.bincount(data.y["train"], minlength=data.n_classes)
+        few = [c for c in range(data.n_classes) if counts[c] < spec.cv_folds]
+        if few:
+            raise TopoCAMError(
+                f"{where}: class(es) {few} have fewer than {spec.cv_folds} images in the training split of {data.source} "
+                f"(counts {counts.tolist()}; {spec.cv_folds}-fold cross-validation needs {spec.cv_folds} of each); "
+                f"use objective = \"val_{spec.metric}\" or add training images"
+            )
+        return
+    if spec.metric != "auc":
+        return
+    present = sorted(set(np.unique(data.y["val"]).tolist()))
+    absent = sorted(set(range(data.n_classes)) - set(present))
+    if absent:
+        raise TopoCAMError(
+            f"{where}: the validation split of {data.source} holds class(es) {present} only (class(es) {absent} absent), "
+            "and a validation AUC needs every class; use objective = \"val_acc\" or \"cv_auc\" (5-fold AUC on the "
+            "training split), or a validation split with every class"
+        )
 
 
 def optuna_name(spec: StudySpec, sampler: str, seed: int, arm: str = "topocam") -> str:
@@ -136,7 +167,9 @@ class StudyRunner:
     _seed_ctx: dict[int, Context] = field(default_factory=dict)  # replication contexts, one per model seed
     _running: int | None = None  # number of the trial this worker runs
     arm: str = "topocam"  # the method searched: "topocam", or "topo_original" (the equal-budget baseline)
-    data: Dataset | None = None  # the study's data, read and checked before the stores were opened (else read by ``ctx``)
+    study_spec: StudySpec | None = None  # the study as its file defines it (all arms); None: ``spec``
+    _data: Dataset | None = None
+    _preflighted: set = field(default_factory=set)  # (arm, sampler, seed) checked by preflight
 
     @classmethod
     def open(cls, spec: StudySpec, storage_url: str, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR,
@@ -146,7 +179,9 @@ class StudyRunner:
         fails within seconds, before any training. ``options``: the other fields (``progress``, ``log``,
         ``data``: the study's data, checked before any store is opened, :func:`pipeline.load_checked`)."""
         storage = open_storage(storage_url, spec.grace_period)
-        return cls(spec, storage_url, Tracker(tracking_uri, runs_dir), runs_dir=runs_dir, _storage=storage, **options)
+        data = options.pop("data", None)  # the study's data, where already read and checked
+        return cls(spec, storage_url, Tracker(tracking_uri, runs_dir), runs_dir=runs_dir, _storage=storage, _data=data,
+                   **options)
 
     def for_arm(self, arm: str) -> "StudyRunner":
         """The same study for another method: its part of the space (:func:`arm_space`), the
@@ -155,14 +190,23 @@ class StudyRunner:
         if arm == self.arm:
             return self
         self.ctx  # build once, share
-        spec = replace(self.spec, base=replace(self.spec.base, method=arm), space=arm_space(self.spec.space, arm))
-        return replace(self, spec=spec, arm=arm)
+        root = self.study_spec or self.spec
+        return replace(self, spec=arm_spec(root, arm), arm=arm, study_spec=root)
 
     @property
     def storage(self):
         if self._storage is None:
             self._storage = open_storage(self.storage_url, self.spec.grace_period)
         return self._storage
+
+    @property
+    def data(self) -> Dataset:
+        """The study's dataset, loaded once (the context is built on it)."""
+        if self._ctx is not None:
+            return self._ctx.data
+        if self._data is None:
+            self._data = load_data(self.spec.base)
+        return self._data
 
     @property
     def ctx(self) -> Context:
@@ -192,6 +236,41 @@ class StudyRunner:
         if health.degenerate:
             self.log(f"warning: {label}: {health.message}")
         return ctx
+
+    def preflight(self, sampler: str, seed: int, arm: str | None = None) -> None:
+        """What can be checked before any training, for (``arm``, sampler, seed): the objective
+        can be computed on the data's labels (:func:`check_objective`); an existing Optuna study
+        was defined the same way and its data have the fingerprint it recorded; a new one's
+        name holds no other definition or data in the storage (:func:`.fingerprint.check_name`).
+        Loads the data, reads the storage, trains nothing; each (arm, sampler, seed) once. A
+        failing storage is an :class:`InfrastructureError`, as in :meth:`run`."""
+        try:
+            self._preflight(sampler, seed, arm or self.arm)
+        except TopoCAMError:
+            raise
+        except Exception as exc:
+            infra = self._infrastructure(exc)
+            if infra is None:
+                raise
+            raise infra from exc
+
+    def _preflight(self, sampler: str, seed: int, arm: str) -> None:
+        if (arm, sampler, seed) in self._preflighted:
+            return
+        root = self.study_spec or self.spec
+        spec = arm_spec(root, arm)
+        check_objective(spec, self.data)
+        name = optuna_name(spec, sampler, seed, arm)
+        summaries = optuna.get_all_study_summaries(self.storage, include_best_trial=False)
+        mine = [s for s in summaries if s.study_name == name]
+        if mine:  # resumed: the same definition (and the data it was scored on)
+            attrs = mine[0].user_attrs
+            check_attrs(name, attrs, spec, sampler, seed, self.storage_url)
+            if ATTR_DEFINITION in attrs:  # else just created (by another worker): check_definition records both
+                check_data(attrs, name, self.data, self.log)
+        else:
+            check_name(summaries, root, name, self.storage_url, self.data)
+        self._preflighted.add((arm, sampler, seed))
 
     def replicate(self, params: dict[str, Any], seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Test (and validation) metrics of one chosen configuration under each model
@@ -318,15 +397,17 @@ class StudyRunner:
         if n_trials is not None:
             check_n_trials(n_trials)
         n_trials = self.spec.n_trials if n_trials is None else int(n_trials)
+        self.preflight(sampler, seed)
         with quiet_experimental():
             study = optuna.create_study(
                 study_name=optuna_name(self.spec, sampler, seed, self.arm), storage=self.storage, load_if_exists=True,
                 sampler=make_sampler(sampler, seed, self.spec.sampler_options.get(OPTIONS_SECTION.get(sampler, sampler))), direction="maximize",
             )
-            check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url)
+            check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url, self.data.fingerprint)
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
-        parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate)
+        parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate,
+                                      study.user_attrs.get(ATTR_DATA))
         status = "FAILED"
         try:
             self.runs.sync_failed_trials(study, sampler, seed)
