@@ -320,6 +320,32 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, updating):
     assert gens == {0: 8, 1: 8, 2: 4}
 
 
+@pytest.mark.parametrize("updating", UPDATING_MODES)
+def test_pickled_or_deep_copied_mid_study_the_sampler_proposes_what_the_original_does(tmp_path, updating):
+    """Optuna's resume recipe pickles ``study.sampler``; its locks and per-process caches are
+    left out and rebuilt, so the copy carries on from the stored state exactly as the original."""
+    import copy
+    import pickle
+    import shutil
+
+    url = lambda name: f"sqlite:///{tmp_path / name}"  # noqa: E731
+    study = optuna.create_study(storage=url("a.db"), study_name="de",
+                                sampler=DifferentialEvolutionSampler(popsize=6, updating=updating))  # seed drawn, stored
+    study.optimize(_mixed_objective, n_trials=9)  # mid generation 1: the caches hold the space, seed, populations
+    pickled = pickle.loads(pickle.dumps(study.sampler))
+    copied = copy.deepcopy(study.sampler)
+    for name in ("b.db", "c.db"):
+        shutil.copy(tmp_path / "a.db", tmp_path / name)
+    study.optimize(_mixed_objective, n_trials=8)
+    assert len(study.trials) == 17
+    for name, sampler in (("b.db", pickled), ("c.db", copied)):
+        assert type(sampler) is DifferentialEvolutionSampler and sampler.updating == updating
+        twin = optuna.load_study(study_name="de", storage=url(name), sampler=sampler)
+        twin.optimize(_mixed_objective, n_trials=8)
+        assert _signature(twin) == _signature(study)  # the same next parameters, values and DE records
+    pickle.loads(pickle.dumps(study.sampler))  # and again after use
+
+
 def test_resume_with_seed_none_continues_the_stored_population(tmp_path):
     url = f"sqlite:///{tmp_path / 'noseed.db'}"
     study = optuna.create_study(

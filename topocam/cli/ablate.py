@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from .common import (
-    DATA_DIR_OPTION, METHOD_NAMES, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _ints,
-    _checked_study, _study_storage, app, console, ensure_writable_dir, err, fail, print_runs_link,
+    DATA_DIR_OPTION, METHOD_NAMES, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION,
+    _checked_study, _fmt, _ints, _study_storage, app, console, ensure_writable_dir, err, fail, print_runs_link,
+    refuse_earlier_results,
 )
 
 # ------------------------------------------------------------------ ablations
@@ -28,6 +29,7 @@ def ablate_cmd(
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="log each arm's figures (Betti curves, t-SNE, CAM overlays, ROC, confusion) to its best seed's run"),
     quiet: bool = QUIET_OPTION,
 ):
@@ -46,6 +48,7 @@ def ablate_cmd(
         # the study's trials, read only (no storage is made), and the data checked against what they were scored on
         reference = reference_configs(spec, storage_url, base, data if base == "best" else None, say)
         out_dir = out or runs_dir / "ablate" / f"{spec.name}-{suite_obj.name}"
+        refuse_earlier_results(out_dir, overwrite)
         ensure_writable_dir(out_dir)
         tracker = Tracker(tracking_uri, runs_dir)
         split = lambda text: [v.strip() for v in text.split(",") if v.strip()] or None  # noqa: E731

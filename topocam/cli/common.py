@@ -90,6 +90,23 @@ def ensure_writable_dir(path: Path) -> None:
         fail(f"cannot write to output folder {path} ({exc.strerror or exc}); choose another --out")
 
 
+OVERWRITE_HELP = "write into a non-empty output folder, replacing the files of an earlier run there (default: refuse it)"
+
+
+def refuse_earlier_results(path: Path, overwrite: bool) -> None:
+    """Fail before any work if ``path`` is a folder holding anything (an earlier run's results,
+    which this run would replace) and ``--overwrite`` was not given."""
+    if overwrite or not path.is_dir():
+        return
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError:  # unreadable: ensure_writable_dir says so
+        return
+    if names:
+        held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        fail(f"output folder {path} is not empty (it holds {held}); pass --overwrite to replace its files, or choose another --out")
+
+
 @contextmanager
 def output_dir(path: Path):
     """``ensure_writable_dir(path)`` for the body; if the body fails, the folders it

@@ -134,7 +134,10 @@ def _check_model_exists(model: str, tracking_uri: Optional[str]) -> None:
 
 @app.command("predict")
 def predict_cmd(
-    files: list[Path] = typer.Argument(..., help="image files and/or folders (2D: .png .jpg .jpeg .npy; 3D: .npy .nii .nii.gz)"),
+    # readable=False: Typer's default refuses the whole command for one unreadable file; each
+    # file's problem (missing, unreadable, not an image) is that file's error in predictions.jsonl
+    files: list[Path] = typer.Argument(..., readable=False,
+                                       help="image files and/or folders (2D: .png .jpg .jpeg .npy; 3D: .npy .nii .nii.gz)"),
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and overlays/"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,

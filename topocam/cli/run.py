@@ -15,8 +15,8 @@ from topocam.core.stats import format_mean_sd
 
 from .options import parse, with_setting_options
 from .common import (
-    METHOD_NAMES, QUIET_OPTION, TRACKING_URI_OPTION, _fmt, _ints, _n_jobs_option, _value, app, console, err, fail,
-    output_dir, print_runs_link,
+    METHOD_NAMES, OVERWRITE_HELP, QUIET_OPTION, TRACKING_URI_OPTION, _fmt, _ints, _n_jobs_option, _value, app, console, err,
+    fail, output_dir, print_runs_link, refuse_earlier_results,
 )
 
 
@@ -69,6 +69,7 @@ def config_from_options(settings: dict, preset: str | None, seed: int, leakage_a
 @with_setting_options(run_options(), callbacks={"n_jobs": _n_jobs_option})
 def run(
     out: Path = typer.Option(..., "--out", help="folder for metrics.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     preset: Optional[PresetChoice] = typer.Option(None, help="backbone training recipe: medmnist_v2 (100 epochs, lr/10 at 50 and 75, batch 128)"),
     seeds: str = typer.Option("0", help="model seeds (backbone and MLP), e.g. 0,1,2,3,4: one run each, then mean ± sd"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
@@ -92,6 +93,7 @@ def run(
     try:
         cfg = config_from_options(settings, _value(preset), seed_list[0], leakage_audit)
         data = load_checked(cfg)  # bad data fails here, before any folder or store is made
+        refuse_earlier_results(out, overwrite)
         with output_dir(out):
             if not no_tracking:  # open the store now: a bad URI fails before any training
                 from topocam.tracking import Tracker

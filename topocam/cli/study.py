@@ -13,8 +13,8 @@ from topocam.core.choices import ArmChoice
 from topocam.search.samplers import SAMPLERS, SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt, _sampler_list_option,
-    _study_setup, _value, app, console, err, fail, output_dir, print_runs_link,
+    DATA_DIR_OPTION, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt,
+    _sampler_list_option, _study_setup, _value, app, console, err, fail, output_dir, print_runs_link, refuse_earlier_results,
 )
 
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
@@ -90,6 +90,7 @@ def study_compare(
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the table and plot (default: RUNS_DIR/compare/STUDY)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     quiet: bool = QUIET_OPTION,
 ):
     """Every sampler on the same budget and seeds: table, plot, all in MLflow."""
@@ -101,7 +102,9 @@ def study_compare(
         names = [s.strip() for s in samplers.split(",") if s.strip()] if samplers else list(spec.samplers)
         seed_list = list(range(seeds)) if seeds is not None else list(spec.seeds)
         budget = n_trials or spec.n_trials
-        with output_dir(out or runs_dir / "compare" / spec.name) as out_dir:
+        out = out or runs_dir / "compare" / spec.name
+        refuse_earlier_results(out, overwrite)
+        with output_dir(out) as out_dir:
             result = compare(runner, names, seed_list, budget, out_dir)
     except TopoCAMError as exc:
         fail(str(exc))

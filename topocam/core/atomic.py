@@ -7,6 +7,7 @@ file written (tables, ``metrics.json``, a bundle's ``topocam.json``) goes throug
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -103,3 +104,42 @@ def _json_key(key: Any) -> Any:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """``obj`` as strict JSON (:func:`json_safe`), indented, written atomically."""
     write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def _chain(exc: BaseException | None):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "the file is larger than this process may write (its file size limit, ulimit -f)",
+}
+
+
+def write_failure(exc: BaseException, folder: Path, size: int | None = None) -> str:
+    """Why a write into ``folder`` failed, in words. A full device, a quota or a file size limit
+    is said as such, with the file's approximate ``size`` if known and the space left there
+    (torch's writer reports each of them as "[enforce fail at inline_container.cc] unexpected
+    pos", raised from the OSError that says which); anything else is the error's own text."""
+    os_error = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _NO_ROOM), None)
+    if os_error is None:
+        return str(exc)
+    facts = [f"it needs about {_bytes_text(size)}"] if size else []
+    try:
+        facts.append(f"{_bytes_text(shutil.disk_usage(folder).free)} free in {folder}")
+    except OSError:
+        pass
+    return _NO_ROOM[os_error.errno] + (f"; {', '.join(facts)}" if facts else "")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_failure
 from .choices import BACKBONES, choice_enum
 from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
@@ -406,10 +406,13 @@ def train_backbone(
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         blob = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": asdict(info)}
         try:
-            with atomic_path(ckpt) as tmp:
-                torch.save(blob, tmp)
+            # a file object, not a path: torch's zip writer then raises its RuntimeError from the
+            # OSError of the write (ENOSPC, ...), which says what happened
+            with atomic_path(ckpt) as tmp, open(tmp, "wb") as f:
+                torch.save(blob, f)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-            raise InfrastructureError(f"could not write the backbone checkpoint {ckpt}: {exc}") from exc
+            size = sum(v.numel() * v.element_size() for v in blob["state_dict"].values())
+            raise InfrastructureError(f"could not write the backbone checkpoint {ckpt}: {write_failure(exc, ckpt.parent, size)}") from exc
         return model, info
 
     (model, info), cached = load_or_build(ckpt, load, build)
@@ -444,7 +447,8 @@ def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_di
             with atomic_path(entry) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **probs)
         except OSError as exc:
-            raise InfrastructureError(f"could not write the CNN probabilities {entry}: {exc}") from exc
+            size = sum(p.nbytes for p in probs.values())
+            raise InfrastructureError(f"could not write the CNN probabilities {entry}: {write_failure(exc, entry.parent, size)}") from exc
         return probs
 
     return load_or_build(entry, load, build)[0]

@@ -31,3 +31,8 @@ class InfrastructureError(TopoCAMError):
 
 class DeprecatedKeyWarning(UserWarning):
     """A study file uses a key's old name: still read, said in one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``): the process stops as on Ctrl-C (a KeyboardInterrupt, so
+    everything that cleans up after Ctrl-C does so), and says it was terminated."""

@@ -80,6 +80,10 @@ def read_image(path: Path | str, spec: InputSpec) -> LoadedImage:
         raise TopoCAMError(f"{sfx} files are {'2D images' if spec.ndim == 3 else '3D volumes'}; this model takes {_dims(spec)} ({spec.size_text()})")
     if not path.is_file():
         raise TopoCAMError("file does not exist" if not path.exists() else "not a regular file")
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise TopoCAMError("permission denied: this file cannot be read") from None
     if sfx in (".png", ".jpg", ".jpeg"):
         return _prepare(*_read_pil(path, spec), spec)
     if sfx == ".npy":

@@ -8,9 +8,9 @@ in the batch. Output, in the ``out`` folder:
 * ``predictions.jsonl``: one JSON object per input file, in input order:
   ``file``, ``class``, ``class_name``, ``probabilities``, ``roi_fraction``,
   ``overlay`` and ``preprocessing`` (what was done to the file), or ``file``
-  and ``error`` for a file that could not be read or has the wrong
-  dimensionality. Written when all files are done (temporary file, then
-  rename).
+  and ``error`` for a file that could not be read (missing, unreadable, not an
+  image; a folder that cannot be listed) or has the wrong dimensionality.
+  Written when all files are done (temporary file, then rename).
 * ``overlays/<name>.png``: the fused CAM as a heat map with the ROI contour
   over the image (3D: a montage of slices).
 
@@ -41,18 +41,27 @@ class PredictSummary:
         return sum("error" in r for r in self.records)
 
 
+FOLDER_UNREADABLE = "permission denied: this folder cannot be listed"
+
+
 def collect_files(paths: list[Path]) -> list[Path]:
-    """Files as given, and the supported files directly inside each folder (sorted)."""
+    """Files as given, and the supported files directly inside each folder (sorted). A folder
+    that cannot be listed stays in the list as itself: :func:`predict_files` reports it as its
+    error, as a missing or unreadable file is."""
     out: list[Path] = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and supported(f))
+            try:
+                found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and supported(f))
+            except PermissionError:
+                out.append(p)
+                continue
             if not found:
                 raise TopoCAMError(f"folder {p} holds no image files ({', '.join(ALL_SUFFIXES)})")
             out += found
         else:
-            out.append(p)  # missing or unsupported: reported as that file's error
+            out.append(p)  # missing, unreadable or unsupported: reported as that file's error
     return out
 
 
@@ -97,6 +106,9 @@ def predict_files(model, paths: list[Path], out: Path, progress: bool = True) ->
     taken: set[str] = set()
     records: list[dict[str, Any]] = []
     for path in tqdm(files, desc="predict", unit="file", disable=not progress or len(files) < 2):
+        if path.is_dir():  # only a folder collect_files could not list
+            records.append({"file": str(path), "error": FOLDER_UNREADABLE})
+            continue
         try:
             rec, png = predict_one(model, path)
         except TopoCAMError as exc:

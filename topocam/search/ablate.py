@@ -36,6 +36,7 @@ from ..core.settings import TopoCAMConfig, arm_settings
 from ..core.stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
 from .fingerprint import check_data
 from .space import apply_params
+from .studyfile import folder_given
 
 # what an arm may change: every setting declared with arm=True; "method" also takes "cnn" (the backbone's own prediction)
 ARM_SETTINGS = arm_settings()
@@ -96,9 +97,14 @@ def _arm(ablation: str, raw: Any, leakage: bool, where: str) -> Arm:
     return arm
 
 
+SUITE_KEYS = ("description", "name")  # of a suite file's [suite] table
+
+
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite file (errors name the file, the ablation and the arm)."""
     path = Path(path)
+    if path.is_dir():
+        raise TopoCAMError(folder_given(path, "ablation suite"))
     if not path.is_file():
         raise TopoCAMError(f"ablation suite {path} does not exist")
     try:
@@ -106,7 +112,15 @@ def load_suite(path: str | Path) -> Suite:
     except tomllib.TOMLDecodeError as exc:
         raise TopoCAMError(f"{path}: not valid TOML ({exc})") from None
     where = str(path)
+    unknown = sorted(set(doc) - {"suite", "ablation"})
+    if unknown:
+        raise TopoCAMError(f"{where}: unknown table(s) {unknown}; allowed: [suite], [[ablation]]")
     suite = doc.get("suite", {})
+    if not isinstance(suite, dict):
+        raise TopoCAMError(f"{where}: suite must be a [suite] table (name, description)")
+    unknown = sorted(set(suite) - set(SUITE_KEYS))
+    if unknown:
+        raise TopoCAMError(f"{where}: [suite]: unknown key(s) {unknown}; allowed: {', '.join(SUITE_KEYS)}")
     ablations = doc.get("ablation", [])
     if not isinstance(ablations, list) or not ablations:
         raise TopoCAMError(f"{where}: needs at least one [[ablation]] table")

@@ -98,7 +98,9 @@ parameter for parameter).
   stays for that generation). So no evaluation is lost and no individual is duplicated.
 
 Per-process caches (decoded search space, finished-trial vectors, populations of generations
-whose trials have all finished) only memoise functions of immutable stored data.
+whose trials have all finished) only memoise functions of immutable stored data; a pickled or
+deep-copied sampler (Optuna's resume recipe pickles ``study.sampler``) leaves them and its lock
+out and rebuilds them empty.
 
 Parameters that are not in the relative search space (conditional parameters that appeared
 after the space was fixed, or parameters whose distribution changes between trials) are
@@ -404,6 +406,19 @@ class DifferentialEvolutionSampler(BaseSampler):
     def updating(self) -> str:
         """The updating mode (``"deferred"`` or ``"immediate"``), fixed at construction."""
         return self._updating
+
+    # Optuna's resume recipe pickles ``study.sampler`` (and ``copy.deepcopy`` goes the same way):
+    # the lock and the per-process caches are left out and rebuilt empty. The caches only memoise
+    # functions of the stored state, so a copy proposes exactly what the original would.
+    _PROCESS_LOCAL = ("_lock", "_caches")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._PROCESS_LOCAL}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._caches = {}
 
     # ------------------------------------------------------------------ Optuna interface
 

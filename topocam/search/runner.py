@@ -57,7 +57,7 @@ import optuna
 
 from ..core.choices import check_n_trials, check_sampler_seed
 from ..core.data import Dataset
-from ..core.errors import DegenerateBackboneWarning, InfrastructureError, TopoCAMError
+from ..core.errors import DegenerateBackboneWarning, InfrastructureError, Terminated, TopoCAMError
 from ..core.pipeline import BASELINES, Context, baseline, evaluate, load_data, prepare
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR
@@ -75,14 +75,26 @@ from .trials import ATTR_ERROR, ATTR_STOPPED, counts, scored_trials
 S = optuna.trial.TrialState
 
 
-def _no_interrupt_traceback(record: logging.LogRecord) -> bool:
-    """Optuna logs a trial stopped by Ctrl-C with a traceback: the stop is intended, say it in one line."""
+_STOPPED_TRIALS: set[int] = set()  # trials Optuna said "failed" of, that Ctrl-C or SIGTERM stopped
+
+
+def _no_interrupt_lines(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C or SIGTERM as failed, with a traceback, then "failed
+    with value None": the stop is intended, the trial re-queued, and the CLI says it in one line
+    ("interrupted", "terminated (SIGTERM)"). Both records are dropped."""
+    message = record.getMessage()
+    number = message.split(" ", 2)[1] if message.startswith("Trial ") else ""
     if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-        record.exc_info = record.exc_text = None
+        if number.isdigit():
+            _STOPPED_TRIALS.add(int(number))
+        return False
+    if number.isdigit() and int(number) in _STOPPED_TRIALS and message.endswith("failed with value None."):
+        _STOPPED_TRIALS.discard(int(number))
+        return False
     return True
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_no_interrupt_traceback)
+logging.getLogger("optuna.study._optimize").addFilter(_no_interrupt_lines)
 
 
 class _ConfigurationFailed(Exception):
@@ -354,8 +366,10 @@ class StudyRunner:
                 broken = isinstance(exc, Exception) and not (isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS)
                 if broken:
                     reason = f"{type(exc).__name__}: {exc}"
+                elif isinstance(exc, Terminated):
+                    reason = "worker terminated (SIGTERM)"
                 elif isinstance(exc, KeyboardInterrupt):
-                    reason = "worker interrupted (KeyboardInterrupt: Ctrl-C or SIGTERM)"
+                    reason = "worker interrupted (KeyboardInterrupt: Ctrl-C)"
                 else:
                     reason = f"worker stopped: the disk failed ({type(exc).__name__}: {exc})"
                 trial.set_user_attr(ATTR_ERROR if broken else ATTR_STOPPED, reason[:2000])

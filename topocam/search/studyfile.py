@@ -128,10 +128,26 @@ def settings_table(doc: dict, section: str, where: str) -> tuple[dict[str, Any],
     return values, {k: _typed(section, k, v, extra[k], where) for k, v in t.items() if k in extra}
 
 
+def folder_given(path: Path, what: str) -> str:
+    """The message for a folder given where a TOML file was expected, naming the .toml files in it."""
+    try:
+        found = sorted(p for p in path.glob("*.toml") if p.is_file())
+    except OSError:
+        found = []
+    if not found:
+        return f"{what} {path} is a folder, not a file; pass a {what} (TOML)"
+    if len(found) == 1:
+        return f"{what} {path} is a folder, not a file; did you mean {found[0]}?"
+    more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+    return f"{what} {path} is a folder, not a file; did you mean one of {', '.join(map(str, found[:5]))}{more}?"
+
+
 def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     """Read and validate a study file. ``data_dir`` (from the CLI) wins over the file's."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise TopoCAMError(folder_given(path, "study file"))
     if not path.is_file():
         raise TopoCAMError(f"study file {path} does not exist")
     text = path.read_text()
