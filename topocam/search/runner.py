@@ -256,8 +256,15 @@ class StudyRunner:
         name holds no other definition or data in the storage (:func:`.fingerprint.check_name`).
         Loads the data, reads the storage, trains nothing; each (arm, sampler, seed) once. A
         failing storage is an :class:`InfrastructureError`, as in :meth:`run`."""
-        try:
+        with self._failing_stores():
             self._preflight(sampler, seed, arm or self.arm)
+
+    @contextmanager
+    def _failing_stores(self) -> Iterator[None]:
+        """A storage, tracking store or disk failing inside: an :class:`InfrastructureError`
+        (our own errors and anything else pass unchanged)."""
+        try:
+            yield
         except TopoCAMError:
             raise
         except Exception as exc:
@@ -396,15 +403,8 @@ class StudyRunner:
         """Run (or resume) one (sampler, seed) up to the budget; return its history. A failing
         storage, tracking store or disk stops it with an :class:`InfrastructureError`."""
         check_sampler_seed(seed)
-        try:
+        with self._failing_stores():
             return self._run(sampler, seed, n_trials)
-        except TopoCAMError:
-            raise
-        except Exception as exc:
-            infra = self._infrastructure(exc)
-            if infra is None:
-                raise
-            raise infra from exc
 
     def _run(self, sampler: str, seed: int, n_trials: int | None) -> SamplerRun:
         check_samplers(sampler)
