@@ -51,7 +51,7 @@ def test_runs_table_link_in_headless_chromium(tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium package (.ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
-    import cli
+    from topocam.cli import common as cli
     from topocam.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, tags_filter
 
     tracker, exp = _store(tmp_path / "mlruns")
