@@ -294,7 +294,8 @@ def test_mlflow_info_lines_are_kept_out_unless_verbose(tmp_path):
     (and more) on every command's stderr; ``topocam --verbose`` shows them."""
 
     def explain(*root: str) -> subprocess.CompletedProcess:
-        db = tmp_path / f"mlflow{len(root)}.db"  # a new store each time: the tables are created
+        db = tmp_path / f"mlflow{len(root)}.db"  # a new, empty store each time: MLflow creates its tables
+        db.touch()  # (explain opens only a store that exists: it creates none)
         return subprocess.run([sys.executable, str(REPO / "cli.py"), *root, "explain", "nosuchrun", "--tracking-uri",
                                f"sqlite:///{db}", "--out", str(tmp_path / "figs"), "--quiet"],
                               env=child_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
