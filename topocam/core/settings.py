@@ -103,10 +103,6 @@ class Setting:
         return self.search.params or (self.name,)
 
     @property
-    def search_kind(self) -> str:
-        return "categorical" if self.choices else ("int" if self.type is int else "float")
-
-    @property
     def search_bounds(self) -> tuple[float | None, float | None]:
         if self.search is not None and self.search.bounds is not None:
             return self.search.bounds
