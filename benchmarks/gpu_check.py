@@ -25,7 +25,6 @@ nothing but that the script works). Each section's failure is recorded and the n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
