@@ -59,7 +59,7 @@ def mean_rank_figure(ranks: dict[str, np.ndarray], title: str) -> Figure:
     ax.set_xlabel("trial")
     ax.set_ylabel("mean rank (1 = best)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the lines fill them
     suptitle(fig, title)
     return fig
 
