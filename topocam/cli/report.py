@@ -58,7 +58,8 @@ def report_cmd(
     for d in result.studies:
         for what, cmd in d.missing.items():
             if what != "ablation" or ablations:
-                console.print(f"{d.name}: no {what}; run: {cmd}", markup=False, highlight=False, soft_wrap=True)
+                why = f" ({d.trials_error})" if what == "trials" and d.trials_error else ""
+                console.print(f"{d.name}: no {what}{why}; run: {cmd}", markup=False, highlight=False, soft_wrap=True)
     for p in result.files.values():
         console.print(str(p), markup=False, highlight=False, soft_wrap=True)
     if result.run_id:

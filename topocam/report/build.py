@@ -121,7 +121,7 @@ def headline_section(studies: list[StudyData], refs: list[dict], suite: str) -> 
         h = d.headline
         if h is None:
             s.blocks.append(Missing(f"{d.name}: no comparison or ablation tables",
-                                    d.missing.get("ablation") or d.missing.get("comparison", "")))
+                                    " && ".join(c for c in (d.missing.get("comparison"), d.missing.get("ablation")) if c)))
         elif h.source == "comparison":
             s.blocks.append(Missing(f"{d.name}: no paired intervals (the numbers are the comparison's replication, pooled "
                                     f"over samplers; the hybrid head and the intervals come from the ablation suite)",
@@ -328,13 +328,15 @@ def search_section(studies: list[StudyData]) -> Section:
                     d.trials, params, d.spec.objective, f"{d.name}: {d.spec.objective} of every completed trial against τ and the fusion weights")),
                     f"{d.name}: slice plots"))
         else:
-            s.blocks.append(Missing(f"{d.name}: no completed trials in the storage", d.missing.get("trials", "")))
+            why = f" ({d.trials_error})" if d.trials_error else ""
+            s.blocks.append(Missing(f"{d.name}: no completed trials in the storage{why}", d.missing.get("trials", "")))
         if d.figures:
             s.p(f"The best configuration's figures, as logged to {d.figures_from}.")
             for name, data in d.figures.items():
                 s.blocks.append(Image(f"{name}_{d.name}", data, f"{d.name}: {name.replace('_', ' ')}"))
         else:
-            s.blocks.append(Missing(f"{d.name}: no logged Betti curves or CAM overlays", d.missing["figures"]))
+            s.blocks.append(Missing(f"{d.name}: no logged Betti curves or CAM overlays (the ablation logs the reference's; "
+                                    "topocam explain RUN_ID logs a study's best run's)", d.missing["figures"]))
     return s
 
 

@@ -52,6 +52,7 @@ class StudyData:
     figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
     figures_from: str = ""  # the run they were logged to
     missing: dict[str, str] = field(default_factory=dict)  # input -> the command that produces it
+    trials_error: str = ""  # why the storage could not be read
     headline: Headline | None = None
 
     @property
@@ -226,13 +227,13 @@ def gather(specs: list[StudySpec], storage_url: str, tracker, runs_dir: Path, ab
         try:
             d.trials = study_trials(storage_url, spec.name)
         except Exception as exc:  # no storage yet, or unreadable: the section says what to run
-            d.missing["trials"] = f"topocam study run {spec.path}{data}  ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+            d.trials_error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            d.missing["trials"] = f"topocam study compare {spec.path}{data}"
         if not d.trials and "trials" not in d.missing:
-            d.missing["trials"] = f"topocam study run {spec.path}{data}"
+            d.missing["trials"] = f"topocam study compare {spec.path}{data}"
         if tracker is not None:
             d.figures, d.figures_from = logged_figures(tracker, spec.name, tmp)
         if not d.figures:
-            d.missing["figures"] = (f"topocam ablate {spec.path} --suite {suite}{data} (logs the reference's figures), or "
-                                    f"topocam explain RUN_ID on the study's best run")
+            d.missing["figures"] = f"topocam ablate {spec.path} --suite {suite}{data}"  # logs the reference's figures
         out.append(d)
     return out
