@@ -183,3 +183,19 @@ def test_page_in_chromium_numbers_are_the_stored_runs(reported):
     cmp = json.loads((runs / "compare" / "tinyreport" / "comparison.json").read_text())
     p = next(r for r in cmp["rows"] if r["sampler"] == "tpe")["p_vs_random"]
     assert "| tpe | 2 |" in (reported["out"] / "report.md").read_text() and f"{p:.3f}" in (reported["out"] / "report.md").read_text()
+
+
+def test_every_reference_number_carries_its_citation():
+    from topocam.report.gather import claims_for, load_references, references_for
+
+    refs = load_references()
+    assert refs["reference"] and refs["claim"]
+    for r in refs["reference"]:
+        assert {"dataset", "size", "source", "model", "auc", "acc", "citation", "table", "row"} <= set(r), r
+        assert 0 < r["auc"] <= 1 and 0 < r["acc"] <= 1
+    for c in refs["claim"]:
+        assert {"dataset", "claim", "value", "source"} <= set(c), c
+    assert {r["model"] for r in references_for(refs, "breastmnist")} >= {"ResNet-18 (28)", "TopoCAM"}
+    from topocam.report.build import CLAIMS
+
+    assert set(claims_for(refs, "adrenalmnist3d")) <= {c for c, _, _ in CLAIMS}  # every claim's wording is one the report states

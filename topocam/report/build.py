@@ -31,6 +31,7 @@ from .gather import (
     METHOD_LABELS,
     METHODS,
     StudyData,
+    claims_for,
     curves,
     gather,
     load_references,
@@ -64,7 +65,7 @@ def _ci(st: dict | None) -> str:
     if not st or "ci95" not in st:
         return ""
     lo, hi = st["ci95"]
-    return f" [{num(lo)}, {num(hi)}]" if lo is not None and math.isfinite(lo) else ""
+    return f"\n[{num(lo)}, {num(hi)}]" if lo is not None and math.isfinite(lo) else ""
 
 
 def cell_text(cell) -> str:
@@ -94,15 +95,18 @@ def headline_section(studies: list[StudyData], refs: list[dict], suite: str) -> 
             rows.append([label, *(["—"] * len(METHODS)), "—", "—", "—"])
             continue
         cells = [cell_text(h.cells.get(m)) for m in METHODS]
-        mine = references_for(refs, b.dataset, b.size)
+        mine = references_for(refs, b.dataset)
         paper = [r for r in mine if r.get("source", "").lower().startswith("topocam")]
         bench = [r for r in mine if not r.get("source", "").lower().startswith("topocam")]
 
         def refcell(rs):
             if not rs:
                 return "— (not in the reference file)"
-            return "\n".join(f"{r['model']}: AUC {num(r.get('auc'))}, ACC {num(r.get('acc'))}\n({r['source']}, {r['table']}, row {r['row']})"
-                             for r in rs)
+            where = {(r["source"], r["table"], int(r["size"])) for r in rs}
+            lines = [f"{r['model']}: AUC {num(r.get('auc'))}, ACC {num(r.get('acc'))}" for r in rs]
+            for src, table, size in sorted(where):
+                lines.append(f"({src}, {table}; at {size} px{'' if size == int(b.size) else f', ours at {b.size}'})")
+            return "\n".join(lines)
 
         words = []
         for other in ("cnn", "topo_original"):
@@ -116,7 +120,8 @@ def headline_section(studies: list[StudyData], refs: list[dict], suite: str) -> 
                            "MedMNIST v2 benchmark", "verdict: TopoCAM beats …"], rows, id="headline", caption=(
         "Cells: test metric mean ± sd over model seeds [bootstrap 95 % interval of the seed-mean], n seeds. "
         "Verdict from the paired bootstrap interval of TopoCAM − other on the same test images (the ablation's Δ): "
-        "supported when it lies above 0, reversed when below 0, not supported when it includes 0.")))
+        "supported when it lies above 0, reversed when below 0, not supported when it includes 0. Published numbers from "
+        "topocam/report/references.toml, with the input size they were measured at; each with its source and table.")))
     for d in studies:
         h = d.headline
         if h is None:
@@ -273,11 +278,11 @@ def ablation_section(studies: list[StudyData], suite: str, refs: list[dict]) -> 
             f"below the dashed line) are INVALID"))), f"{d.name}: forest plot"))
         rows = {f"{r['ablation']}={r['arm']}": r for r in ab["rows"]}
         table = []
-        paper = {(c.get("claim")): c for c in refs if c.get("kind") == "claim"}
+        paper = claims_for(refs, d.spec.base.dataset)
         for claim, where, arms in CLAIMS:
             ours, v = claim_verdict(rows, arms, metric)
             p = paper.get(claim)
-            table.append([claim, f"{p['value']} ({p['source']})" if p else f"— (not in the reference file; paper {where})", ours, v])
+            table.append([claim, f"{p['value']}\n({p['source']})" if p else f"— (not in the reference file; paper {where})", ours, v])
         s.blocks.append(Table(["claim", "paper number", f"ours: TopoCAM − arm, Δ test {metric.upper()} [paired 95 % CI]", "verdict"],
                               table, id=f"claims_{d.name}", caption=(
             "Verdict: supported when every interval lies above 0, reversed when any lies below 0, not supported otherwise. "

@@ -68,14 +68,20 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_references() -> list[dict]:
-    """The published numbers shipped with the package (``references.toml``)."""
-    text = resources.files("topocam.report").joinpath("references.toml").read_text()
-    return list(tomllib.loads(text).get("reference", []))
+def load_references() -> dict[str, list[dict]]:
+    """The published numbers and claims shipped with the package (``references.toml``):
+    ``{"reference": [...], "claim": [...]}``."""
+    doc = tomllib.loads(resources.files("topocam.report").joinpath("references.toml").read_text())
+    return {"reference": list(doc.get("reference", [])), "claim": list(doc.get("claim", []))}
 
 
-def references_for(refs: list[dict], dataset: str, size: int) -> list[dict]:
-    return [r for r in refs if r.get("dataset") == dataset and int(r.get("size", 0)) == int(size)]
+def references_for(refs: dict[str, list[dict]], dataset: str) -> list[dict]:
+    """The published numbers for a dataset, at whatever input size they were measured (each says its size)."""
+    return [r for r in refs["reference"] if r.get("dataset") == dataset]
+
+
+def claims_for(refs: dict[str, list[dict]], dataset: str) -> dict[str, dict]:
+    return {c["claim"]: c for c in refs["claim"] if c.get("dataset") == dataset}
 
 
 # -------------------------------------------------------------------- the tables

@@ -57,6 +57,7 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #333;padding-bo
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:.86em}th,td{border:1px solid #bbb;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#eee}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}caption{caption-side:bottom;text-align:left;font-size:.85em;color:#444;padding-top:4px}
 img{max-width:100%;height:auto;border:1px solid #ddd;margin:.3em 0}.missing{background:#fff4e0;border-left:4px solid #e69500;padding:6px 10px}
+#headline td:nth-child(n+2):nth-child(-n+5){white-space:nowrap}
 code{background:#f3f3f3;padding:0 3px}.meta{color:#555}nav a{margin-right:1em}
 """
 
