@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,11 @@ def test_every_reference_number_carries_its_citation():
     from topocam.report.build import CLAIMS
 
     assert set(claims_for(refs, "adrenalmnist3d")) <= {c for c, _, _ in CLAIMS}  # every claim's wording is one the report states
+
+
+def test_bad_format_is_one_line_and_makes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(app, ["report", str(Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"),
+                                 "--format", "html,pdf", "--runs-dir", str(runs)])
+    assert r.exit_code != 0 and r.output.strip().startswith("error: --format: unknown format(s) pdf")
+    assert len(r.output.strip().splitlines()) == 1 and not runs.exists()

@@ -39,9 +39,14 @@ def report_cmd(
     logged to MLflow as a kind=report run."""
     from topocam import TopoCAMError
     from topocam.report.build import build_report
+    from topocam.report.render import FORMATS
     from topocam.search.studyfile import load_study
     from topocam.tracking import Tracker
 
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    bad = [f for f in wanted if f not in FORMATS]
+    if bad or not wanted:  # before any store is opened or made
+        fail(f"--format: unknown format(s) {', '.join(bad) or repr(formats)}; choose from {', '.join(FORMATS)}")
     try:
         specs = [load_study(p, data_dir=str(data_dir) if data_dir else None) for p in study_files]
         names = [s.name for s in specs]
@@ -51,7 +56,7 @@ def report_cmd(
         command = "topocam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else "topocam report " + " ".join(
             str(p) for p in study_files) + (" --ablations" if ablations else "")
         result = build_report(specs, _study_storage(storage, runs_dir), tracker, runs_dir, out_dir,
-                              [f.strip() for f in formats.split(",") if f.strip()], ablations=ablations, suite=suite,
+                              wanted, ablations=ablations, suite=suite,
                               data_dir=str(data_dir) if data_dir else None, command=command)
     except TopoCAMError as exc:
         fail(str(exc))
