@@ -128,7 +128,7 @@ def test_report_files_and_mlflow_run(reported):
         assert str(out / f"report.{ext}") in reported["output"]
     md, tex = (out / "report.md").read_text(), (out / "report.tex").read_text()
     assert "## 1. Headline" in md and "| study | CNN |" in md
-    assert r"\begin{tabular}" in tex and r"\end{document}" in tex and "±" not in tex
+    assert r"\begin{tabular}" in tex and r"\end{document}" in tex and tex.isascii()  # pdflatex-safe
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.get_experiment_by_name("topocam-report")
     [run] = client.search_runs([exp.experiment_id], "tags.kind = 'report'")

@@ -126,11 +126,13 @@ def to_markdown(title: str, subtitle: str, sections: list[Section]) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
         "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$", "−": "-", "—": "--",
-        "τ": r"$\tau$", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "α": r"$\alpha$", "–": "--"}
+        "τ": r"$\tau$", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "α": r"$\alpha$", "–": "--",
+        "χ": r"$\chi$", "²": r"$^2$", "³": r"$^3$", "…": r"\ldots{}", "ψ": r"$\psi$", "θ": r"$\theta$", "φ": r"$\phi$"}
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    """LaTeX-safe text; a non-ASCII character without a mapping becomes ``?`` (pdflatex would stop on it)."""
+    return "".join(_TEX.get(ch, ch if ord(ch) < 128 else "?") for ch in str(text))
 
 
 def to_latex(title: str, subtitle: str, sections: list[Section]) -> str:
