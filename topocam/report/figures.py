@@ -166,6 +166,8 @@ def slice_figure(trials: list[dict], params: list[str], objective: str, title: s
         ax.set_xlabel(p)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(objective)
-    axes[-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.subplots_adjust(bottom=0.3)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=max(1, len(labels)), bbox_to_anchor=(0.5, 0.0))
     suptitle(fig, title, fontsize=10)
     return fig
