@@ -34,6 +34,7 @@ DOCS: dict[tuple[str, ...], str] = {
     ("study", "status"): "docs/study.md",
     ("ablate",): "docs/ablate.md",
     ("explain",): "docs/ablate.md",
+    ("report",): "docs/report.md",
     ("export",): "docs/deploy.md",
     ("serve",): "docs/deploy.md",
     ("predict",): "docs/deploy.md",

@@ -53,6 +53,7 @@ from . import ablate as _ablate  # noqa: E402,F401
 from . import deploy as _deploy  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401  (registers `topocam run`; the order is --help's)
 from . import study as _study  # noqa: E402,F401
+from . import report as _report  # noqa: E402,F401
 
 
 _STOPPED_BY: list[int] = []  # the signals that stopped this process (SIGINT, SIGTERM)

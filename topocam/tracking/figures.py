@@ -69,6 +69,9 @@ def _suptitle(fig: Figure, text: str, fontsize: int = 11) -> None:
     fig.suptitle(_wrap(text, fig, fontsize), fontsize=fontsize)
 
 
+suptitle = _suptitle  # the title style of every figure here, for the report's figures (topocam.report.figures)
+
+
 def class_colour(c: int) -> str:
     return _PALETTE[c % len(_PALETTE)]
 

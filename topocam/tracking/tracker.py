@@ -179,6 +179,11 @@ class Tracker:
                 raise
             return exp.experiment_id
 
+    def find_experiment(self, name: str) -> str | None:
+        """The id of an active experiment of this name, or None; nothing is created (a reader's look-up)."""
+        exp = self._client.get_experiment_by_name(name)
+        return None if exp is None or exp.lifecycle_stage == "deleted" else exp.experiment_id
+
     def experiment_name(self, experiment_id: str) -> str:
         return self._client.get_experiment(experiment_id).name
 
