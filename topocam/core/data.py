@@ -8,6 +8,7 @@ a problem with any image is an error, never a skipped sample.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -84,6 +85,7 @@ class Dataset:
     source: str  # where it came from (file path or generator settings)
     lesion_masks: dict[str, np.ndarray] | None = None  # synthetic only: (n, *spatial) bool
     class_names: list[str] = field(default_factory=list)
+    preprocessing: dict | None = None  # an imported dataset's core.scans.Preprocessing, carried to its bundles
 
     @property
     def ndim(self) -> int:
@@ -434,7 +436,19 @@ def make_synthetic(
 
 
 def _is_path(name: str) -> bool:
-    return name.lower().endswith(".npz") or os.sep in name
+    return name.lower().endswith(".npz") or os.sep in name or Path(name).is_dir()
+
+
+def load_imported(folder: str | Path) -> Dataset:
+    """A folder written by ``topocam data import``: its data.npz, with the class names
+    and preprocessing settings of its dataset.json."""
+    from .imports import read_dataset_meta
+
+    folder = Path(folder)
+    meta = read_dataset_meta(folder)
+    ds = load_npz(folder / "data.npz")
+    return dataclasses.replace(ds, name=folder.name, source=str(folder), class_names=list(meta.get("class_names", [])),
+                               preprocessing=meta.get("preprocessing"))
 
 
 def check_dataset(name: str, size: int) -> None:
@@ -472,5 +486,5 @@ def load_dataset(
     if key in SYNTHETIC:
         return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed, clutter=clutter)
     if _is_path(name):
-        return load_npz(name)
+        return load_imported(name) if Path(name).is_dir() else load_npz(name)
     return load_medmnist(key, size=size, data_dir=data_dir)
