@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from topocam.cli import app
 from topocam.core.data import load_dataset
+from topocam.deploy.files import read_image
+from topocam.deploy.inputs import InputSpec
 from topocam.core.scans import Preprocessing, prepare_file, read_scan
 
 runner = CliRunner()
@@ -85,6 +87,9 @@ def test_import_volumes_loads_and_matches(tmp_path):
     pre = Preprocessing.from_dict(ds.preprocessing)
     with np.load(out / "data.npz") as z:
         assert np.array_equal(prepare_file(src / "v1.nii.gz", pre), z["train_images"][1])
+        # ... and so does deploy's reader, given the preprocessing a bundle carries (predict, serve, app)
+        img = read_image(src / "v2.nii.gz", InputSpec(ds.shape, 1), ds.preprocessing)
+        assert np.array_equal(img.array, z["train_images"][2]) and "reoriented" in " ".join(img.steps)
     assert (out / "manifest.csv").read_text().count("\n") == 13
 
 

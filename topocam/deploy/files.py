@@ -69,9 +69,13 @@ def _dims(spec: InputSpec) -> str:
     return "2D images" if spec.ndim == 2 else "3D volumes"
 
 
-def read_image(path: Path | str, spec: InputSpec) -> LoadedImage:
-    """Read one file and prepare it for a model with input ``spec``."""
+def read_image(path: Path | str, spec: InputSpec, preprocessing: dict | None = None) -> LoadedImage:
+    """Read one file and prepare it for a model with input ``spec``. A bundle exported from
+    an imported dataset passes its ``preprocessing``: the file is then read and prepared by
+    ``core.scans``, the very function ``data import`` used (NIfTI, DICOM series, TIFF too)."""
     path = Path(path)
+    if preprocessing is not None:
+        return _read_as_imported(path, spec, preprocessing)
     sfx = suffix_of(path)
     allowed = SUFFIXES_2D if spec.ndim == 2 else SUFFIXES_3D
     if sfx not in ALL_SUFFIXES:
@@ -93,6 +97,17 @@ def read_image(path: Path | str, spec: InputSpec) -> LoadedImage:
             raise TopoCAMError(f"cannot read as .npy ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         return _prepare(arr, [], spec)
     return _prepare(_read_nifti(path), [], spec)
+
+
+def _read_as_imported(path: Path, spec: InputSpec, preprocessing: dict) -> LoadedImage:
+    from ..core.scans import Preprocessing, prepare, read_scan
+
+    pre = Preprocessing.from_dict(preprocessing)
+    scan = read_scan(path)
+    arr = prepare(scan, pre)
+    if spec.channels == 3:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return LoadedImage(arr, scan.source_shape, [*scan.steps, f"prepared as at import ({pre.window} window, size {pre.size})"])
 
 
 def _read_pil(path: Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
