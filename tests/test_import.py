@@ -214,3 +214,27 @@ def test_one_class_split_and_patient_split(tmp_path):
     for m in man:
         by_patient.setdefault(m["patient"], set()).add(m["split"])
     assert all(len(s) == 1 for s in by_patient.values())
+
+
+def test_imported_pngs_run_as_a_dataset(tmp_path):
+    """`topocam run --dataset PATH` takes the imported folder as it takes an .npz."""
+    rng = np.random.default_rng(4)
+    src = tmp_path / "png"
+    src.mkdir()
+    rows = []
+    for i in range(48):
+        y = i % 2
+        img = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+        img[8:20, 8:20] = 200 if y else 60
+        Image.fromarray(img).save(src / f"i{i}.png")
+        rows.append({"file": f"i{i}.png", "label": ["healthy", "lesion"][y]})
+    lab = _labels(tmp_path / "labels.csv", rows)
+    out = tmp_path / "ds"
+    r = runner.invoke(app, ["data", "import", str(src), "--labels", str(lab), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert load_dataset(str(out)).class_names == ["healthy", "lesion"]
+    r = runner.invoke(app, ["run", "--dataset", str(out), "--size", "28", "--backbone", "small", "--epochs", "2", "--batch-size", "16",
+                            "--bins", "8", "--mlp", "16,8", "--quiet", "--seeds", "0", "--out", str(tmp_path / "run"),
+                            "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "mlruns")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "metrics.json").is_file()
