@@ -238,3 +238,13 @@ def test_imported_pngs_run_as_a_dataset(tmp_path):
                             "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "mlruns")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_predict_reads_nifti_in_ras_without_preprocessing(tmp_path):
+    """Bundles without preprocessing (exported before import existed) read NIfTI in RAS too:
+    the identity affine (how MedMNIST arrays are written) is unchanged, LPS is turned back."""
+    ras = np.random.default_rng(5).integers(0, 256, (8, 8, 8), dtype=np.uint8)
+    for affine, store in _affines(3):
+        f = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(store(ras)), affine), str(f))
+        assert np.array_equal(read_image(f, InputSpec((8, 8, 8), 1)).array, ras)

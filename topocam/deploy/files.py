@@ -26,9 +26,12 @@ Preparation, in this order:
    order 1) after a Gaussian anti-aliasing blur of sigma = (factor - 1) / 2 per
    shrunk axis (scikit-image's ``resize`` rule).
 
-NIfTI volumes are taken with their voxel axes as stored (i, j, k -> D, H, W),
-singleton trailing axes dropped; write MedMNIST arrays with
-``nibabel.Nifti1Image(volume, numpy.eye(4))`` to round-trip them.
+NIfTI volumes are reoriented to RAS from their affine (``core.scans``, nibabel's
+``as_closest_canonical``: axes permuted and flipped, values untouched), singleton
+trailing axes dropped; MedMNIST arrays written with
+``nibabel.Nifti1Image(volume, numpy.eye(4))`` are already RAS and round-trip as
+they are. A bundle exported from an imported dataset (``topocam data import``)
+carries its preprocessing, and its files are prepared by ``core.scans`` instead.
 """
 
 from __future__ import annotations
@@ -134,16 +137,10 @@ def _read_pil(path: Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
+    """The voxels in RAS order (core.scans: one reader of NIfTI for import and predict)."""
+    from ..core.scans import read_scan
 
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)  # stored dtype unless the header scales the values
-    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError (truncated .gz), ...
-        raise TopoCAMError(f"cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return np.asarray(arr)
+    return read_scan(path).array
 
 
 def _squeeze_to(arr: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, bool]:
