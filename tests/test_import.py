@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from topocam.cli import app
 from topocam.core.data import load_dataset
+from topocam.core.scans import Preprocessing, prepare_file, read_scan
 from topocam.deploy.files import read_image
 from topocam.deploy.inputs import InputSpec
-from topocam.core.scans import Preprocessing, prepare_file, read_scan
 
 runner = CliRunner()
 ADRENAL = Path("/work/shared/data/medmnist/adrenalmnist3d.npz")
@@ -109,7 +109,7 @@ def test_adrenal_volumes_round_trip_exactly(tmp_path):
 
 
 def test_dicom_series_sorted_and_hu_windowed(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -174,7 +174,7 @@ def test_bad_inputs_are_listed_and_exit_1(tmp_path):
     _singular(vols[0], src / "v1.nii.gz")
     Image.fromarray(vols[0][0]).save(src / "flat.png")
     (src / "stray.nii.gz").write_bytes((src / "v2.nii.gz").read_bytes())
-    rows = list(csv.DictReader(open(lab)))
+    rows = list(csv.DictReader(lab.read_text().splitlines()))
     rows += [{"file": "gone.nii.gz", "label": "0", "split": "train"}, {"file": "flat.png", "label": "1", "split": "train"},
              {"file": "v3.nii.gz", "label": "x", "split": "train"}]
     rows = [r for r in rows if r["file"] != "v3.nii.gz" or r["label"] == "x"]
@@ -182,7 +182,7 @@ def test_bad_inputs_are_listed_and_exit_1(tmp_path):
     out = tmp_path / "ds"
     r = runner.invoke(app, ["data", "import", str(src), "--labels", str(lab), "--out", str(out), "--quiet"])
     assert r.exit_code == 1, r.output
-    skipped = {row["file"]: row["reason"] for row in csv.DictReader(open(out / "skipped.csv"))}
+    skipped = {row["file"]: row["reason"] for row in csv.DictReader((out / "skipped.csv").read_text().splitlines())}
     assert "cannot read as NIfTI" in skipped["v0.nii.gz"]
     assert "singular affine" in skipped["v1.nii.gz"]
     assert "2D and 3D mixed" in skipped["flat.png"] or "takes 3D" in skipped["flat.png"]
@@ -209,7 +209,7 @@ def test_one_class_split_and_patient_split(tmp_path):
     _labels(lab, rows)
     r = runner.invoke(app, ["data", "import", str(src), "--labels", str(lab), "--out", str(out), "--quiet", "--seed", "3"])
     assert r.exit_code == 0, r.output
-    man = list(csv.DictReader(open(out / "manifest.csv")))
+    man = list(csv.DictReader((out / "manifest.csv").read_text().splitlines()))
     by_patient: dict[str, set[str]] = {}
     for m in man:
         by_patient.setdefault(m["patient"], set()).add(m["split"])

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .common import OVERWRITE_HELP, QUIET_OPTION, _floats, app, console, err, fail, refuse_earlier_results
+from .common import (
+    OVERWRITE_HELP,
+    QUIET_OPTION,
+    _floats,
+    app,
+    console,
+    err,
+    fail,
+    refuse_earlier_results,
+)
 
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="bring your own scans in: folders of NIfTI, DICOM or PNG with a labels CSV")
 app.add_typer(data_app, name="data")
