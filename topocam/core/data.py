@@ -466,7 +466,7 @@ def check_dataset(name: str, size: int) -> None:
     if key not in names:
         raise TopoCAMError(
             f"unknown dataset {key!r}; choose a MedMNIST set ({', '.join(names)}), "
-            f"{' or '.join(SYNTHETIC)}, or a path to an .npz file"
+            f"{' or '.join(SYNTHETIC)}, a path to an .npz file, or a folder written by `topocam data import`"
         )
     if size not in MEDMNIST_SIZES:
         raise TopoCAMError(f"size {size} is not a MedMNIST size; choose one of {MEDMNIST_SIZES}")
