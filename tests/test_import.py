@@ -248,3 +248,15 @@ def test_predict_reads_nifti_in_ras_without_preprocessing(tmp_path):
         f = tmp_path / "v.nii.gz"
         nib.save(nib.Nifti1Image(np.ascontiguousarray(store(ras)), affine), str(f))
         assert np.array_equal(read_image(f, InputSpec((8, 8, 8), 1)).array, ras)
+
+
+def test_dataset_folder_by_bare_name_and_not_shadowing(tmp_path, monkeypatch):
+    vols, labels, splits = _toy()
+    src, lab = _write_volumes(tmp_path, vols, labels, splits)
+    assert runner.invoke(app, ["data", "import", str(src), "--labels", str(lab), "--out", str(tmp_path / "mine"), "--quiet"]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("mine").name == "mine"
+    (tmp_path / "breastmnist").mkdir()  # not an import: the MedMNIST name keeps its meaning
+    from topocam.core.data import _is_path
+
+    assert not _is_path("breastmnist")

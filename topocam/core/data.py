@@ -436,7 +436,9 @@ def make_synthetic(
 
 
 def _is_path(name: str) -> bool:
-    return name.lower().endswith(".npz") or os.sep in name or Path(name).is_dir()
+    """An .npz, anything with a separator, or a folder holding an import's dataset.json
+    (a folder named like a MedMNIST set, without it, does not shadow the set)."""
+    return name.lower().endswith(".npz") or os.sep in name or (Path(name) / "dataset.json").is_file()
 
 
 def load_imported(folder: str | Path) -> Dataset:
