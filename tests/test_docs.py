@@ -28,6 +28,8 @@ MAX_README_LINES = 150
 DOCS: dict[tuple[str, ...], str] = {
     (): "docs/README.md",  # `topocam --version`
     ("run",): "docs/run.md",
+    ("data",): "docs/data.md",
+    ("data", "import"): "docs/data.md",
     ("study",): "docs/study.md",
     ("study", "run"): "docs/study.md",
     ("study", "compare"): "docs/study.md",

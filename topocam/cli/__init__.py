@@ -50,6 +50,7 @@ def _root(
 
 
 from . import ablate as _ablate  # noqa: E402,F401
+from . import data as _data  # noqa: E402,F401
 from . import deploy as _deploy  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401  (registers `topocam run`; the order is --help's)
 from . import study as _study  # noqa: E402,F401

@@ -8,6 +8,7 @@ a problem with any image is an error, never a skipped sample.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -84,6 +85,7 @@ class Dataset:
     source: str  # where it came from (file path or generator settings)
     lesion_masks: dict[str, np.ndarray] | None = None  # synthetic only: (n, *spatial) bool
     class_names: list[str] = field(default_factory=list)
+    preprocessing: dict | None = None  # an imported dataset's core.scans.Preprocessing, carried to its bundles
 
     @property
     def ndim(self) -> int:
@@ -434,7 +436,21 @@ def make_synthetic(
 
 
 def _is_path(name: str) -> bool:
-    return name.lower().endswith(".npz") or os.sep in name
+    """An .npz, anything with a separator, or a folder holding an import's dataset.json
+    (a folder named like a MedMNIST set, without it, does not shadow the set)."""
+    return name.lower().endswith(".npz") or os.sep in name or (Path(name) / "dataset.json").is_file()
+
+
+def load_imported(folder: str | Path) -> Dataset:
+    """A folder written by ``topocam data import``: its data.npz, with the class names
+    and preprocessing settings of its dataset.json."""
+    from .imports import read_dataset_meta
+
+    folder = Path(folder)
+    meta = read_dataset_meta(folder)
+    ds = load_npz(folder / "data.npz")
+    return dataclasses.replace(ds, name=folder.name, source=str(folder), class_names=list(meta.get("class_names", [])),
+                               preprocessing=meta.get("preprocessing"))
 
 
 def check_dataset(name: str, size: int) -> None:
@@ -452,7 +468,7 @@ def check_dataset(name: str, size: int) -> None:
     if key not in names:
         raise TopoCAMError(
             f"unknown dataset {key!r}; choose a MedMNIST set ({', '.join(names)}), "
-            f"{' or '.join(SYNTHETIC)}, or a path to an .npz file"
+            f"{' or '.join(SYNTHETIC)}, a path to an .npz file, or a folder written by `topocam data import`"
         )
     if size not in MEDMNIST_SIZES:
         raise TopoCAMError(f"size {size} is not a MedMNIST size; choose one of {MEDMNIST_SIZES}")
@@ -472,5 +488,5 @@ def load_dataset(
     if key in SYNTHETIC:
         return make_synthetic(int(key[9]), size=size, n=synthetic_n, seed=seed, clutter=clutter)
     if _is_path(name):
-        return load_npz(name)
+        return load_imported(name) if Path(name).is_dir() else load_npz(name)
     return load_medmnist(key, size=size, data_dir=data_dir)

@@ -179,7 +179,7 @@ class TopoCAMConfig:
     CAMs and ROI A_{w,tau}, the topology phi, the classifier g and how it runs."""
 
     # data
-    dataset: str = setting("breastmnist", "MedMNIST name, synthetic2d, synthetic3d, or path to an .npz", "data", "data",
+    dataset: str = setting("breastmnist", "MedMNIST name, synthetic2d, synthetic3d, or path to an .npz or a `topocam data import` folder", "data", "data",
                            arm=False)
     data_dir: str | None = setting(None, "folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)", "data", "data",
                                    arm=False)

@@ -54,6 +54,7 @@ class Bundle:
     input: InputSpec
     class_names: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None  # an imported dataset's core.scans.Preprocessing; None: deploy/files.py's rules
 
     @property
     def n_classes(self) -> int:
@@ -81,6 +82,7 @@ class Bundle:
                     "n_features": int(self.mlp.mean.shape[0])},
             "config": {**cfg.as_dict(), "cache_dir": None},
             "provenance": self.provenance,
+            **({"preprocessing": self.preprocessing} if self.preprocessing else {}),
         }
 
     def save(self, folder: Path) -> Path:
@@ -113,4 +115,5 @@ class Bundle:
             thresholds, mean, scale = z["thresholds"], z["mean"], z["scale"]
         mlp = TopoMLP(mean=mean, scale=scale, net=net, best_epoch=int(meta["mlp"]["best_epoch"]))
         return cls(backbone, config_from_dict(meta["config"]), BettiGrid(thresholds), mlp,
-                   InputSpec.from_dict(meta["input"]), list(meta["classes"]), meta.get("provenance", {}))
+                   InputSpec.from_dict(meta["input"]), list(meta["classes"]), meta.get("provenance", {}),
+                   meta.get("preprocessing"))

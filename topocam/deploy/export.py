@@ -147,7 +147,7 @@ def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     bundle = Bundle(ctx.model.cpu().eval(), cfg, out.features.grid, out.model, InputSpec(ds.shape, ds.n_channels),
-                    names, provenance)
+                    names, provenance, getattr(ds, "preprocessing", None))
     reference = {s: out.model.predict_proba(out.features.x[s]) for s in ("val", "test")}
     return bundle, out, reference, ctx
 

@@ -26,9 +26,12 @@ Preparation, in this order:
    order 1) after a Gaussian anti-aliasing blur of sigma = (factor - 1) / 2 per
    shrunk axis (scikit-image's ``resize`` rule).
 
-NIfTI volumes are taken with their voxel axes as stored (i, j, k -> D, H, W),
-singleton trailing axes dropped; write MedMNIST arrays with
-``nibabel.Nifti1Image(volume, numpy.eye(4))`` to round-trip them.
+NIfTI volumes are reoriented to RAS from their affine (``core.scans``, nibabel's
+``as_closest_canonical``: axes permuted and flipped, values untouched), singleton
+trailing axes dropped; MedMNIST arrays written with
+``nibabel.Nifti1Image(volume, numpy.eye(4))`` are already RAS and round-trip as
+they are. A bundle exported from an imported dataset (``topocam data import``)
+carries its preprocessing, and its files are prepared by ``core.scans`` instead.
 """
 
 from __future__ import annotations
@@ -69,9 +72,13 @@ def _dims(spec: InputSpec) -> str:
     return "2D images" if spec.ndim == 2 else "3D volumes"
 
 
-def read_image(path: Path | str, spec: InputSpec) -> LoadedImage:
-    """Read one file and prepare it for a model with input ``spec``."""
+def read_image(path: Path | str, spec: InputSpec, preprocessing: dict | None = None) -> LoadedImage:
+    """Read one file and prepare it for a model with input ``spec``. A bundle exported from
+    an imported dataset passes its ``preprocessing``: the file is then read and prepared by
+    ``core.scans``, the very function ``data import`` used (NIfTI, DICOM series, TIFF too)."""
     path = Path(path)
+    if preprocessing is not None:
+        return _read_as_imported(path, spec, preprocessing)
     sfx = suffix_of(path)
     allowed = SUFFIXES_2D if spec.ndim == 2 else SUFFIXES_3D
     if sfx not in ALL_SUFFIXES:
@@ -93,6 +100,17 @@ def read_image(path: Path | str, spec: InputSpec) -> LoadedImage:
             raise TopoCAMError(f"cannot read as .npy ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         return _prepare(arr, [], spec)
     return _prepare(_read_nifti(path), [], spec)
+
+
+def _read_as_imported(path: Path, spec: InputSpec, preprocessing: dict) -> LoadedImage:
+    from ..core.scans import Preprocessing, prepare, read_scan
+
+    pre = Preprocessing.from_dict(preprocessing)
+    scan = read_scan(path)
+    arr = prepare(scan, pre)
+    if spec.channels == 3:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return LoadedImage(arr, scan.source_shape, [*scan.steps, f"prepared as at import ({pre.window} window, size {pre.size})"])
 
 
 def _read_pil(path: Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
@@ -119,16 +137,10 @@ def _read_pil(path: Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
+    """The voxels in RAS order (core.scans: one reader of NIfTI for import and predict)."""
+    from ..core.scans import read_scan
 
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)  # stored dtype unless the header scales the values
-    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError (truncated .gz), ...
-        raise TopoCAMError(f"cannot read as NIfTI ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return np.asarray(arr)
+    return read_scan(path).array
 
 
 def _squeeze_to(arr: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, bool]:

@@ -84,7 +84,7 @@ def predict_one(model, path: Path, titled: bool = True) -> tuple[dict[str, Any],
     """Result record (without ``file``/``overlay``) and overlay PNG of one file
     (titled with the class, probability and ROI size unless ``titled`` is False)."""
     bundle = model.bundle
-    img = read_image(path, bundle.input)
+    img = read_image(path, bundle.input, bundle.preprocessing)
     ex = model.explain(img.array[None])
     rec = ex.records()[0]
     k = rec["class"]
