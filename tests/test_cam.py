@@ -49,6 +49,18 @@ def reference_cam(model, x1, layer_name, variant, target):
     a = store["a"]
     h.remove()
     a0 = a[0].detach()
+    if variant == "eigencam":  # pytorch-grad-cam's get_2d_projection, in numpy, plus our sign rule
+        acts = a0.double().numpy()
+        flat = acts.reshape(acts.shape[0], -1).T  # positions x channels
+        centred = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=True)
+        proj = centred @ vt[0]
+        if np.dot(proj, flat.sum(axis=1)) < 0:
+            proj = -proj
+        return _norm(proj.reshape(acts.shape[1:]))
+    if variant == "layercam":
+        g = torch.autograd.grad(logits[0, target], a)[0][0]
+        return _norm((F.relu(g) * a0).sum(0).detach().numpy())
     if variant in ("gradcam", "gradcampp"):
         g = torch.autograd.grad(logits[0, target], a)[0][0]
         dims = tuple(range(1, g.ndim))
@@ -186,12 +198,38 @@ def test_label_rule_changes_maps_where_prediction_is_wrong():
 
 
 def test_variant_names_are_the_table_keys():
-    assert CAM_VARIANTS == tuple(CAMS) == ("gradcam", "gradcampp", "scorecam")
+    assert CAM_VARIANTS == tuple(CAMS) == ("gradcam", "gradcampp", "scorecam", "layercam", "eigencam")
     assert [c.value for c in CamChoice] == list(CAMS)
-    assert [n for n, row in CAMS.items() if row.uses_gradients] == ["gradcam", "gradcampp"]
+    assert [n for n, row in CAMS.items() if row.uses_gradients] == ["gradcam", "gradcampp", "layercam"]
     assert [n for n, row in CAMS.items() if row.needs_scorer] == ["scorecam"]
-    with pytest.raises(TopoCAMError, match="unknown CAM variant 'layercam'; choose one of gradcam, gradcampp, scorecam"):
-        check_variant("layercam")
+    with pytest.raises(TopoCAMError, match="unknown CAM variant 'xgradcam'; choose one of gradcam, gradcampp, scorecam, "
+                                           "layercam, eigencam"):
+        check_variant("xgradcam")
+
+
+def test_only_the_papers_variants_are_searched_by_default():
+    """LayerCAM and EigenCAM are allowed in a study's [space.cam] but not in its default
+    space: adding them must not change the definition (and so the stored trials) of every
+    existing study that searches ``cam`` at its default."""
+    from topocam.search.space import CHOICES, DEFAULT_SPACE, build_space
+
+    assert DEFAULT_SPACE["cam"].choices == ("gradcam", "gradcampp", "scorecam")
+    assert CHOICES["cam"] == CAM_VARIANTS
+    wider = build_space({"cam": {"choices": ["gradcam", "eigencam", "layercam"]}}, "study.toml")
+    assert wider["cam"].choices == ("gradcam", "eigencam", "layercam")
+
+
+def test_eigencam_sign_follows_the_activations():
+    """An SVD's leading vector has an arbitrary sign; ours is fixed so the map is
+    high where the summed activation is: flipping every activation's sign
+    relative to its mean must not flip which positions the map keeps."""
+    acts = torch.zeros((1, 3, 6, 6))
+    acts[0, :, 1:3, 1:3] = torch.tensor([2.0, 1.0, 3.0])[:, None, None]  # one bright blob
+    acts += 0.01 * torch.rand(acts.shape, generator=torch.Generator().manual_seed(0))
+    inp = LayerInputs(acts=acts, grads=None, x=torch.zeros((1, 1, 12, 12)), targets=torch.zeros(1, dtype=torch.long),
+                      scorer=None, chunk=1)
+    m = normalise_maps(F.relu(CAMS["eigencam"].projection(inp)))[0]
+    assert m[1:3, 1:3].min() > 0.9 and m[4:, 4:].max() < 0.1
 
 
 def _equal_weights(inp: LayerInputs) -> torch.Tensor:

@@ -85,7 +85,7 @@ def test_degenerate_backbone_is_reported_loudly(tmp_path, monkeypatch):
     [
         (["--dataset", "nosuchset"], "unknown dataset"),
         (["--dataset", "synthetic2d", "--backbone", "vgg"], "'vgg' is not one of 'auto', 'resnet18', 'r3d18', 'small'"),
-        (["--dataset", "synthetic2d", "--cam", "layercam"], "'layercam' is not one of 'gradcam', 'gradcampp', 'scorecam'"),
+        (["--dataset", "synthetic2d", "--cam", "xgradcam"], "'xgradcam' is not one of 'gradcam', 'gradcampp', 'scorecam', 'layercam', 'eigencam'"),
         (["--dataset", "synthetic2d", "--preset", "fast"], "'fast' is not one of 'medmnist_v2'"),
         (["--dataset", "synthetic2d", "--betti-backend", "gudhi"], "'gudhi' is not one of 'fast', 'giotto'"),
         (["--dataset", "synthetic2d", "--n-jobs", "0"], "--n-jobs must be -1 (all cores) or a number of threads >= 1, got 0"),

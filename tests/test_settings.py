@@ -51,7 +51,7 @@ def test_each_setting_reaches_every_surface_it_is_declared_for(tmp_path):
 
 @pytest.mark.parametrize("name, bad", [
     ("tau", 1.5), ("tau", -0.1), ("bins", 1), ("epochs", 0), ("batch_size", 1), ("lr", 0.0), ("seed", -1),
-    ("data_seed", -2), ("clutter", 0), ("cam", "eigencam"), ("tau_mode", "percent"), ("weights", (1.0, 2.0)),
+    ("data_seed", -2), ("clutter", 0), ("cam", "xgradcam"), ("tau_mode", "percent"), ("weights", (1.0, 2.0)),
     ("mlp_lr", 0.0), ("mlp_weight_decay", -1.0), ("head", "linear"), ("size", 16.5), ("synthetic_n", (40, 1, 1)),
 ])
 def test_validation_follows_each_declaration(name, bad):

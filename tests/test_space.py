@@ -39,9 +39,9 @@ def test_narrowed_fixed_and_optional_parameters():
     ("mlp_h1", {"low": True}, ["must be an integer, got True"]),
     ("mlp_lr", {"low": 0.0, "high": 0.1, "log": True}, ["outside"]),
     ("mlp_weight_decay", {"low": 0.0, "high": 0.1, "log": True}, ["log range needs low > 0, got 0.0"]),
-    ("cam", {"choices": ["layercam"]}, ["[space.cam] choices ['layercam'] not among"]),
+    ("cam", {"choices": ["xgradcam"]}, ["[space.cam] choices ['xgradcam'] not among"]),
     ("cam", {"choices": []}, ["non-empty list"]),
-    ("cam", {"fixed": "layercam"}, ["fixed = 'layercam' is not one of"]),
+    ("cam", {"fixed": "xgradcam"}, ["fixed = 'xgradcam' is not one of"]),
     ("cam", {"low": 1}, ["unknown key(s) ['low'] in [space.cam]"]),
     ("tau", "0.5", ["[space.tau] must be a table"]),
 ])

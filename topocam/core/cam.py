@@ -11,7 +11,16 @@ is adding a row.
 * ``gradcampp``: Grad-CAM++ (Chattopadhyay et al.) second/third-order weights;
 * ``scorecam``:  w = softmax over channels of the target score of X * up(A_k)
   (each activation upsampled to the input and min-max normalised); the masked
-  inputs of all images and channels batched through a BatchNorm-folded copy.
+  inputs of all images and channels batched through a BatchNorm-folded copy;
+* ``layercam``:  LayerCAM (Jiang et al., 2021): per-position weights
+  ReLU(dS/dA_k(p)), the map sum_k ReLU(dS/dA_k) * A_k;
+* ``eigencam``:  EigenCAM (Muhammad & Yeasin, 2020): gradient-free and
+  class-agnostic, the projection of the centred activations (positions x
+  channels) on their first principal component, its sign chosen so that it
+  grows with the summed activation (SVD leaves the sign arbitrary).
+
+``gradcam``, ``gradcampp`` and ``scorecam`` (the paper's) are a study's default
+``cam`` choices; the two others are searched where a study file lists them.
 
 The CAM target class is owned by :func:`cam_targets`: the backbone's
 *predicted* class for every split. The true label is only used by the
@@ -100,10 +109,33 @@ def _gradcampp_weights(inp: LayerInputs) -> torch.Tensor:
     return (alpha * grads.clamp_min(0)).sum(dim=dims)
 
 
+def _layercam_weights(inp: LayerInputs) -> torch.Tensor:
+    """Per-position weights ReLU(dS/dA_k(p)), shaped like the activations."""
+    return inp.grads.clamp_min(0)
+
+
+def _eigencam_projection(inp: LayerInputs) -> torch.Tensor:
+    """(n, *layer_shape): each image's centred activations, positions x channels,
+    projected on their first right singular vector (pytorch-grad-cam's
+    ``get_2d_projection``). The sign is fixed so that the projection correlates
+    non-negatively with sum_k A_k: without it, ReLU would keep an arbitrary half."""
+    acts = inp.acts.double()  # float64: the SVD's leading vector is stable across batchings
+    n, c = acts.shape[:2]
+    flat = acts.reshape(n, c, -1).transpose(1, 2)  # (n, positions, c)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    v = torch.linalg.svd(centred, full_matrices=False).Vh[:, 0, :]  # (n, c)
+    proj = (centred @ v[:, :, None])[..., 0]  # (n, positions)
+    total = flat.sum(dim=2)
+    sign = torch.where(((proj * (total - total.mean(dim=1, keepdim=True))).sum(dim=1) < 0), -1.0, 1.0)
+    return (proj * sign[:, None]).reshape(n, *acts.shape[2:]).to(inp.acts.dtype)
+
+
 def _combine(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """ReLU(sum_k w_k A_k), normalised to [0, 1]."""
-    shape = weights.shape + (1,) * (acts.ndim - 2)
-    return normalise_maps(F.relu((weights.reshape(shape) * acts).sum(dim=1)))
+    """ReLU(sum_k w_k A_k), normalised to [0, 1]; ``weights`` are (n, c) channel
+    weights or (n, c, *layer_shape) per-position weights."""
+    if weights.ndim != acts.ndim:
+        weights = weights.reshape(weights.shape + (1,) * (acts.ndim - 2))
+    return normalise_maps(F.relu((weights * acts).sum(dim=1)))
 
 
 @dataclass
@@ -200,12 +232,16 @@ class CamVariant:
     ``uses_gradients``: dS/dA of every CAM layer are taken (one backward pass per
     batch, the graph starting at the first CAM layer) and passed as ``grads``.
     ``needs_scorer``: the BatchNorm-folded scoring network (:func:`_scoring_net`)
-    is built once per call and passed as ``scorer``."""
+    is built once per call and passed as ``scorer``. ``projection``, where given,
+    replaces the weighted sum: the map before ReLU, (n, *layer_shape) (EigenCAM).
+    ``searched``: among a study's default ``cam`` choices."""
 
-    weights: Callable[[LayerInputs], torch.Tensor]  # -> (n, c) channel weights w_k
+    weights: Callable[[LayerInputs], torch.Tensor] | None  # -> (n, c) channel weights w_k, or per-position weights
     uses_gradients: bool
     needs_scorer: bool = False
     about: str = ""
+    projection: Callable[[LayerInputs], torch.Tensor] | None = None
+    searched: bool = True
 
 
 # THE CAM variants (their order is the CLI's and the search space's).
@@ -213,8 +249,12 @@ CAMS: dict[str, CamVariant] = {
     "gradcam": CamVariant(_gradcam_weights, uses_gradients=True, about="Grad-CAM (Selvaraju et al.)"),
     "gradcampp": CamVariant(_gradcampp_weights, uses_gradients=True, about="Grad-CAM++ (Chattopadhyay et al.)"),
     "scorecam": CamVariant(_score_cam_weights, uses_gradients=False, needs_scorer=True, about="Score-CAM (Wang et al.)"),
+    "layercam": CamVariant(_layercam_weights, uses_gradients=True, about="LayerCAM (Jiang et al.)", searched=False),
+    "eigencam": CamVariant(None, uses_gradients=False, projection=_eigencam_projection,
+                           about="EigenCAM (Muhammad & Yeasin)", searched=False),
 }
 CAM_VARIANTS: tuple[str, ...] = tuple(CAMS)
+SEARCHED_CAMS: tuple[str, ...] = tuple(name for name, row in CAMS.items() if row.searched)  # a study's default choices
 CamChoice = choice_enum("CamChoice", CAM_VARIANTS)  # the CLI's --cam
 
 
@@ -267,8 +307,10 @@ def compute_cams(
                 with torch.no_grad():
                     for name in CAM_LAYERS:
                         a = acts[name].detach()
-                        w = row.weights(LayerInputs(acts=a, grads=grads[name], x=xb, targets=targets, scorer=scorer, chunk=chunk))
-                        maps[name].append(_combine(a, w).float().cpu().numpy())
+                        inp = LayerInputs(acts=a, grads=grads[name], x=xb, targets=targets, scorer=scorer, chunk=chunk)
+                        cam = (normalise_maps(F.relu(row.projection(inp))) if row.projection is not None
+                               else _combine(a, row.weights(inp)))
+                        maps[name].append(cam.float().cpu().numpy())
                 targets_all.append(targets.cpu().numpy())
                 probs_all.append(torch.softmax(logits.detach(), dim=1).float().cpu().numpy())
     finally:

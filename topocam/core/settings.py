@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backbone import DEFAULT_RECIPE, INITS
-from .cam import CAM_VARIANTS, TARGET_RULES
+from .cam import CAM_VARIANTS, SEARCHED_CAMS, TARGET_RULES
 from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 from .jobs import check_n_jobs
@@ -55,12 +55,15 @@ class Search:
     default range each (``ranges``; categorical settings search their choices).
     ``default``: in the default space, else a study file adds it with
     ``[space.NAME]``. ``bounds``: the hard limits a study's range must keep, where
-    they differ from the setting's (raw fusion weights live in [0, 1], say)."""
+    they differ from the setting's (raw fusion weights live in [0, 1], say).
+    ``choices``: a categorical setting's default choices, where fewer than it
+    allows (a study file may list any allowed one)."""
 
     ranges: tuple[Range, ...] = ()
     params: tuple[str, ...] = ()
     default: bool = True
     bounds: tuple[float | None, float | None] | None = None
+    choices: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -223,8 +226,8 @@ class TopoCAMConfig:
     tau_mode: str = setting("absolute", "absolute: ROI = M >= tau (paper); relative: M / max(M) >= tau per image", "roi",
                             "fixed", choices=("absolute", "relative"), search=Search(default=False),
                             in_definition_at_default=False)
-    cam: str = setting("gradcam", "CAM variant: Grad-CAM, Grad-CAM++ or Score-CAM", "cam", "fixed", choices=CAM_VARIANTS,
-                       search=Search())
+    cam: str = setting("gradcam", "CAM variant: Grad-CAM, Grad-CAM++, Score-CAM (searched by default), LayerCAM or "
+                       "EigenCAM", "cam", "fixed", choices=CAM_VARIANTS, search=Search(choices=SEARCHED_CAMS))
     cam_target: str = setting("predicted", "the class each CAM explains: predicted (always), or label (leakage audit only)",
                               "cam", None, choices=TARGET_RULES, audit_only=("label",), cli=False)
     # topology (phi)

@@ -45,7 +45,8 @@ class Param:
 def _params_of(setting: Setting) -> dict[str, Param]:
     """The Optuna parameters that stand for a setting, at their default ranges."""
     if setting.choices:
-        return {setting.name: Param(setting.name, "categorical", choices=tuple(setting.choices))}
+        choices = setting.search.choices or setting.choices
+        return {setting.name: Param(setting.name, "categorical", choices=tuple(choices))}
     kind = "int" if setting.type is int else "float"
     return {name: Param(name, kind, r.low, r.high, log=r.log) for name, r in zip(setting.params, setting.search.ranges)}
 
