@@ -88,8 +88,8 @@ def test_every_store_option_is_the_shared_declaration_with_its_variable():
                 assert "(default: sqlite RUNS_DIR/" in p.help
                 seen.setdefault(p.name, set()).add(name)
     assert seen["tracking_uri"] == {"run", "study run", "study compare", "export", "ablate", "explain", "serve", "predict",
-                                    "app"}
-    assert seen["storage"] == {"study run", "study compare", "study status", "export", "ablate"}
+                                    "app", "report"}
+    assert seen["storage"] == {"study run", "study compare", "study status", "export", "ablate", "report"}
 
 
 # ------------------------------------------ every command: the same answer
@@ -134,8 +134,9 @@ def no_store_opened(monkeypatch):
 @pytest.mark.parametrize("case", ["explicit", "environment", "runs folder"])
 # export and ablate look their trial up in the study storage first and refuse a storage with no
 # study before any tracking store is opened (tests/test_readonly.py); export's tracking store from
-# the flag and the environment is tested on a real study (tests/test_export.py)
-@pytest.mark.parametrize("command", sorted(COMMANDS.keys() - {"study status", "export", "ablate"}))
+# the flag and the environment is tested on a real study (tests/test_export.py). report, too, reads
+# the study storage (read-only) before it opens a tracking store; `data import` opens no store.
+@pytest.mark.parametrize("command", sorted(COMMANDS.keys() - {"study status", "export", "ablate", "report", "data import"}))
 def test_each_command_resolves_the_same_store(command, case, tmp_path, no_store_opened):
     runs = tmp_path / "runs"
     runs.mkdir()
