@@ -42,16 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import TopoCAMError
-from .inputs import InputSpec, luma
+from ..core.scans import _crop_box, luma, suffix_of  # noqa: F401  (suffix_of: deploy's callers import it from here)
+from .inputs import InputSpec
 
 SUFFIXES_2D = (".png", ".jpg", ".jpeg", ".npy")
 SUFFIXES_3D = (".npy", ".nii", ".nii.gz")
 ALL_SUFFIXES = tuple(dict.fromkeys(SUFFIXES_2D + SUFFIXES_3D))
-
-
-def suffix_of(path: Path | str) -> str:
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 def supported(path: Path | str) -> bool:
@@ -181,13 +177,6 @@ def _intensity(arr: np.ndarray, steps: list[str]) -> np.ndarray:
         return arr.astype(np.uint8)
     steps.append(f"values {lo:g}..{hi:g} min-max scaled to [0, 1]")
     return ((x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)).astype(np.float32)
-
-
-def _crop_box(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[slice, ...]:
-    """Largest centred box of ``shape`` with ``target``'s aspect ratio."""
-    scale = min(s / t for s, t in zip(shape, target))
-    sizes = [max(1, min(s, int(round(t * scale)))) for s, t in zip(shape, target)]
-    return tuple(slice((s - k) // 2, (s - k) // 2 + k) for s, k in zip(shape, sizes))
 
 
 def _resize_2d(arr: np.ndarray, target: tuple[int, int]) -> np.ndarray:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.errors import TopoCAMError
+from ..core.scans import luma  # noqa: F401  (re-exported: the one ITU-R 601-2 luma)
 
-_LUMA_FLOAT = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -143,17 +143,6 @@ def _to_unit(arr: np.ndarray) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.uint8).astype(np.float32) / 255.0
     return np.clip(arr.astype(np.float32), 0.0, 1.0)
-
-
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma of (..., 3): Pillow's ``convert("L")`` arithmetic for uint8
-    (fixed point, rounded), the same weights in floating point otherwise."""
-    if rgb.dtype == np.uint8:
-        r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
-        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
-    if np.issubdtype(rgb.dtype, np.integer):
-        return np.rint(rgb.astype(np.float64) @ _LUMA_FLOAT).astype(rgb.dtype)
-    return (rgb.astype(np.float64) @ _LUMA_FLOAT).astype(rgb.dtype)
 
 
 def as_batch(images, spec: InputSpec) -> np.ndarray:
