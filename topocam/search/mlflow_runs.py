@@ -136,6 +136,11 @@ class StudyRuns:
             parent=parent, params=params,
         )
 
+    def tag_trial(self, run_id: str | None, tags: dict[str, str]) -> None:
+        """Tags on the trial's run (the digests of the model it was scored on)."""
+        if run_id is not None:
+            self.tracker.set_tags(run_id, tags)
+
     def trial_failed(self, run_id: str | None, reason: str, duration_s: float, broken: bool) -> None:
         """The trial raised: FAILED when its configuration is broken, KILLED when its worker stopped."""
         if run_id is None:
