@@ -127,12 +127,17 @@ class StudyRuns:
         return rid
 
     def start_trial(self, trial: optuna.Trial, sampler: str, seed: int, parent: str | None, params: dict[str, Any]) -> str | None:
-        """The trial's run, nested under its sampler run (None when not tracked)."""
+        """The trial's run, nested under its sampler run (None when not tracked); tagged with the
+        worker's ``repro_*`` fields (torch, CUDA, device, threads, deterministic flag): tags, not
+        params, since a trial's params are its configuration (``topocam explain`` reads them back)."""
         if self.tracker is None:
             return None
+        from ..core.seeding import reproducibility
+
         return self.tracker.start_run(
             self.experiment, f"{self.prefix}{sampler}-s{seed}-t{trial.number}",
-            self.tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
+            self.tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name,
+                      **{f"repro_{k}": v for k, v in reproducibility().items()}),
             parent=parent, params=params,
         )
 

@@ -465,7 +465,8 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
     parent = tracker.start_run(
         exp, f"{result['dataset']['name']}-seeds{'_'.join(map(str, result['seeds']))}",
         {**base_tags, "seeds": ",".join(map(str, result["seeds"])), "degenerate_backbone": str(bool(degenerate)).lower()},
-        params={**cfg, "seeds": result["seeds"], "data_fingerprint": result["dataset"]["fingerprint"]},
+        params={**cfg, "seeds": result["seeds"], "data_fingerprint": result["dataset"]["fingerprint"],
+                **{f"repro_{k}": v for k, v in result.get("reproducibility", {}).items()}},
     )
     summary = {}
     for method in ("topocam", "cnn", "topo_original"):
