@@ -51,6 +51,48 @@ RECORD_OF = "topocam_model_of"  # the record study's user attr: the [study] name
 KIND = "model-artifacts"
 
 
+def study_cam_variants(spec) -> tuple[str, ...]:
+    """The CAM variants any arm of a study (a ``StudySpec``) can ask for: what its published model holds."""
+    p = spec.space.get("cam")
+    if p is None:
+        return (spec.base.cam,)
+    return tuple(p.choices) if p.kind == "categorical" else (p.value,)
+
+
+def fetch_published(spec, data: Dataset, storage_url: str, tracker: Tracker | None, log: Callable[[str], None] = print,
+                    config: TopoCAMConfig | None = None) -> Model | None:
+    """For a command that reads a study's model without searching (export, ablate, explain): the
+    published entries of ``config``'s model seed (default: the study's) fetched into the local
+    cache and verified, or, where none is published, the local cache as it is (``"local"``).
+    Builds nothing and publishes nothing; the caller's ``prepare`` then reads the cache. None: no
+    storage there (an ablation of a study's defaults needs none), so nothing is published."""
+    from .storage import open_storage
+
+    try:
+        storage = open_storage(storage_url, read_only=True)
+    except TopoCAMError:
+        return None
+    config = config or spec.base
+    arts = ModelArtifacts(spec.name, storage_url, storage, tracker, log)
+    return arts.ensure(config, data, study_cam_variants(spec), lambda full: False, publish=False)
+
+
+def check_trial_model(model: Model | None, trial_attrs: dict[str, Any], what: str) -> None:
+    """The backbone here is the one the trial was scored on (its ``backbone_sha256``), else a
+    TopoCAMError naming both digests. A trial that recorded none (scored before digests were
+    recorded) cannot be checked: it passes, and its refit is still checked on validation."""
+    want = trial_attrs.get("backbone_sha256")
+    if want is None or model is None:
+        return
+    got = model.sha256(model.entries.backbone)
+    if got != want:
+        raise TopoCAMError(
+            f"{what} was scored on backbone sha256 {want[:16]}…, this machine's is {got[:16]}… "
+            f"({model.entries.backbone}): it is not the model the trial saw, and nothing was registered; fetch the "
+            "study's published model (same --storage and --tracking-uri as its workers), or run `topocam study prepare`"
+        )
+
+
 def attr_key(seed: int) -> str:
     return f"model_artifacts:s{seed}"
 

@@ -62,7 +62,7 @@ from ..core.pipeline import BASELINES, Context, baseline, evaluate, load_data, p
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR
 from ..tracking import Tracker
-from .artifacts import Model, ModelArtifacts, record_in
+from .artifacts import Model, ModelArtifacts, record_in, study_cam_variants
 from .fingerprint import ATTR_DATA, ATTR_DEFINITION, arm_spec, check_attrs, check_data, check_definition, check_name
 from .mlflow_runs import StudyRuns
 from .samplers import OPTIONS_SECTION, check_samplers, make_sampler
@@ -248,11 +248,7 @@ class StudyRunner:
 
     def all_cam_variants(self) -> tuple[str, ...]:
         """The CAM variants any arm's trials can ask for: what a published model holds."""
-        root = self.study_spec or self.spec
-        p = root.space.get("cam")
-        if p is None:
-            return (root.base.cam,)
-        return tuple(p.choices) if p.kind == "categorical" else (p.value,)
+        return study_cam_variants(self.study_spec or self.spec)
 
     def _prepare(self, config, label: str, data=None, publish: bool | None = None) -> Context:
         """``prepare`` on the study's published model: its entries fetched and verified first
