@@ -273,8 +273,11 @@ class StudyRunner:
         ctx = built.get("ctx") or self._prepare_local(config, data)
         ctx.timings_s[f"model_{model.how}"] = time.perf_counter() - t0
         if model.how != "local":
+            cams = sorted(k[5:] for k in ctx.timings_s if k.startswith("cams_"))
             self.log(f"model of {label}: {model.how} ({len(model.entries.all)} entries, backbone sha256 "
-                     f"{model.sha256(model.entries.backbone)[:12]}…)")
+                     f"{model.sha256(model.entries.backbone)[:12]}…); this worker "
+                     f"{'trained the backbone' if not ctx.backbone.cached else 'trained no backbone'} and "
+                     f"{'computed CAMs ' + ', '.join(cams) if cams else 'computed no CAM'}")
         health = ctx.health()
         if health.degenerate:
             self.log(f"warning: {label}: {health.message}")
