@@ -441,7 +441,8 @@ class StudyRunner:
             if not math.isfinite(value):
                 trial.set_user_attr(ATTR_ERROR, not_finite)
             duration = time.perf_counter() - t0
-            digests = self.models[spec.base.seed].digests(cfg.cam if cfg.method == "topocam" else None)
+            model = self.models.get(spec.base.seed)
+            digests = model.digests(cfg.cam if cfg.method == "topocam" else None) if model is not None else {}
             for k, v in digests.items():  # which model this trial was scored on
                 trial.set_user_attr(k, v)
             runs.tag_trial(rid, digests)
@@ -477,7 +478,8 @@ class StudyRunner:
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
         self.ctx  # the model (fetched and verified, or built and published) before any trial
-        record_in(study, self.models[self.spec.base.seed])
+        if self.spec.base.seed in self.models:
+            record_in(study, self.models[self.spec.base.seed])
         parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate,
                                       study.user_attrs.get(ATTR_DATA))
         status = "FAILED"
