@@ -1,10 +1,12 @@
 """A study's model artifacts: their sizes, and the prepare / fetch / verify times.
 
-    python benchmarks/model_artifacts.py STUDY.toml --data-dir DIR --out FOLDER [--seeds 0] [--json out.json]
+    python benchmarks/model_artifacts.py STUDY.toml --data-dir DIR --out FOLDER [--seeds 0] [--json out.json] \
+        [--tracking-uri http://HOST:5000]
 
 In FOLDER: an SQLite Optuna storage and a local MLflow store (its artifact store a folder: the
-upload and download are file copies, so a real network adds its own transfer time to the
-fetch figure), and two caches. ``prepare`` (``StudyRunner.prepare_model`` restricted to
+upload and download are file copies; with ``--tracking-uri`` an MLflow server's
+``mlflow-artifacts:`` proxy, over HTTP), and two caches. A cache entry already in
+``FOLDER/cache-prepare`` is uploaded, not rebuilt. ``prepare`` (``StudyRunner.prepare_model`` restricted to
 ``--seeds``: build in ``FOLDER/cache-prepare`` if empty, upload, download again and
 re-verify, record) is timed, then a worker's fetch into the empty ``FOLDER/cache-worker``
 (download + digest check), then the same worker again with its cache filled (verify only:
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", default=None, help="comma-separated model seeds (default: the study's seed and replicate_seeds)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tracking-uri", default=None, help="an MLflow server (default: a local store in FOLDER)")
     args = ap.parse_args()
 
     from topocam.core.atomic import write_json_atomic
@@ -38,7 +41,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec = load_study(args.study, data_dir=args.data_dir)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(dict.fromkeys([spec.base.seed, *spec.replicate_seeds]))
-    storage, tracking = f"sqlite:///{out / 'optuna.db'}", f"sqlite:///{out / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{out / 'optuna.db'}", args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     runner = StudyRunner.open(spec, storage, tracking, out, progress=False)
     result: dict = {"study": spec.name, "seeds": seeds, "variants": list(study_cam_variants(spec)), "per_seed": {}}
     for seed in seeds:
