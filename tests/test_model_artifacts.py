@@ -308,6 +308,7 @@ def test_an_artifact_deleted_or_corrupted_in_the_store_is_named_and_repaired_und
     assert w.returncode == 0, out
     line = next((ln for ln in out.splitlines() if "repairing it under the lock" in ln), None)
     assert line is not None and "gradcampp" in line, out
+    print(f"{damage}: {line}")
     assert "model of damaged: built" in out and "trained no backbone" in out, out  # the CAM rebuilt on the published backbone
     assert [t.state for t in trials_of(url, "damaged.random.s0")] == [S.COMPLETE] * 2, out
     # the repaired model is published again: a third machine fetches it whole
@@ -333,6 +334,7 @@ def test_a_tracking_server_down_when_a_worker_needs_the_model_is_one_line_within
     assert w.returncode != 0 and len(lines) == 1, out
     assert tracking in lines[0] or "tracking" in lines[0], out
     assert took < 60, took  # the worker's own start (imports, data) included
+    print(f"server down: exit {w.returncode} after {took:.1f} s: {lines[0]}")
     from topocam.search.storage import open_storage
 
     names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)]
