@@ -231,6 +231,28 @@ def test_prepare_then_three_workers_train_nothing_and_finish_the_budget(caches, 
     assert len({t.user_attrs["backbone_sha256"] for t in trials}) == 1, diag
 
 
+@pytest.mark.slow
+def test_workers_started_together_without_prepare_build_the_model_once(caches, postgres, mlflow_server, tmp_path):
+    """No ``prepare``: one of two workers started together (caches of their own) builds and
+    publishes under the storage's lock, the other waits and fetches; one published run."""
+    url = postgres.database("together")
+    study = write_study(tmp_path, "together")
+    procs = [start_worker(caches, tmp_path, study, "--sampler", "random", "--seed", "0", "--n-trials", "4", "--storage", url,
+                          "--tracking-uri", mlflow_server, TOPOCAM_CACHE_DIR=str(tmp_path / f"cache-{i}")) for i in range(2)]
+    outs = finish(procs)
+    diag = "\n".join(o[-1500:] for o in outs)
+    assert all(p.returncode == 0 for p in procs), diag
+    hows = sorted("built" if "model of together: built" in o else "fetched" if "model of together: fetched" in o else "?" for o in outs)
+    assert hows == ["built", "fetched"], diag
+    trials = trials_of(url, "together.random.s0")
+    assert [t.state for t in trials] == [S.COMPLETE] * 4 and len({t.user_attrs["backbone_sha256"] for t in trials}) == 1, diag
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id], "tags.kind = 'model-artifacts'")
+    assert [r.data.tags["state"] for r in runs] == ["complete"], diag
+
+
 # faults ------------------------------------------------------------------
 
 # a publisher that dies mid-upload: the real CLI, its uploads slowed after the first (a test-only
