@@ -7,7 +7,9 @@ reports a study and draws the trial bar, :mod:`.compare` compares samplers.
 
 One Optuna study per (study, sampler, seed), named ``<study>.<sampler>.s<seed>``
 in the given storage (default: SQLite under the runs folder). The backbone and
-CAM cache are built once (``pipeline.prepare``); a trial only fuses,
+CAM cache are built once (``pipeline.prepare``), and on a storage shared between
+machines published once and fetched and verified by every worker (:mod:`.artifacts`),
+so all trials are scored on one model and record its digests; a trial only fuses,
 thresholds, computes Betti curves and fits the MLP, on train and val. Test
 metrics are computed for the best trial of each (sampler, seed) only, after
 the search, and never feed back into it.
