@@ -362,3 +362,35 @@ def test_a_tracking_server_down_when_a_worker_needs_the_model_is_one_line_within
     names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)]
     trials = trials_of(url, "serverdown.random.s0") if "serverdown.random.s0" in names else []
     assert trials == [], trials  # the budget is untouched
+
+
+def test_export_of_a_trial_scored_on_another_backbone_registers_nothing(tmp_path, monkeypatch):
+    """One machine, nothing published: the local checkpoint is swapped for another valid one
+    (another seed's) after the search; export refuses it, naming both digests, once it is loaded."""
+    import shutil
+    from dataclasses import replace
+
+    from topocam.core.pipeline import prepare
+    from topocam.deploy.export import export
+    from topocam.search.studyfile import load_study
+    from topocam.tracking import Tracker
+
+    monkeypatch.setenv("TOPOCAM_OFFLINE", "1")
+    monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(tmp_path / "cache"))
+    study = write_study(tmp_path, "swapped")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    worker = _runner(study, storage, tracking, tmp_path, [])
+    worker.run("random", 0, 2)
+    spec = load_study(study)
+    seen = worker.ctx.backbone.cache_key
+    (t0,) = [t for t in optuna.load_study(study_name="swapped.random.s0", storage=storage).trials if t.number == 0]
+    other = prepare(replace(spec.base, seed=7), progress=False, data=worker.ctx.data)
+    cache = tmp_path / "cache" / "backbones"
+    shutil.copyfile(cache / f"{other.backbone.cache_key}.pt", cache / f"{seen}.pt")
+    with pytest.raises(TopoCAMError, match="nothing was registered") as exc:
+        export(spec, "swapped-model", storage, Tracker(tracking, tmp_path), trial=0, progress=False, log=lambda m: None)
+    assert t0.user_attrs["backbone_sha256"][:16] in str(exc.value)
+    assert entry_digest(cache / f"{seen}.pt")[0][:16] in str(exc.value)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking).search_registered_models() == []
