@@ -58,6 +58,13 @@ def test_run_synthetic_over_seeds_writes_metrics_json_and_mlflow(tmp_path):
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and sorted(x.data.tags["seed"] for x in children) == ["0", "1"]
+    # what the numbers' bits depend on besides the seed, in metrics.json and the MLflow params (issue 20)
+    import torch
+
+    repro = m["reproducibility"]
+    assert repro["torch"] == torch.__version__ and repro["device"] in ("cpu", "cuda") and repro["threads"] >= 1
+    assert set(repro) == {"torch", "cuda", "device", "threads", "deterministic"} and isinstance(repro["deterministic"], bool)
+    assert {k: parents[0].data.params[f"repro_{k}"] for k in repro} == {k: str(v) for k, v in repro.items()}
     assert all(x.data.tags["kind"] == "run" and x.data.tags["leakage_audit"] == "false" for x in runs)
     assert parents[0].data.metrics["topocam_test_auc_mean"] == pytest.approx(cell["mean"])
     assert children[0].data.metrics["cnn_pred_val_class0"] + children[0].data.metrics["cnn_pred_val_class1"] == 16

@@ -1,4 +1,4 @@
-"""``topocam study run | compare | status``: Optuna studies."""
+"""``topocam study prepare | run | compare | status``: Optuna studies."""
 
 from __future__ import annotations
 
@@ -19,6 +19,39 @@ from .common import (
 
 study_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Optuna studies over TopoCAM's knobs, tracked in MLflow.")
 app.add_typer(study_app, name="study")
+
+
+@study_app.command("prepare")
+def study_prepare(
+    study_file: Path = typer.Argument(..., help="study definition (TOML), e.g. studies/breastmnist.toml"),
+    storage: Optional[str] = STORAGE_OPTION,
+    tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    data_dir: Optional[Path] = DATA_DIR_OPTION,
+    runs_dir: Path = RUNS_DIR_OPTION,
+    quiet: bool = QUIET_OPTION,
+):
+    """Build the study's model once (each model seed's backbone, CNN probabilities and every searched
+    CAM variant) and publish it to the MLflow artifact store, digests recorded in the Optuna storage:
+    every worker then fetches and verifies it instead of training its own."""
+    from topocam import TopoCAMError
+
+    try:
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        models = runner.prepare_model()
+    except TopoCAMError as exc:
+        fail(str(exc))
+    t = Table(title=f"{spec.name}: the model every worker fetches", title_justify="left")
+    for c in ("seed", "entry", "MB", "sha256"):
+        t.add_column(c, justify="right" if c in ("seed", "MB") else "left", no_wrap=True)
+    for m in models:
+        for e in m.entries.all:
+            a = m.artifacts[e]
+            t.add_row(str(m.seed), e, f"{a.bytes / 1e6:.2f}", a.sha256[:16])
+    console.print(t)
+    total = sum(m.artifacts[e].bytes for m in models for e in m.entries.all)
+    times = ", ".join(f"{k.removeprefix('artifacts_')} {v:.1f} s" for k, v in runner.timings_s.items() if k.startswith("artifacts_"))
+    console.print(f"{len(models)} model seed(s), {total / 1e6:.1f} MB, {models[0].how if len(models) == 1 else ', '.join(m.how for m in models)}"
+                  f"{'; ' + times if times else ''}", markup=False)
 
 
 @study_app.command("run")

@@ -30,6 +30,7 @@ from .jobs import resolve_n_jobs
 from .memory import chunks, images_per_chunk
 from .metrics import evaluate as score
 from .metrics import predicted_labels
+from .seeding import reproducibility
 from .roi import RoiSelector, UpsampledCache, WholeImage, dice, pointing_game, random_masks_like, upsample_normalised
 from .settings import TopoCAMConfig
 from .stats import summarise_method
@@ -566,6 +567,7 @@ def run(cfg: TopoCAMConfig, seeds: Sequence[int] | None = None, progress: bool =
     return {
         "config": {**cfg.as_dict(), "seed": None},
         "seeds": seeds,
+        "reproducibility": reproducibility(),
         "dataset": {
             "name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint, "task": ds.task, "n_classes": ds.n_classes,
             "shape": list(ds.shape), "n": {s: int(len(ds.y[s])) for s in SPLITS},

@@ -14,3 +14,21 @@ def seed_everything(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def reproducibility() -> dict[str, object]:
+    """What a result's bits depend on besides the seed, recorded with it (metrics.json, MLflow
+    params): the torch and CUDA versions, the device, torch's thread count and whether
+    deterministic algorithms were asked for. Same values (and the same data and model
+    artifacts): the same numbers, bit for bit; otherwise equal only within a tolerance."""
+    import torch
+
+    from .backbone import device_auto
+
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "device": str(device_auto()),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }

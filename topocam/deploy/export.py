@@ -7,7 +7,9 @@
    take no part in the choice. ``trial=K`` names a trial instead.
 2. **Refit.** The study's data must have the content fingerprint the Optuna
    study recorded (checked before anything trains; a study from before it was
-   recorded is said in one warning line). Its configuration
+   recorded is said in one warning line). The study's published model is fetched
+   and verified (``search.artifacts``), and the backbone must be the one the
+   chosen trial recorded (``backbone_sha256``), or nothing is registered. Its configuration
    (``space.apply_params`` over the study's base) is evaluated on the study's
    context (``pipeline.prepare``: the same cached backbone and CAMs): the MLP is
    fitted on the training split, the Betti grid is the train-fitted one. Its
@@ -41,6 +43,7 @@ import numpy as np
 from .. import __version__
 from ..core.errors import TopoCAMError
 from ..core.pipeline import evaluate, load_data, prepare
+from ..search.artifacts import check_trial_model, fetch_published
 from ..search.choose import Choice, choose_trial
 from ..search.fingerprint import check_data
 from ..stores import redact_url
@@ -117,15 +120,20 @@ def check_refit(spec, choice: Choice, val: dict[str, float]) -> None:
         )
 
 
-def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print, data=None):
+def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None] = print, data=None,
+          check_model: Callable[[], None] | None = None):
     """Rebuild the chosen configuration on the study's context and fit it on train; its
     validation metrics must be the search's (:func:`check_refit`). ``data``: the study's
     dataset, when already loaded (and checked). Returns the bundle, the outcome (val and
-    test metrics), the pipeline's probabilities per split (val, test) and the context."""
+    test metrics), the pipeline's probabilities per split (val, test) and the context.
+    ``check_model``, called once the backbone is loaded, may refuse it
+    (:func:`~topocam.search.artifacts.check_trial_model`)."""
     from ..search.space import apply_params
 
     cfg = apply_params(spec.base, choice.params)
     ctx = prepare(spec.base, progress=progress, data=data)
+    if check_model is not None:
+        check_model()
     out = evaluate(ctx, cfg, report_test=True, progress=progress)
     check_refit(spec, choice, out.val)
     ds = ctx.data
@@ -278,7 +286,10 @@ def export(spec, name: str, storage_url: str, tracker, sampler: str | None = Non
     log(f"exporting {choice.optuna_study} trial {choice.trial} ({spec.objective} {choice.value:.4f}; {choice.how})")
     data = data if data is not None else load_data(spec.base)
     check_data(choice.attrs, choice.optuna_study, data, log)  # before anything trains
-    bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log, data=data)
+    model = fetch_published(spec, data, storage_url, tracker, log)  # the study's model, where published
+    bundle, out, reference, ctx = refit(spec, choice, progress=progress, log=log, data=data,
+                                        check_model=lambda: check_trial_model(model, choice.trial_attrs,
+                                                                              f"{choice.optuna_study} trial {choice.trial}"))
     with tempfile.TemporaryDirectory(prefix="topocam-export-") as tmp:
         folder = bundle.save(Path(tmp) / "bundle")
         self_check(folder, ctx.data.x["val"], reference["val"])  # before anything is logged

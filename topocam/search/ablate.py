@@ -192,6 +192,8 @@ class Ablation:
     progress: bool = True
     log: Callable[[str], None] = print
     data: Dataset | None = None  # the study's dataset, when already loaded (and checked against the study's)
+    # fetches a seed's published model into the local cache before it is prepared (``artifacts.fetch_published``)
+    fetch: Callable[[TopoCAMConfig, Dataset], object] | None = None
     _contexts: dict[tuple, Context] = field(default_factory=dict)
     _memo: dict[tuple, ArmSeed] = field(default_factory=dict)
 
@@ -199,6 +201,9 @@ class Ablation:
         key = (cfg.seed, cfg.cam_target, cfg.init)
         if key not in self._contexts:
             data = next(iter(self._contexts.values())).data if self._contexts else self.data
+            if self.fetch is not None:  # an arm whose model differs (CAM target, init) finds none published: local
+                data = data if data is not None else load_data(cfg)
+                self.fetch(cfg, data)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DegenerateBackboneWarning)
                 ctx = prepare(cfg, progress=self.progress, data=data)
@@ -446,7 +451,10 @@ def run_suite(
     if "topo_original" not in tuned and any(a.settings.get("method") == "topo_original" for a in arms):
         log("note: no Topo-Original search of this study in the storage: the Topo-Original arm uses the reference's MLP "
             "(not tuned; run `topocam study compare` for the equal-budget baseline)")
-    ab = Ablation(reference, seeds, tuned, progress, log, data)
+    from .artifacts import fetch_published
+
+    ab = Ablation(reference, seeds, tuned, progress, log, data,
+                  fetch=lambda cfg, d: fetch_published(spec, d, storage_url, tracker, log, cfg))
     results: list[ArmResult] = []
     with tqdm(total=(len(arms) + 1) * len(seeds), desc=f"ablate {suite.name}", unit="arm-seed", disable=not progress) as bar:
         ref_result = ab.run_arm(REFERENCE, bar)

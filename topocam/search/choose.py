@@ -31,6 +31,7 @@ class Choice:
     definition_sha: str | None = None
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)  # the Optuna study's user attributes
     val: dict[str, float] = dataclasses.field(default_factory=dict)  # the trial's validation metrics at the search
+    trial_attrs: dict[str, Any] = dataclasses.field(default_factory=dict)  # the trial's user attributes (its model's digests)
 
     @property
     def data_fingerprint(self) -> str | None:
@@ -98,4 +99,5 @@ def choose_trial(spec, storage_url: str, sampler: str | None = None, seed: int |
            f"best {spec.objective} over {', '.join(x.study_name for x in mine)} (validation only; test never used)")
     val = {k[4:]: float(v) for k, v in t.user_attrs.items() if k.startswith("val_") and isinstance(v, (int, float))}
     return Choice(s.study_name, str(s.user_attrs.get("sampler")), int(s.user_attrs.get("seed")), t.number, float(value),
-                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"), dict(s.user_attrs), val)
+                  {**fixed, **t.params}, how, s.user_attrs.get("topocam_definition_sha"), dict(s.user_attrs), val,
+                  dict(t.user_attrs))

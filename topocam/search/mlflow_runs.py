@@ -127,14 +127,24 @@ class StudyRuns:
         return rid
 
     def start_trial(self, trial: optuna.Trial, sampler: str, seed: int, parent: str | None, params: dict[str, Any]) -> str | None:
-        """The trial's run, nested under its sampler run (None when not tracked)."""
+        """The trial's run, nested under its sampler run (None when not tracked); tagged with the
+        worker's ``repro_*`` fields (torch, CUDA, device, threads, deterministic flag): tags, not
+        params, since a trial's params are its configuration (``topocam explain`` reads them back)."""
         if self.tracker is None:
             return None
+        from ..core.seeding import reproducibility
+
         return self.tracker.start_run(
             self.experiment, f"{self.prefix}{sampler}-s{seed}-t{trial.number}",
-            self.tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name),
+            self.tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name,
+                      **{f"repro_{k}": v for k, v in reproducibility().items()}),
             parent=parent, params=params,
         )
+
+    def tag_trial(self, run_id: str | None, tags: dict[str, str]) -> None:
+        """Tags on the trial's run (the digests of the model it was scored on)."""
+        if run_id is not None:
+            self.tracker.set_tags(run_id, tags)
 
     def trial_failed(self, run_id: str | None, reason: str, duration_s: float, broken: bool) -> None:
         """The trial raised: FAILED when its configuration is broken, KILLED when its worker stopped."""

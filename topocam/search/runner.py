@@ -7,7 +7,9 @@ reports a study and draws the trial bar, :mod:`.compare` compares samplers.
 
 One Optuna study per (study, sampler, seed), named ``<study>.<sampler>.s<seed>``
 in the given storage (default: SQLite under the runs folder). The backbone and
-CAM cache are built once (``pipeline.prepare``); a trial only fuses,
+CAM cache are built once (``pipeline.prepare``), and on a storage shared between
+machines published once and fetched and verified by every worker (:mod:`.artifacts`),
+so all trials are scored on one model and record its digests; a trial only fuses,
 thresholds, computes Betti curves and fits the MLP, on train and val. Test
 metrics are computed for the best trial of each (sampler, seed) only, after
 the search, and never feed back into it.
@@ -62,6 +64,7 @@ from ..core.pipeline import BASELINES, Context, baseline, evaluate, load_data, p
 from ..core.locks import FileLock
 from ..stores import DEFAULT_RUNS_DIR
 from ..tracking import Tracker
+from .artifacts import Model, ModelArtifacts, record_in, study_cam_variants
 from .fingerprint import ATTR_DATA, ATTR_DEFINITION, arm_spec, check_attrs, check_data, check_definition, check_name
 from .mlflow_runs import StudyRuns
 from .samplers import OPTIONS_SECTION, check_samplers, make_sampler
@@ -182,6 +185,7 @@ class StudyRunner:
     study_spec: StudySpec | None = None  # the study as its file defines it (all arms); None: ``spec``
     _data: Dataset | None = None
     _preflighted: set = field(default_factory=set)  # (arm, sampler, seed) checked by preflight
+    models: dict[int, Model] = field(default_factory=dict)  # model seed -> the published model its trials are scored on
 
     @classmethod
     def open(cls, spec: StudySpec, storage_url: str, tracking_uri: str | None, runs_dir: Path = DEFAULT_RUNS_DIR,
@@ -238,16 +242,66 @@ class StudyRunner:
                                                  data=self.ctx.data)
         return self._seed_ctx[seed]
 
-    def _prepare(self, config, label: str, data=None) -> Context:
-        """``prepare`` with a degenerate backbone reported once through ``log`` (not as a
-        Python warning per call)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateBackboneWarning)
-            ctx = prepare(config, progress=self.progress, data=data)
+    @property
+    def artifacts(self) -> ModelArtifacts:
+        """Where this study's model is published and fetched (:mod:`.artifacts`)."""
+        root = self.study_spec or self.spec
+        return ModelArtifacts(root.name, self.storage_url, self.storage, self.tracker, self.log, self.timings_s)
+
+    def all_cam_variants(self) -> tuple[str, ...]:
+        """The CAM variants any arm's trials can ask for: what a published model holds."""
+        return study_cam_variants(self.study_spec or self.spec)
+
+    def _prepare(self, config, label: str, data=None, publish: bool | None = None) -> Context:
+        """``prepare`` on the study's published model: its entries fetched and verified first
+        (:meth:`.artifacts.ModelArtifacts.ensure`; built and published where none is), so every
+        worker scores trials on the same backbone and CAMs. A degenerate backbone is reported
+        once through ``log`` (not as a Python warning per call)."""
+        data = data if data is not None else self.data
+        built: dict[str, Context] = {}
+
+        def build(full: bool) -> bool:
+            ctx = built["ctx"] = self._prepare_local(config, data)
+            computed = not ctx.backbone.cached
+            if full:
+                for v in self.all_cam_variants():
+                    ctx.cams(v, "train")
+                computed = computed or any(k.startswith("cams_") for k in ctx.timings_s)
+            return computed
+
+        t0 = time.perf_counter()
+        model = self.artifacts.ensure(config, data, self.all_cam_variants(), build, publish)
+        self.models[config.seed] = model
+        ctx = built.get("ctx") or self._prepare_local(config, data)
+        ctx.timings_s[f"model_{model.how}"] = time.perf_counter() - t0
+        if model.how != "local":
+            cams = sorted(k[5:] for k in ctx.timings_s if k.startswith("cams_"))
+            self.log(f"model of {label}: {model.how} ({len(model.entries.all)} entries, backbone sha256 "
+                     f"{model.sha256(model.entries.backbone)[:12]}…); this worker "
+                     f"{'trained the backbone' if not ctx.backbone.cached else 'trained no backbone'} and "
+                     f"{'computed CAMs ' + ', '.join(cams) if cams else 'computed no CAM'}")
         health = ctx.health()
         if health.degenerate:
             self.log(f"warning: {label}: {health.message}")
         return ctx
+
+    def _prepare_local(self, config, data) -> Context:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateBackboneWarning)
+            return prepare(config, progress=self.progress, data=data)
+
+    def prepare_model(self) -> list[Model]:
+        """``topocam study prepare``: every model seed the study uses (its ``[backbone] seed`` and
+        ``replicate_seeds``) built, or fetched, and published with every searched CAM variant."""
+        root = self.study_spec or self.spec
+        seeds = list(dict.fromkeys([root.base.seed, *root.replicate_seeds]))
+        with self._failing_stores():
+            for seed in seeds:
+                cfg = replace(root.base, seed=seed)
+                ctx = self._prepare(cfg, f"{root.name}, seed {seed}", publish=True)
+                if seed == root.base.seed:
+                    self._ctx = ctx
+        return [self.models[s] for s in seeds]
 
     def preflight(self, sampler: str, seed: int, arm: str | None = None) -> None:
         """What can be checked before any training, for (``arm``, sampler, seed): the objective
@@ -389,6 +443,11 @@ class StudyRunner:
             if not math.isfinite(value):
                 trial.set_user_attr(ATTR_ERROR, not_finite)
             duration = time.perf_counter() - t0
+            model = self.models.get(spec.base.seed)
+            digests = model.digests(cfg.cam if cfg.method == "topocam" else None) if model is not None else {}
+            for k, v in digests.items():  # which model this trial was scored on
+                trial.set_user_attr(k, v)
+            runs.tag_trial(rid, digests)
             for k, v in out.val.items():
                 trial.set_user_attr(f"val_{k}", v)
             for k, v in (out.cv or {}).items():
@@ -420,6 +479,9 @@ class StudyRunner:
             check_definition(study, self.spec, self.arm, sampler, seed, self.storage_url, self.data.fingerprint)
             with self._claim(study):  # failed stale trials are re-queued: new trials, so under the claim
                 optuna.storages.fail_stale_trials(study)
+        self.ctx  # the model (fetched and verified, or built and published) before any trial
+        if self.spec.base.seed in self.models:
+            record_in(study, self.models[self.spec.base.seed])
         parent = self.runs.parent_run(sampler, seed, n_trials, lambda: self.ctx.health().degenerate,
                                       study.user_attrs.get(ATTR_DATA))
         status = "FAILED"

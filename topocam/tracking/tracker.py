@@ -107,6 +107,7 @@ class Tracker:
         # fail within seconds on an unreachable server instead of retrying for minutes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per fetched model artifact buries the log
         self.runs_dir = Path(runs_dir).resolve()
         tracking_uri = resolve_tracking_uri(tracking_uri, self.runs_dir)
         if create and tracking_uri == default_tracking_uri(self.runs_dir):  # the local store's folder is ours to make
@@ -296,6 +297,14 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        """Upload a folder's files under ``artifact_path`` (the run's artifact store: a server's
+        ``mlflow-artifacts:`` proxy, or any artifact URI MLflow supports)."""
+        self._client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self._client.get_run(run_id).info.artifact_uri
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._client.log_text(run_id, text, artifact_file)
 
@@ -456,7 +465,8 @@ def log_topocam_run(tracker: Tracker, result: dict) -> str:
     parent = tracker.start_run(
         exp, f"{result['dataset']['name']}-seeds{'_'.join(map(str, result['seeds']))}",
         {**base_tags, "seeds": ",".join(map(str, result["seeds"])), "degenerate_backbone": str(bool(degenerate)).lower()},
-        params={**cfg, "seeds": result["seeds"], "data_fingerprint": result["dataset"]["fingerprint"]},
+        params={**cfg, "seeds": result["seeds"], "data_fingerprint": result["dataset"]["fingerprint"],
+                **{f"repro_{k}": v for k, v in result.get("reproducibility", {}).items()}},
     )
     summary = {}
     for method in ("topocam", "cnn", "topo_original"):
