@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import TopoCAMError
-from ..core.pipeline import evaluate, load_data, prepare
+from ..core.pipeline import check_predictable, evaluate, load_data, prepare
 from ..search.choose import Choice, choose_trial
 from ..search.fingerprint import check_data
 from ..stores import redact_url
@@ -124,7 +124,7 @@ def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None
     test metrics), the pipeline's probabilities per split (val, test) and the context."""
     from ..search.space import apply_params
 
-    cfg = apply_params(spec.base, choice.params)
+    cfg = check_predictable(apply_params(spec.base, choice.params).validated())  # before anything trains
     ctx = prepare(spec.base, progress=progress, data=data)
     out = evaluate(ctx, cfg, report_test=True, progress=progress)
     check_refit(spec, choice, out.val)
