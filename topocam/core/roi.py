@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .cam import CAM_LAYERS, normalise_maps
 from .errors import TopoCAMError
+from .segmenter import betti_numbers_batch
 from .prompted import PromptRecipe, Prompter, RandomWalker, load_sam, prompted_masks
 from .settings import SETTINGS
 
@@ -199,21 +200,10 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-def mask_betti(masks: np.ndarray) -> np.ndarray:
-    """Betti numbers (beta_0 .. beta_{d-1}) of each boolean mask, (n, d) int: the mask
-    as the sublevel set {f <= 0} of f = 0 inside, 1 outside, through the topology
-    stage's own cubical kernel, so the connectivity is the one phi counts with."""
-    from .betti_fast import betti_curves_fast
-
-    masks = np.asarray(masks, dtype=bool)
-    f = np.where(masks, 0.0, 1.0)
-    return betti_curves_fast(f, np.array([0.5]))[:, :, 0]
-
-
 def betti_error(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per image, sum_k |beta_k(ROI) - beta_k(lesion)|: the quantity a topology-preserving
     segmentation loss drives down. (n,) int."""
-    return np.abs(mask_betti(pred) - mask_betti(truth)).sum(axis=1)
+    return np.abs(betti_numbers_batch(pred) - betti_numbers_batch(truth)).sum(axis=1)
 
 
 def pointing_game(fused: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -231,7 +221,7 @@ def quality(heat: np.ndarray, masks: np.ndarray, truth: np.ndarray, seed: int = 
     levels (a random mask of the same size per image; the lesion's share of the image)."""
     truth = np.asarray(truth, dtype=bool)
     rand = random_masks_like(masks, np.random.default_rng(seed))
-    db = np.abs(mask_betti(masks) - mask_betti(truth))
+    db = np.abs(betti_numbers_batch(masks) - betti_numbers_batch(truth))
     out = {
         "dice": float(dice(masks, truth).mean()),
         "iou": float(iou(masks, truth).mean()),

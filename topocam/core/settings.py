@@ -34,10 +34,10 @@ from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 from .jobs import check_n_jobs
 from .prompted import PROMPTERS, SAM_MODELS, PromptRecipe
+from .segmenter import SEGMENTER_LOSSES
 
 PROMPT = PromptRecipe()  # the CAM-prompted recipe's constants: their defaults are the recipe's
 ROI_GENERATORS: tuple[str, ...] = ("threshold", "prompted", "segmenter")
-SEGMENTER_LOSSES: tuple[str, ...] = ("dice", "dice+topo")  # TODO(i24a merge): taken from core.segmenter
 
 STAGES = ("data", "backbone", "method", "cam", "roi", "topology", "classifier", "execution")
 SECTIONS = ("data", "backbone", "fixed")  # study-file tables that set configuration values
