@@ -24,7 +24,7 @@ from .backbone import BackboneInfo, cnn_probabilities, default_cache_dir, device
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
 from .classifier import Classifier, TopoMLP
-from .data import SPLITS, Dataset, load_dataset
+from .data import SPLITS, Dataset, images_in, load_dataset
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .jobs import resolve_n_jobs
 from .memory import chunks, images_per_chunk
@@ -224,7 +224,9 @@ Selector = RoiSelector | WholeImage
 
 
 def _transform(ctx: Context, selector: RoiSelector, cam: str, split: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    images = ctx.gray(split, lo, hi) if selector.needs_images else None
+    # the prompted ROI segments what phi sees (single-channel); the segmenter takes the images as it was trained on them
+    images = None if not selector.needs_images else (
+        images_in(ctx.data.x[split], lo, hi) if selector.roi == "segmenter" else ctx.gray(split, lo, hi))
     return selector.transform(lambda layer: upsampled(ctx, cam, split, layer, lo, hi), images)
 
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from .cam import CAM_LAYERS, normalise_maps
 from .errors import TopoCAMError
-from .segmenter import betti_numbers_batch
 from .prompted import PromptRecipe, Prompter, RandomWalker, load_sam, prompted_masks
+from .segmenter import betti_numbers_batch
 from .settings import SETTINGS
 
 UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
@@ -305,6 +305,16 @@ class RoiSelector:
                                "(topocam.core.pipeline.selector_for builds it)")
         return cls(cfg.cam, tuple(cfg.weights), cfg.tau, cfg.tau_mode, cfg.outside, cfg.roi, cfg.prompt_recipe(),
                    cfg.prompter, cfg.sam_checkpoint, cfg.sam_model, mask_model if cfg.roi == "segmenter" else None)
+
+    @property
+    def generator(self) -> str:
+        """The ROI generator as tables name it: threshold, prompted (rw | sam), segmenter (its loss)."""
+        if self.roi == "prompted":
+            return f"prompted ({self.prompter})"
+        if self.roi == "segmenter":
+            loss = getattr(getattr(self.mask_model, "info", None), "loss", None)
+            return f"segmenter ({loss})" if loss else "segmenter"
+        return self.roi
 
     @property
     def needs_images(self) -> bool:
