@@ -151,11 +151,15 @@ class SamPrompter:
 
     def __init__(self, predictor):
         self.predictor = predictor
+        self._embedded: bytes | None = None  # the image whose embedding the predictor holds (tries share it)
 
     def __call__(self, image: np.ndarray, heat: np.ndarray, prompt: Prompt) -> tuple[np.ndarray, float]:
         lo, hi = float(image.min()), float(image.max())
         g = np.zeros(image.shape, dtype=np.uint8) if hi <= lo else np.round(255 * (image - lo) / (hi - lo)).astype(np.uint8)
-        self.predictor.set_image(np.repeat(g[:, :, None], 3, axis=2), image_format="RGB")
+        key = g.tobytes() + bytes(str(g.shape), "ascii")
+        if key != self._embedded:
+            self.predictor.set_image(np.repeat(g[:, :, None], 3, axis=2), image_format="RGB")
+            self._embedded = key
         # SAM's coordinates are (x, y) = (column, row) of the image as given; it rescales them itself
         masks, scores, _ = self.predictor.predict(
             point_coords=prompt.points[:, ::-1].astype(np.float32), point_labels=np.ones(len(prompt.points), dtype=int),
