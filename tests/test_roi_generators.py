@@ -294,3 +294,21 @@ def test_segmenter_needs_lesion_masks(ctx2d, base_config):
         segmenter_for(no_masks, replace(base_config, roi="segmenter"))
     with pytest.raises(TopoCAMError, match="needs the segmenter"):
         RoiSelector.of(replace(base_config, roi="segmenter"))
+
+
+def test_cli_refuses_segmenter_on_data_without_masks_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from topocam.cli import app
+
+    ds = make_synthetic(2, size=16, n=(8, 4, 4), seed=0)
+    arrays = {}
+    for s in ("train", "val", "test"):
+        arrays[f"{s}_images"] = (np.asarray(ds.gray(s)) * 255).astype(np.uint8)
+        arrays[f"{s}_labels"] = ds.y[s][:, None]
+    np.savez(tmp_path / "nomasks.npz", **arrays)
+    r = CliRunner().invoke(app, ["run", "--dataset", str(tmp_path / "nomasks.npz"), "--roi", "segmenter",
+                                 "--backbone", "small", "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "m"),
+                                 "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert r.exit_code != 0 and "roi=segmenter trains on lesion masks, and nomasks has none" in r.output, r.output
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*.pt"))  # nothing trained

@@ -100,6 +100,7 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     t0 = time.perf_counter()
     ds = data if data is not None else load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
+    check_roi_data(config, ds)
     t_data = time.perf_counter() - t0
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
@@ -130,7 +131,15 @@ def load_checked(config: TopoCAMConfig) -> Dataset:
     config = config.validated()
     ds = load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
+    check_roi_data(config, ds)
     return ds
+
+
+def check_roi_data(config: TopoCAMConfig, ds: Dataset) -> None:
+    """roi=segmenter trains on lesion masks: data without them is refused before any training."""
+    if config.roi == "segmenter" and ds.lesion_masks is None:
+        raise TopoCAMError(f"roi=segmenter trains on lesion masks, and {ds.name} has none; use it on synthetic2d / "
+                           "synthetic3d (or data with masks), or choose --roi threshold or prompted")
 
 
 @dataclass(frozen=True)
@@ -194,9 +203,7 @@ def segmenter_for(ctx: Context, cfg: TopoCAMConfig) -> MaskModel:
     """The segment-then-Betti baseline's network (``roi = segmenter``): trained on the
     training split's lesion masks only (``core.segmenter``, cached on disk like the
     backbone, seeded by the model seed), once per context and loss."""
-    if ctx.data.lesion_masks is None:
-        raise TopoCAMError(f"roi=segmenter trains on lesion masks, and {ctx.data.name} has none; use it on synthetic2d / "
-                           "synthetic3d (or data with masks), or choose --roi threshold or prompted")
+    check_roi_data(cfg, ctx.data)
     key = ("segmenter", cfg.segmenter_loss, cfg.seed)
     if key not in ctx.trial_cache:
         from .segmenter import SegmenterSettings, train_segmenter
