@@ -216,10 +216,12 @@ def test_dice_topo_trains_with_a_finite_loss_path(ndim, size, tmp_path):
     from topocam.core.data import make_synthetic
 
     ds = make_synthetic(ndim, size=size, n=(8, 4, 4), seed=0, clutter=1)
-    seg = train_segmenter(ds, SegmenterSettings(loss="dice+topo", epochs=2, batch_size=4), cache_dir=tmp_path)
+    settings = SegmenterSettings(loss="dice+topo", epochs=3, batch_size=4, topo_warmup=1)
+    seg = train_segmenter(ds, settings, cache_dir=tmp_path)
     losses = [h[k] for h in seg.info.history for k in ("loss", "dice_loss", "topo_loss")]
-    assert len(seg.info.history) == 2 and all(np.isfinite(losses))
-    assert all(h["topo_loss"] > 0 for h in seg.info.history)  # the term is computed, not skipped
+    assert len(seg.info.history) == 3 and all(np.isfinite(losses))
+    assert seg.info.history[0]["topo_loss"] == 0  # the warm-up epoch: Dice alone
+    assert all(h["topo_loss"] > 0 for h in seg.info.history[1:])  # then the term is computed, not skipped
     assert seg.info.loss == "dice+topo"
     assert seg.masks(ds.x["test"]).shape == (4, *(size,) * ndim)
     assert seg.masks(ds.x["test"][:, 0]).shape == (4, *(size,) * ndim)  # one channel: (n, *spatial) accepted too
