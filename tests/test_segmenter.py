@@ -4,6 +4,7 @@ topology), the U-Net baseline against chance, its cache, and its refusals."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import warnings
 
 import numpy as np
@@ -190,6 +191,12 @@ def test_segmenter_beats_chance_dice_and_is_cached(synth2d, tmp_path):
     again = train_segmenter(_without_test(synth2d), settings, cache_dir=tmp_path)
     assert again.info.cached and again.info.history == seg.info.history
     np.testing.assert_array_equal(again.predict_proba(synth2d.x["test"]), proba)
+
+    other_masks = {**synth2d.lesion_masks, "train": ~synth2d.lesion_masks["train"]}  # same images, other masks
+    retrained = train_segmenter(dataclasses.replace(synth2d, lesion_masks=other_masks), replace(settings, epochs=1),
+                                cache_dir=tmp_path)
+    assert not retrained.info.cached and retrained.info.cache_key != train_segmenter(
+        synth2d, replace(settings, epochs=1), cache_dir=tmp_path).info.cache_key
 
     ckpt = tmp_path / "segmenters" / f"{seg.info.cache_key}.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:200])

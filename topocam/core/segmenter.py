@@ -276,8 +276,21 @@ def _cache_key(ds: Dataset, s: SegmenterSettings) -> str:
     settings = asdict(s)
     if s.loss == "dice":  # the topology term's settings do not change a Dice-only network
         del settings["topo_weight"], settings["topo_warmup"]
-    blob = json.dumps({"data": ds.fingerprint, "settings": settings, "code": _CODE_VERSION}, sort_keys=True)
+    blob = json.dumps({"data": ds.fingerprint, "masks": _masks_hash(ds), "settings": settings, "code": _CODE_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _masks_hash(ds: Dataset) -> str:
+    """The training and validation masks, by content: the data fingerprint hashes the images
+    and labels only, and the same images can come with other masks (a generator that
+    draws the lesion differently), which must not reuse a network trained on the old ones."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        m = np.ascontiguousarray(ds.lesion_masks[split], dtype=bool)
+        h.update(f"{split}{m.shape}".encode())
+        h.update(np.packbits(m).tobytes())
+    return h.hexdigest()[:20]
 
 
 def _check_masks(ds: Dataset) -> None:
@@ -301,7 +314,7 @@ def train_segmenter(
     epoch with the best mean validation Dice is kept (the first such epoch on ties). The
     test split is never read. Processes sharing the cache build it once."""
     settings.check()
-    _check_masks(ds)
+    _check_masks(ds)  # before the key, which hashes them
     key = _cache_key(ds, settings)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "segmenters" / f"{key}.pt"
