@@ -4,6 +4,7 @@ topology), the U-Net baseline against chance, its cache, and its refusals."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import warnings
 
 import numpy as np
@@ -191,6 +192,12 @@ def test_segmenter_beats_chance_dice_and_is_cached(synth2d, tmp_path):
     assert again.info.cached and again.info.history == seg.info.history
     np.testing.assert_array_equal(again.predict_proba(synth2d.x["test"]), proba)
 
+    other_masks = {**synth2d.lesion_masks, "train": ~synth2d.lesion_masks["train"]}  # same images, other masks
+    retrained = train_segmenter(dataclasses.replace(synth2d, lesion_masks=other_masks), replace(settings, epochs=1),
+                                cache_dir=tmp_path)
+    assert not retrained.info.cached and retrained.info.cache_key != train_segmenter(
+        synth2d, replace(settings, epochs=1), cache_dir=tmp_path).info.cache_key
+
     ckpt = tmp_path / "segmenters" / f"{seg.info.cache_key}.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:200])
     with pytest.warns(CorruptCacheWarning, match="rebuilding"):
@@ -216,10 +223,12 @@ def test_dice_topo_trains_with_a_finite_loss_path(ndim, size, tmp_path):
     from topocam.core.data import make_synthetic
 
     ds = make_synthetic(ndim, size=size, n=(8, 4, 4), seed=0, clutter=1)
-    seg = train_segmenter(ds, SegmenterSettings(loss="dice+topo", epochs=2, batch_size=4), cache_dir=tmp_path)
+    settings = SegmenterSettings(loss="dice+topo", epochs=3, batch_size=4, topo_warmup=1)
+    seg = train_segmenter(ds, settings, cache_dir=tmp_path)
     losses = [h[k] for h in seg.info.history for k in ("loss", "dice_loss", "topo_loss")]
-    assert len(seg.info.history) == 2 and all(np.isfinite(losses))
-    assert all(h["topo_loss"] > 0 for h in seg.info.history)  # the term is computed, not skipped
+    assert len(seg.info.history) == 3 and all(np.isfinite(losses))
+    assert seg.info.history[0]["topo_loss"] == 0  # the warm-up epoch: Dice alone
+    assert all(h["topo_loss"] > 0 for h in seg.info.history[1:])  # then the term is computed, not skipped
     assert seg.info.loss == "dice+topo"
     assert seg.masks(ds.x["test"]).shape == (4, *(size,) * ndim)
     assert seg.masks(ds.x["test"][:, 0]).shape == (4, *(size,) * ndim)  # one channel: (n, *spatial) accepted too
