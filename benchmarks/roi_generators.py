@@ -90,6 +90,28 @@ def table(rows: list[dict], cost: dict[str, dict[str, float]], title: str) -> st
     return "\n".join(lines)
 
 
+def per_seed(results, ref) -> list[dict]:
+    """(arm, seed, ROI quality, test AUC) of every TopoCAM arm-seed: what the correlations read."""
+    out = []
+    for r in [ref, *results]:
+        for seed, a in sorted(r.seeds.items()):
+            if a.roi_quality:
+                out.append({"arm": r.arm.name, "seed": seed, "auc": a.test["auc"],
+                            **{k: a.roi_quality[k] for k in ("dice", "iou", "pointing_game", "betti_error")}})
+    return out
+
+
+def correlations(points: list[dict]) -> dict[str, dict[str, float]]:
+    """Spearman's rho of test AUC with each ROI measure over the arm-seeds (the reference's
+    seeds counted once), with its permutation-free p-value from scipy."""
+    from scipy.stats import spearmanr
+
+    pts = [p for p in points if p["arm"] != "topocam"]  # the reference equals threshold_gradcam
+    auc = [p["auc"] for p in pts]
+    return {k: dict(zip(("rho", "p"), map(float, spearmanr([p[k] for p in pts], auc)))) | {"n": len(pts)}
+            for k in ("dice", "betti_error", "pointing_game")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", default="2,3")
@@ -122,8 +144,13 @@ def main() -> None:
         title = (f"synthetic{ndim}d, size {cfg.size}, n {cfg.synthetic_n}, small CNN {cfg.epochs} epochs, bins {cfg.bins}, "
                  f"seeds {seeds} ({wall / 60:.1f} min)")
         md = table([r for r in rows if r["ablation"] != "reference"], cost, title)
+        pts = per_seed(results, ref)
+        corr = correlations(pts)
+        md += "\n\nSpearman rho of test AUC with, over the arm-seeds: " + ", ".join(
+            f"{k} {c['rho']:+.2f} (p {c['p']:.3f}, n {c['n']})" for k, c in corr.items())
         print(md, flush=True)
-        report["datasets"][ds.name] = {"rows": rows, "cost": cost, "wall_s": wall, "config": cfg.as_dict()}
+        report["datasets"][ds.name] = {"rows": rows, "cost": cost, "wall_s": wall, "config": cfg.as_dict(),
+                                       "per_seed": pts, "spearman_auc": corr}
         (args.out / "roi_generators.json").write_text(json.dumps(report, indent=1, default=str))
         with open(args.out / "roi_generators.md", "a") as fh:
             fh.write(md + "\n\n")
