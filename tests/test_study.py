@@ -336,6 +336,30 @@ def test_old_study_file_keys_are_read_as_the_settings_they_became(tmp_path):
         load_study(bad)
 
 
+def test_a_fixed_value_that_trials_still_search_is_said_with_the_table_that_fixes_it(tmp_path):
+    """``[fixed] cam = "gradcam"`` with cam in the space: trials still search cam (the value sets the base
+    only), which once cost a study 90 minutes of Score-CAM; the notice names the [space.cam] table. A fixed
+    value the space does not search, or one fixed in [space.X], gives no notice."""
+    from topocam.core.errors import StudyFileWarning
+
+    def notices(path):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            spec = load_study(path)
+        return spec, [str(w.message) for w in caught if issubclass(w.category, StudyFileWarning)]
+
+    spec, said = notices(write_study(tmp_path, "trap", fixed={"cam": "gradcam", "weights": [1.0, 0.0, 0.0]}))
+    assert spec.base.cam == "gradcam" and spec.space["cam"].kind == "categorical"  # what the notice describes
+    assert len(said) == 2, said
+    cam = next(n for n in said if "[fixed] cam" in n)
+    assert "trials still search cam" in cam and '[space.cam] fixed = ...' in cam and "trap.toml" in cam
+    weights = next(n for n in said if "[fixed] weights" in n)
+    assert all(f"[space.w_{layer}] fixed = ..." in weights for layer in ("layer2", "layer3", "layer4"))
+    _, quiet = notices(write_study(tmp_path, "fine", fixed={"bins": 8, "n_jobs": 1, "cam": "gradcam"},
+                                   space={"cam": {"fixed": "gradcam"}}))
+    assert quiet == []
+
+
 def test_unreadable_study_files(tmp_path):
     with pytest.raises(TopoCAMError, match="does not exist"):
         load_study(tmp_path / "missing.toml")

@@ -78,11 +78,12 @@ def _stopped() -> None:
 
 
 def _show_warning(python_show, message, category, filename, lineno, file=None, line=None) -> None:
-    """A store or cache entry found damaged and set aside, or an old study-file key, is said in
-    one line, not Python's two."""
-    from topocam.core.errors import CorruptCacheWarning, DamagedStoreWarning, DeprecatedKeyWarning
+    """A store or cache entry found damaged and set aside, or a study file read other than its author
+    may have meant (an old key, a [fixed] value that trials still search), is said in one line, not
+    Python's two."""
+    from topocam.core.errors import CorruptCacheWarning, DamagedStoreWarning, StudyFileWarning
 
-    if issubclass(category, (CorruptCacheWarning, DamagedStoreWarning, DeprecatedKeyWarning)):
+    if issubclass(category, (CorruptCacheWarning, DamagedStoreWarning, StudyFileWarning)):
         err.print(Text.assemble(("warning:", "bold yellow"), f" {message}"), highlight=False, soft_wrap=True)
     else:
         python_show(message, category, filename, lineno, file, line)

@@ -29,7 +29,11 @@ class InfrastructureError(TopoCAMError):
     configuration being tried. A study stops on it (the trial does not count toward the budget)."""
 
 
-class DeprecatedKeyWarning(UserWarning):
+class StudyFileWarning(UserWarning):
+    """A study file that reads, but probably not as its author meant: said in one line."""
+
+
+class DeprecatedKeyWarning(StudyFileWarning):
     """A study file uses a key's old name: still read, said in one line."""
 
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import DeprecatedKeyWarning, TopoCAMError
+from ..core.errors import DeprecatedKeyWarning, StudyFileWarning, TopoCAMError
 from ..core.settings import SECTIONS, TopoCAMConfig, in_section, old_keys, recipe_settings
 from ..core.choices import check_n_trials
 from .samplers import check_samplers, make_sampler
-from .space import Param, build_space
+from .space import SETTING_OF, Param, build_space
 
 DEFAULT_GRACE_PERIOD = 20  # seconds; heartbeats every grace_period // 4
 OBJECTIVES = ("val_auc", "val_acc", "cv_auc", "cv_acc")  # cv_*: 5-fold on the training split
@@ -128,6 +128,19 @@ def settings_table(doc: dict, section: str, where: str) -> tuple[dict[str, Any],
     return values, {k: _typed(section, k, v, extra[k], where) for k, v in t.items() if k in extra}
 
 
+def _warn_fixed_but_searched(fixed: dict[str, Any], space: dict[str, Param], where: str) -> None:
+    """``[fixed] cam = "gradcam"`` sets the base configuration (the baselines', the reference's), but a
+    setting the space still searches is drawn afresh by every trial: say so, with the table that fixes it
+    for trials (a study once spent 90 minutes on Score-CAM maps its author believed fixed away)."""
+    for name, value in fixed.items():
+        searched = [p for p, s in SETTING_OF.items() if s == name and p in space and space[p].kind != "fixed"]
+        if searched:
+            how = " and ".join(f"[space.{p}] fixed = ..." for p in searched)
+            warnings.warn(StudyFileWarning(
+                f"{where}: [fixed] {name} = {value!r} sets the base configuration only; trials still search "
+                f"{', '.join(searched)}. To fix it for trials too, write {how}"), stacklevel=2)
+
+
 def folder_given(path: Path, what: str) -> str:
     """The message for a folder given where a TOML file was expected, naming the .toml files in it."""
     try:
@@ -202,6 +215,7 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     if not isinstance(space_doc, dict):
         raise TopoCAMError(f"{where}: [space] must hold tables like [space.tau]")
     space = build_space(space_doc, where)
+    _warn_fixed_but_searched(fixed, space, where)
 
     sampler_doc = doc.get("sampler", {})
     if not isinstance(sampler_doc, dict):
