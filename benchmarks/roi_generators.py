@@ -142,7 +142,7 @@ def main() -> None:
         cost = costs(ab, replace(cfg, seed=seeds[0]), arm_cfgs)
         wall = time.perf_counter() - t0
         title = (f"synthetic{ndim}d, size {cfg.size}, n {cfg.synthetic_n}, small CNN {cfg.epochs} epochs, bins {cfg.bins}, "
-                 f"seeds {seeds} ({wall / 60:.1f} min)")
+                 f"seeds {seeds} ({wall / 60:.1f} min; pointing-game chance {ds.lesion_masks['test'].mean():.3f})")
         md = table([r for r in rows if r["ablation"] != "reference"], cost, title)
         pts = per_seed(results, ref)
         corr = correlations(pts)
