@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path, write_failure
-from .backbone import default_cache_dir
+from .backbone import default_cache_dir, device_auto
 from .betti_fast import betti_curves_fast
 from .data import Dataset, images_in
 from .errors import InfrastructureError, TopoCAMError
@@ -269,7 +269,7 @@ class Segmenter:
             for lo in range(0, len(images), PREDICT_BATCH)
         ]
         if not out:
-            return np.zeros((0,), dtype=np.float32)
+            return np.zeros((0, *tuple(images.shape)[-self.ndim:]), dtype=np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def masks(self, images) -> np.ndarray:
@@ -317,12 +317,15 @@ def _check_masks(ds: Dataset) -> None:
 
 def train_segmenter(
     ds: Dataset, settings: SegmenterSettings, cache_dir: Path | None = None, progress: bool = False,
+    device: torch.device | None = None,
 ) -> Segmenter:
     """Train (or load from the cache) the U-Net on the training split's lesion masks; the
     epoch with the best mean validation Dice is kept (the first such epoch on ties). The
-    test split is never read. Processes sharing the cache build it once."""
+    test split is never read. Processes sharing the cache build it once. ``device``: as
+    the backbone's (CUDA where present); the topology term's persistence runs on the CPU."""
     settings.check()
     _check_masks(ds)  # before the key, which hashes them
+    device = device or device_auto()
     key = _cache_key(ds, settings)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "segmenters" / f"{key}.pt"
@@ -342,7 +345,8 @@ def train_segmenter(
     def build() -> Segmenter:
         seg = Segmenter(fresh(), SegmenterInfo(asdict(settings), ds.fingerprint, settings.epochs, 0, float("nan"), cache_key=key),
                         ds.ndim, ds.n_channels, total_stride)
-        _fit(seg, ds, settings, progress)
+        seg.net.to(device)
+        _fit(seg, ds, settings, progress, device)
         blob = {"state_dict": {k: v.cpu() for k, v in seg.net.state_dict().items()}, "info": asdict(seg.info)}
         try:
             with atomic_path(ckpt) as tmp, open(tmp, "wb") as f:
@@ -354,7 +358,7 @@ def train_segmenter(
 
     seg, cached = load_or_build(ckpt, load, build)
     seg.info.cached = cached
-    seg.net.eval()
+    seg.net.to(device).eval()
     return seg
 
 
@@ -376,7 +380,7 @@ def _read_checkpoint(ckpt: Path, net: nn.Module) -> SegmenterInfo:
     return info
 
 
-def _fit(seg: Segmenter, ds: Dataset, s: SegmenterSettings, progress: bool) -> None:
+def _fit(seg: Segmenter, ds: Dataset, s: SegmenterSettings, progress: bool, device: torch.device) -> None:
     """Train ``seg.net`` in place; it ends holding the chosen epoch's weights and
     ``seg.info`` the history. Reads train and val only."""
     from monai.losses import DiceLoss
@@ -404,13 +408,13 @@ def _fit(seg: Segmenter, ds: Dataset, s: SegmenterSettings, progress: bool) -> N
         t_epoch = time.perf_counter()
         for i in range(0, len(perm), s.batch_size):
             idx = np.sort(perm[i : i + s.batch_size])
-            xb = torch.from_numpy(np.ascontiguousarray(xtr[idx], dtype=np.float32))
-            yb = torch.from_numpy(mtr[idx]).float()
+            xb = torch.from_numpy(np.ascontiguousarray(xtr[idx], dtype=np.float32)).to(device)
+            yb = torch.from_numpy(mtr[idx]).float().to(device)
             opt.zero_grad()
             logits = seg.logits(xb)
             ld = dice_loss(logits[:, None], yb[:, None])
             loss = ld
-            lt = torch.zeros(())
+            lt = torch.zeros((), device=device)
             if targets is not None and epoch >= s.topo_warmup:
                 lt = topo_loss(torch.sigmoid(logits), [tuple(t) for t in targets[idx]])
                 loss = ld + s.topo_weight * lt
