@@ -232,3 +232,4 @@ def test_dice_topo_trains_with_a_finite_loss_path(ndim, size, tmp_path):
     assert seg.info.loss == "dice+topo"
     assert seg.masks(ds.x["test"]).shape == (4, *(size,) * ndim)
     assert seg.masks(ds.x["test"][:, 0]).shape == (4, *(size,) * ndim)  # one channel: (n, *spatial) accepted too
+    assert seg.masks(ds.x["test"][:0]).shape == (0, *(size,) * ndim)
