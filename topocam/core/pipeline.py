@@ -210,7 +210,7 @@ def segmenter_for(ctx: Context, cfg: TopoCAMConfig) -> MaskModel:
 
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         ctx.trial_cache[key] = train_segmenter(ctx.data, SegmenterSettings(loss=cfg.segmenter_loss, seed=cfg.seed),
-                                               cache_dir=cache_dir, progress=ctx.progress)
+                                               cache_dir=cache_dir, progress=ctx.progress, device=device_auto())
     return ctx.trial_cache[key]
 
 
