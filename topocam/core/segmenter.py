@@ -61,8 +61,12 @@ class SegmenterSettings:
     (``topo_warmup`` 0) at weight 0.3: after a Dice-only warm-up, as Hu et al. pretrain,
     the sigmoid has saturated over the lesion, the term's gradient through it is ~0 and a
     filled hole stays filled (seen with 10 epochs of warm-up); at weight 1.0 one of two
-    seeds collapsed (validation Dice 0.78). ``topo_weight`` and ``topo_warmup`` only matter
-    for ``dice+topo`` (a ``dice`` network's cache key leaves them out)."""
+    seeds collapsed (validation Dice 0.78). Not tuned for 3D: on synthetic3d at 16 px (a
+    one-voxel cavity) these defaults collapse ``dice+topo`` (test Dice 0.26 ± 0.26 over 3
+    seeds, against 0.99 for ``dice``; the first epoch's topology term, over ~10^3 noise
+    pairs per volume, flattens the map), and neither weight 0.03 nor 5 warm-up epochs
+    found the cavity (validation, one seed). ``topo_weight`` and ``topo_warmup`` only
+    matter for ``dice+topo`` (a ``dice`` network's cache key leaves them out)."""
 
     loss: str = "dice"  # one of SEGMENTER_LOSSES
     epochs: int = 30
@@ -139,11 +143,11 @@ def betti_numbers(mask: np.ndarray) -> tuple[int, ...]:
 def persistence_cells(proba: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per dimension d, the (birth, death) pixels of the persistence pairs of the superlevel
     filtration of ``proba`` (one 2D or 3D image), as C-order flat indices; an essential
-    class dies at -1. Only pairs of positive persistence (a zero one adds nothing to the
-    loss unless a target exceeds the features present). GUDHI's cubical complex on ``1 - proba`` (top-dimensional cells):
-    ``cofaces_of_persistence_pairs`` names, for each pair, the pixel whose value gives its
-    birth and the one whose value gives its death. GUDHI numbers the cells in Fortran
-    order; they are converted here."""
+    class dies at -1. Only pairs of positive persistence (one of zero persistence adds
+    nothing to the loss unless a target exceeds the features present). GUDHI's cubical
+    complex on ``1 - proba`` (top-dimensional cells): ``cofaces_of_persistence_pairs``
+    names, for each pair, the pixel whose value gives its birth and the one whose value
+    gives its death. GUDHI numbers the cells in Fortran order; they are converted here."""
     import gudhi
 
     p = np.asarray(proba, dtype=np.float64)
