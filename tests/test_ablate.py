@@ -44,6 +44,11 @@ def test_shipped_paper_suite_has_the_papers_arms():
             "baselines=topo_original", "beyond=hybrid_head", "beyond=relative_tau"} <= keys
     leaks = [a for a in suite.arms if a.leakage]
     assert {a.name for a in leaks} == {"cam_true_label", "betti_bins_per_image", "mlp_scored_on_its_stopping_split"}
+    assert {"roi=threshold", "roi=prompted_rw", "roi=segmenter_dice", "roi=segmenter_dice_topo"} <= keys
+    roi = load_suite(REPO / "studies" / "ablations" / "roi.toml")
+    assert [a.settings for a in roi.arms][3:] == [{"roi": "prompted", "prompter": "rw"},
+                                                  {"roi": "segmenter", "segmenter_loss": "dice"},
+                                                  {"roi": "segmenter", "segmenter_loss": "dice+topo"}]
 
 
 @pytest.mark.parametrize("body, needle", [

@@ -131,13 +131,35 @@ def test_roi_quality_matches_the_pipelines_own_measure(tiny):
     assert [(r["cam"], r["tau"]) for r in rows] == [(v, t) for v in ("gradcam", "gradcampp") for t in (0.3, 0.5, 0.7)]
     mine = next(r for r in rows if r["cam"] == cfg.cam and r["tau"] == cfg.tau)
     ref = roi_quality(ctx, cfg, "test")
-    for k in ("dice", "pointing_game", "roi_fraction", "dice_random_same_size"):
+    for k in ("dice", "iou", "pointing_game", "betti_error", "roi_fraction", "dice_random_same_size"):
         assert mine[k] == pytest.approx(ref[k]), k
     assert mine["pointing_game_chance"] == pytest.approx(ref["pointing_game_random"])
     assert all(0 <= r["iou"] <= r["dice"] <= 1 for r in rows)  # IoU <= Dice, always
     dice_ax = figs["roi_quality"].axes[0]
     lines = _by_gid(dice_ax)
     np.testing.assert_allclose(lines["dice:gradcampp"].get_ydata(), [r["dice"] for r in rows if r["cam"] == "gradcampp"])
+    betti = _by_gid(figs["roi_quality"].axes[2])
+    np.testing.assert_allclose(betti["betti:gradcam"].get_ydata(), [r["betti_error"] for r in rows if r["cam"] == "gradcam"])
+
+
+def test_roi_quality_of_another_generator_is_its_own_row_and_line(tiny):
+    """roi=prompted: the figure's table has the threshold rows and one row of the prompted ROI
+    (tau None), equal to the pipeline's measure of that configuration, drawn as a line."""
+    from dataclasses import replace
+
+    from topocam.core.pipeline import roi_quality
+    from topocam.tracking.figures import explain
+
+    ctx, cfg, _ = tiny
+    pcfg = replace(cfg, roi="prompted")
+    figs = explain(ctx, pcfg, variants=(cfg.cam,))
+    rows = figs.tables["roi_quality"]
+    mine = [r for r in rows if r["tau"] is None]
+    assert [r["generator"] for r in mine] == ["prompted (rw)"] and all(r["generator"] == "threshold" for r in rows[:-1])
+    ref = roi_quality(ctx, pcfg, "test")
+    for k in ("dice", "iou", "pointing_game", "betti_error"):
+        assert mine[0][k] == pytest.approx(ref[k]), k
+    assert _by_gid(figs["roi_quality"].axes[0])["dice:prompted (rw)"].get_ydata()[0] == pytest.approx(ref["dice"])
 
 
 def test_a_trial_never_touches_the_test_split(tiny, monkeypatch):

@@ -121,11 +121,13 @@ def explain_cmd(
         who = f"CNN (backbone), {s[4:]}" if s.startswith("cnn_") else f"{method}, {s}"
         say(f"re-computed {who}: AUC {_fmt(m.get('auc'))}, ACC {_fmt(m.get('acc'))}")
     if res.roi_quality:
-        at = [r for r in res.roi_quality if r["tau"] == round(float(lc.config.tau), 4) or abs(r["tau"] - lc.config.tau) < 1e-9]
+        at = [r for r in res.roi_quality if (r["tau"] is None) == (lc.config.roi != "threshold")
+              and (r["tau"] is None or r["tau"] == round(float(lc.config.tau), 4) or abs(r["tau"] - lc.config.tau) < 1e-9)]
         for r in at:
-            say(f"ROI vs true lesion, {r['cam']} at tau {r['tau']:.2f}: Dice {r['dice']:.3f} (random same size "
+            where = f"{r['cam']} at tau {r['tau']:.2f}" if r["tau"] is not None else f"{r['generator']} from {r['cam']}"
+            say(f"ROI vs true lesion, {where}: Dice {r['dice']:.3f} (random same size "
                 f"{r['dice_random_same_size']:.3f}), IoU {r['iou']:.3f}, pointing game {r['pointing_game']:.3f} "
-                f"(chance {r['pointing_game_chance']:.3f})")
+                f"(chance {r['pointing_game_chance']:.3f}), Betti error {r['betti_error']:.2f}")
     if res.degenerate:
         err.print(f"warning: {res.degenerate}", markup=False, highlight=False, style="bold yellow", soft_wrap=True)
     for m in res.mismatches:

@@ -125,7 +125,9 @@ def run(
     if q:
         console.print(
             f"ROI vs true lesion (test): Dice {format_mean_sd(q['dice'])} (random mask of same size {format_mean_sd(q['dice_random_same_size'])}), "
-            f"pointing game {format_mean_sd(q['pointing_game'])} (chance {format_mean_sd(q['pointing_game_random'])})", markup=False, highlight=False,
+            f"IoU {format_mean_sd(q['iou'])}, pointing game {format_mean_sd(q['pointing_game'])} "
+            f"(chance {format_mean_sd(q['pointing_game_random'])}), Betti error {format_mean_sd(q['betti_error'])} "
+            f"(ROI generator: {result['config']['roi']})", markup=False, highlight=False,
         )
     if leakage_audit:
         console.print("[bold yellow]leakage audit: CAMs targeted the true label; not a valid result[/]")

@@ -373,7 +373,9 @@ def _layout(rng: np.random.Generator, size: int, ndim: int, clutter: int) -> tup
 def synthetic_image(
     rng: np.random.Generator, ndim: int, size: int, label: int, clutter: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its lesion mask.
+    """One image and its lesion mask: the lesion as drawn, so a holed lesion's mask has
+    its hole (beta = (1, 1) in 2D, (1, 0, 1) in 3D) and a solid one's has none; the
+    ROI-quality Betti error is measured against it.
 
     The premise of TopoCAM, by construction: the image holds the lesion (the
     largest object) and ``clutter`` smaller distractors, all drawn from the same
@@ -392,7 +394,8 @@ def synthetic_image(
     holed = [label == 1] + list(rng.permutation([True] * n_holed_clutter + [False] * (clutter - n_holed_clutter)))
     k = hole_halfwidth(size)
     bright = np.zeros(shape, dtype=bool)
-    for c, r, hole in zip(centres, radii, holed):
+    lesion = np.zeros(shape, dtype=bool)
+    for j, (c, r, hole) in enumerate(zip(centres, radii, holed)):
         ball = _ball(shape, c, r)
         img[ball] = rng.uniform(*BRIGHT)
         bright |= ball
@@ -400,12 +403,14 @@ def synthetic_image(
             cube = tuple(slice(int(ci) - k, int(ci) + k + 1) for ci in c)
             img[cube] = rng.uniform(*DARK)
             bright[cube] = False
+        if j == 0:  # the lesion as drawn, its hole included: the topology an ROI should recover
+            lesion = bright.copy()
     # pixel noise on the background and in the holes, not on the bright objects: noise inside a
     # thin wall (a distractor's) makes short-lived features that a thick wall (the lesion's) does
     # not, which would let the whole image's topology tell which object holds the hole
     noise = rng.normal(0.0, 0.03, size=shape)
     img[~bright] += noise[~bright]
-    return np.clip(img, 0.0, 1.0).astype(np.float32), _ball(shape, centres[0], radii[0])
+    return np.clip(img, 0.0, 1.0).astype(np.float32), lesion
 
 
 def make_synthetic(

@@ -24,14 +24,14 @@ from .backbone import BackboneInfo, cnn_probabilities, default_cache_dir, device
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
 from .classifier import Classifier, TopoMLP
-from .data import SPLITS, Dataset, load_dataset
+from .data import SPLITS, Dataset, images_in, load_dataset
 from .errors import DegenerateBackboneWarning, TopoCAMError
 from .jobs import resolve_n_jobs
 from .memory import chunks, images_per_chunk
 from .metrics import evaluate as score
 from .metrics import predicted_labels
+from .roi import MaskModel, RoiSelector, UpsampledCache, WholeImage, quality, upsample_normalised
 from .seeding import reproducibility
-from .roi import RoiSelector, UpsampledCache, WholeImage, dice, pointing_game, random_masks_like, upsample_normalised
 from .settings import TopoCAMConfig
 from .stats import summarise_method
 from .topology import BettiFeatures, BettiGrid, roi_counts
@@ -101,6 +101,7 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     t0 = time.perf_counter()
     ds = data if data is not None else load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
+    check_roi_data(config, ds)
     t_data = time.perf_counter() - t0
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
@@ -131,7 +132,15 @@ def load_checked(config: TopoCAMConfig) -> Dataset:
     config = config.validated()
     ds = load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
+    check_roi_data(config, ds)
     return ds
+
+
+def check_roi_data(config: TopoCAMConfig, ds: Dataset) -> None:
+    """roi=segmenter trains on lesion masks: data without them is refused before any training."""
+    if config.roi == "segmenter" and ds.lesion_masks is None:
+        raise TopoCAMError(f"roi=segmenter trains on lesion masks, and {ds.name} has none; use it on synthetic2d / "
+                           "synthetic3d (or data with masks), or choose --roi threshold or prompted")
 
 
 @dataclass(frozen=True)
@@ -191,20 +200,50 @@ def upsampled(ctx: Context, cam: str, split: str, layer: str, lo: int = 0, hi: i
     return upsample_normalised(maps[lo:hi], shape)
 
 
+def segmenter_for(ctx: Context, cfg: TopoCAMConfig) -> MaskModel:
+    """The segment-then-Betti baseline's network (``roi = segmenter``): trained on the
+    training split's lesion masks only (``core.segmenter``, cached on disk like the
+    backbone, seeded by the model seed), once per context and loss."""
+    check_roi_data(cfg, ctx.data)
+    key = ("segmenter", cfg.segmenter_loss, cfg.seed)
+    if key not in ctx.trial_cache:
+        from .segmenter import SegmenterSettings, train_segmenter
+
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        ctx.trial_cache[key] = train_segmenter(ctx.data, SegmenterSettings(loss=cfg.segmenter_loss, seed=cfg.seed),
+                                               cache_dir=cache_dir, progress=ctx.progress, device=device_auto())
+    return ctx.trial_cache[key]
+
+
+def selector_for(ctx: Context, cfg: TopoCAMConfig) -> RoiSelector:
+    """The configuration's ROI stage on a context: the one place that decides the ROI
+    (training, trials, figures and ROI quality all take it from here)."""
+    return RoiSelector.of(cfg, segmenter_for(ctx, cfg) if cfg.roi == "segmenter" else None)
+
+
 def roi_for(ctx: Context, cfg: TopoCAMConfig, split: str, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fused map M = sum_l w_l H_l and ROI mask of images lo..hi of a split: the
-    configuration's :class:`~topocam.core.roi.RoiSelector` on the context's cached maps."""
-    return RoiSelector.of(cfg).transform(lambda layer: upsampled(ctx, cfg.cam, split, layer, lo, hi))
+    """The generator's map (the fused M = sum_l w_l H_l; a segmenter's probability) and the
+    ROI masks of images lo..hi of a split: :func:`selector_for` on the context's cached maps."""
+    hi = len(ctx.data.y[split]) if hi is None else hi
+    return _transform(ctx, selector_for(ctx, cfg), cfg.cam, split, lo, hi)
 
 
 Selector = RoiSelector | WholeImage
 
 
+def _transform(ctx: Context, selector: RoiSelector, cam: str, split: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    # the prompted ROI segments what phi sees (single-channel); the segmenter takes the images as it was trained on them
+    images = None if not selector.needs_images else (
+        images_in(ctx.data.x[split], lo, hi) if selector.roi == "segmenter" else ctx.gray(split, lo, hi))
+    return selector.transform(lambda layer: upsampled(ctx, cam, split, layer, lo, hi), images)
+
+
 def masks_of(ctx: Context, selector: Selector, cam: str, split: str, lo: int, hi: int) -> np.ndarray:
-    """ROI masks of images lo..hi of a split: the selector on the context's cached CAMs."""
+    """ROI masks of images lo..hi of a split: the selector on the context's cached CAMs
+    (and, for the prompted and segmenter generators, the images)."""
     if isinstance(selector, WholeImage):
         return selector.transform(hi - lo, tuple(ctx.data.shape))[1]
-    return selector.transform(lambda layer: upsampled(ctx, cam, split, layer, lo, hi))[1]
+    return _transform(ctx, selector, cam, split, lo, hi)[1]
 
 
 RoiFn = Callable[[str, int, int], np.ndarray]  # (split, lo, hi) -> ROI masks of images lo..hi
@@ -284,7 +323,7 @@ def topocam_features(
     splits = _splits(report_test)
     spent: list[float] = []
     t0 = time.perf_counter()
-    selector = RoiSelector.of(cfg)
+    selector = selector_for(ctx, cfg)
     roi = _timed(lambda s, lo, hi: masks_of(ctx, selector, cfg.cam, s, lo, hi), spent)
     feats = features_from_masks(ctx, selector, _betti(cfg), roi, splits, progress, "TopoCAM")
     if timings is not None:
@@ -391,7 +430,8 @@ def evaluate(
         t1 = t0
         feats = _original_features_memo(ctx, cfg, report_test)
     else:
-        ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
+        if cfg.roi != "segmenter":  # the segmenter's ROI reads no CAM
+            ctx.cams(cfg.cam, "train")  # builds the cache on first use, timed separately
         t1 = time.perf_counter()
         feats = topocam_features(ctx, cfg, report_test, progress, timings=stages)
     if cfg.head == "hybrid":
@@ -417,6 +457,23 @@ class ImagePredictions:
     cnn_probs: np.ndarray  # (n, n_classes) backbone softmax; its argmax is the CAM target
 
 
+def check_predictable(cfg: TopoCAMConfig) -> TopoCAMConfig:
+    """What a fitted chain can apply to new images on its own (an exported model): not a
+    leakage audit; not ``roi = segmenter`` (its network is trained per study context and
+    is not part of an exported model); not the ``sam`` prompter (its checkpoint is a file
+    of the machine that trained, not in the model). ``roi = prompted`` with the random
+    walker predicts exactly as training does. A TopoCAMError otherwise."""
+    if cfg.leaks:
+        raise TopoCAMError(f"a leakage-audit configuration ({', '.join(cfg.leaks)}) cannot predict new images")
+    if cfg.roi == "segmenter":
+        raise TopoCAMError("roi=segmenter cannot be exported or predict new images (its segmentation network is not "
+                           "part of the model); export a configuration with roi threshold or prompted")
+    if cfg.roi == "prompted" and cfg.prompter == "sam":
+        raise TopoCAMError("roi=prompted with prompter=sam cannot be exported or predict new images (the SAM checkpoint "
+                           "is not part of the model); export one with prompter rw, or roi threshold")
+    return cfg
+
+
 def predict_images(
     model: object, cfg: TopoCAMConfig, grid: BettiGrid, mlp: TopoMLP, x: np.ndarray, n_jobs: int = 1,
 ) -> ImagePredictions:
@@ -426,15 +483,13 @@ def predict_images(
     order, as :func:`evaluate` (CAMs of the predicted class, upsampled and
     normalised per layer, fused, thresholded, segmented, Betti curves, MLP), so
     a split's images give that split's probabilities."""
-    cfg = cfg.validated()
-    if cfg.leaks:
-        raise TopoCAMError(f"a leakage-audit configuration ({', '.join(cfg.leaks)}) cannot predict new images")
+    cfg = check_predictable(cfg.validated())
     x = np.asarray(x, dtype=np.float32)
     cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
     shape = tuple(x.shape[2:])
     selector = RoiSelector.of(cfg)
-    fused, masks = selector.from_maps(cams.maps, shape)
     gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
+    fused, masks = selector.from_maps(cams.maps, shape, gray if selector.needs_images else None)
     counts = roi_counts(masks)
     feats = BettiFeatures.fitted(grid, cfg.betti_backend, n_jobs).transform(selector.segment(gray, masks), counts)
     if cfg.head == "hybrid":
@@ -447,20 +502,12 @@ def predict_images(
 
 
 def roi_quality(ctx: Context, cfg: TopoCAMConfig, split: str = "test", seed: int = 0) -> dict[str, float] | None:
-    """Dice and pointing game of the ROI against ground-truth lesions
-    (synthetic data only), next to a random mask of the same size."""
+    """:func:`topocam.core.roi.quality` of the configuration's ROI against the true lesions
+    (data with lesion masks only): Dice, IoU, pointing game, Betti error, chance levels."""
     if ctx.data.lesion_masks is None:
         return None
-    fused, masks = roi_for(ctx, cfg, split)
-    truth = ctx.data.lesion_masks[split]
-    rand = random_masks_like(masks, np.random.default_rng(seed))
-    return {
-        "dice": float(dice(masks, truth).mean()),
-        "dice_random_same_size": float(dice(rand, truth).mean()),
-        "pointing_game": float(pointing_game(fused, truth).mean()),
-        "pointing_game_random": float(truth.reshape(len(truth), -1).mean()),
-        "roi_fraction": float(masks.mean()),
-    }
+    heat, masks = roi_for(ctx, cfg, split)
+    return quality(heat, masks, ctx.data.lesion_masks[split], seed)
 
 
 METHODS: tuple[str, ...] = ("topocam", "cnn", "topo_original")

@@ -1,4 +1,5 @@
-"""A_{w,tau}: fuse the per-layer CAMs, threshold at tau, mask the input.
+"""A_{w,tau}: fuse the per-layer CAMs, threshold at tau (or let another ROI generator
+draw the ROI: ``roi = prompted | segmenter``), mask the input.
 
 M = sum_l w_l H_l, with each H_l upsampled (bilinear / trilinear) to the input
 grid and min-max normalised to [0, 1], and w on the simplex; ROI = M >= tau;
@@ -9,7 +10,7 @@ the paper's: those voxels enter the filtration first) or +inf
 :class:`RoiSelector` is that stage with its own settings only; training,
 inference and the figures all take their ROIs from it (:class:`WholeImage` is
 Topo-Original's: every voxel). Also the ROI-quality measures used against
-ground-truth lesions (Dice and the pointing game).
+ground-truth lesions (:func:`quality`: Dice, IoU, the pointing game, the Betti error).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 
 from .cam import CAM_LAYERS, normalise_maps
 from .errors import TopoCAMError
+from .prompted import PromptRecipe, Prompter, RandomWalker, load_sam, prompted_masks
+from .segmenter import betti_numbers_batch
 from .settings import SETTINGS
 
 UPSAMPLED_CACHE_ENV = "TOPOCAM_ROI_CACHE_MB"  # memory for cached upsampled maps, per context
@@ -187,11 +191,48 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
 
 
+def iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-image intersection over union of boolean masks (1 when both are empty)."""
+    p = pred.reshape(len(pred), -1)
+    t = truth.reshape(len(truth), -1)
+    inter = (p & t).sum(axis=1)
+    union = (p | t).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def betti_error(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per image, sum_k |beta_k(ROI) - beta_k(lesion)|: the quantity a topology-preserving
+    segmentation loss drives down. (n,) int."""
+    return np.abs(betti_numbers_batch(pred) - betti_numbers_batch(truth)).sum(axis=1)
+
+
 def pointing_game(fused: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per image: does the map's maximum fall inside the true lesion?"""
     flat = fused.reshape(len(fused), -1)
     idx = flat.argmax(axis=1)
     return truth.reshape(len(truth), -1)[np.arange(len(truth)), idx]
+
+
+def quality(heat: np.ndarray, masks: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """ROI quality against the true lesion masks, the one definition every generator,
+    ``metrics.json``, MLflow and the ``roi_quality`` figure use: mean Dice, IoU, the
+    pointing game of the generator's map (``heat``: the fused CAM, or a segmenter's
+    foreground probability), the Betti error (and per dimension), with their chance
+    levels (a random mask of the same size per image; the lesion's share of the image)."""
+    truth = np.asarray(truth, dtype=bool)
+    rand = random_masks_like(masks, np.random.default_rng(seed))
+    db = np.abs(betti_numbers_batch(masks) - betti_numbers_batch(truth))
+    out = {
+        "dice": float(dice(masks, truth).mean()),
+        "iou": float(iou(masks, truth).mean()),
+        "pointing_game": float(pointing_game(heat, truth).mean()),
+        "betti_error": float(db.sum(axis=1).mean()),
+        **{f"betti_error_b{k}": float(db[:, k].mean()) for k in range(db.shape[1])},
+        "dice_random_same_size": float(dice(rand, truth).mean()),
+        "pointing_game_random": float(truth.reshape(len(truth), -1).mean()),
+        "roi_fraction": float(masks.mean()),
+    }
+    return out
 
 
 def random_masks_like(masks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -222,24 +263,70 @@ def segment(images: np.ndarray, masks: np.ndarray, outside: str) -> np.ndarray:
 LayerMaps = Callable[[str], np.ndarray]  # CAM layer name -> H_l of the images at hand, (n, *shape) float32
 
 
+class MaskModel(Protocol):
+    """A fitted segmentation network (``core.segmenter.Segmenter``): images (n, *spatial)
+    -> foreground probability and masks in the images' geometry."""
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+
+    def masks(self, images: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class RoiSelector:
-    """A_{w,tau}, knowing only its own settings: the CAM variant whose maps it fuses,
+    """The ROI stage, knowing only its own settings: the CAM variant whose maps it fuses,
     the raw fusion weights (put on the simplex here), tau, how tau applies
-    (``tau_mode``) and what the segmented input holds outside the ROI. It works on
-    whatever images it is handed, a chunk at a time; where the maps come from (the
-    CAM cache of a study, or CAMs computed for new files) is the caller's."""
+    (``tau_mode``), what the segmented input holds outside the ROI, and the ROI
+    generator (``roi``): ``threshold``, A_{w,tau} (M >= tau, the paper's);
+    ``prompted``, a promptable segmenter prompted by M (``core.prompted``; the recipe
+    in ``prompt``, the segmenter in ``prompter``); ``segmenter``, the masks of a
+    trained segmentation network (``mask_model``, fitted by the caller on the
+    training split). It works on whatever images it is handed, a chunk at a time;
+    where the maps, the images and the network come from is the caller's."""
 
     cam: str = SETTINGS["cam"].default
     weights: tuple[float, ...] = SETTINGS["weights"].default
     tau: float = SETTINGS["tau"].default
     tau_mode: str = SETTINGS["tau_mode"].default
     outside: str = SETTINGS["outside"].default
+    roi: str = SETTINGS["roi"].default
+    prompt: PromptRecipe = PromptRecipe()
+    prompter: str = SETTINGS["prompter"].default
+    sam_checkpoint: str | None = None
+    sam_model: str = SETTINGS["sam_model"].default
+    mask_model: MaskModel | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, cfg) -> "RoiSelector":
-        """The selector of a configuration (a ``TopoCAMConfig``)."""
-        return cls(cfg.cam, tuple(cfg.weights), cfg.tau, cfg.tau_mode, cfg.outside)
+    def of(cls, cfg, mask_model: MaskModel | None = None) -> "RoiSelector":
+        """The selector of a configuration (a ``TopoCAMConfig``); ``roi = segmenter``
+        needs its fitted network (``mask_model``)."""
+        if cfg.roi == "segmenter" and mask_model is None:
+            raise TopoCAMError("roi=segmenter needs the segmenter trained on the training split's lesion masks "
+                               "(topocam.core.pipeline.selector_for builds it)")
+        return cls(cfg.cam, tuple(cfg.weights), cfg.tau, cfg.tau_mode, cfg.outside, cfg.roi, cfg.prompt_recipe(),
+                   cfg.prompter, cfg.sam_checkpoint, cfg.sam_model, mask_model if cfg.roi == "segmenter" else None)
+
+    @property
+    def generator(self) -> str:
+        """The ROI generator as tables name it: threshold, prompted (rw | sam), segmenter (its loss)."""
+        if self.roi == "prompted":
+            return f"prompted ({self.prompter})"
+        if self.roi == "segmenter":
+            loss = getattr(getattr(self.mask_model, "info", None), "loss", None)
+            return f"segmenter ({loss})" if loss else "segmenter"
+        return self.roi
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether the ROI depends on the images themselves, not only on the CAMs."""
+        return self.roi != "threshold"
+
+    def _prompter(self) -> Prompter:
+        if self.prompter == "sam":
+            if not self.sam_checkpoint:
+                raise TopoCAMError("prompter=sam needs sam_checkpoint (--sam-checkpoint FILE: SAM ViT-B or MedSAM weights)")
+            return load_sam(self.sam_checkpoint, self.sam_model)
+        return RandomWalker()
 
     @property
     def fusion(self) -> np.ndarray:
@@ -251,20 +338,38 @@ class RoiSelector:
         return fuse_upsampled([None if wl == 0 else layer(name) for name, wl in zip(CAM_LAYERS, w)], w)
 
     def masks(self, fused: np.ndarray) -> np.ndarray:
+        """The threshold ROI M >= tau (``tau_mode``); the other generators: :meth:`transform`."""
         return roi_masks(fused, self.tau, self.tau_mode)
 
-    def transform(self, layer: LayerMaps) -> tuple[np.ndarray, np.ndarray]:
-        """The fused maps and ROI masks of the images ``layer`` holds."""
+    def transform(self, layer: LayerMaps, images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The generator's map and the ROI masks of the images ``layer`` holds (``images``:
+        those images, (n, *shape), where :attr:`needs_images`). The map is the fused CAM M,
+        or for ``segmenter`` the network's foreground probability (what its pointing game
+        and overlays show)."""
+        if self.roi == "segmenter":
+            if self.mask_model is None:
+                raise TopoCAMError("roi=segmenter needs the segmenter trained on the training split's lesion masks")
+            images = _need(images)
+            return self.mask_model.predict_proba(images), self.mask_model.masks(images)
         fused = self.fuse(layer)
+        if self.roi == "prompted":
+            return fused, prompted_masks(_need(images), fused, self.prompt, self._prompter())
         return fused, self.masks(fused)
 
-    def from_maps(self, maps: dict[str, np.ndarray], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def from_maps(self, maps: dict[str, np.ndarray], shape: tuple[int, ...],
+                  images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`transform` of native-resolution CAMs (``CamBatch.maps``), upsampled to ``shape``."""
-        return self.transform(lambda name: upsample_normalised(maps[name], shape))
+        return self.transform(lambda name: upsample_normalised(maps[name], shape), images)
 
     def segment(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """X' of the images: the filtration values phi reads."""
         return segment(images, masks, self.outside)
+
+
+def _need(images: np.ndarray | None) -> np.ndarray:
+    if images is None:
+        raise TopoCAMError("this ROI generator segments the images themselves: pass them to RoiSelector.transform")
+    return np.asarray(images)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ from .cam import CAM_VARIANTS, SEARCHED_CAMS, TARGET_RULES
 from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
 from .jobs import check_n_jobs
+from .prompted import PROMPTERS, SAM_MODELS, PromptRecipe
+from .segmenter import SEGMENTER_LOSSES
+
+PROMPT = PromptRecipe()  # the CAM-prompted recipe's constants: their defaults are the recipe's
+ROI_GENERATORS: tuple[str, ...] = ("threshold", "prompted", "segmenter")
 
 STAGES = ("data", "backbone", "method", "cam", "roi", "topology", "classifier", "execution")
 SECTIONS = ("data", "backbone", "fixed")  # study-file tables that set configuration values
@@ -228,6 +233,37 @@ class TopoCAMConfig:
                             in_definition_at_default=False)
     cam: str = setting("gradcam", "CAM variant: Grad-CAM, Grad-CAM++, Score-CAM (searched by default), LayerCAM or "
                        "EigenCAM", "cam", "fixed", choices=CAM_VARIANTS, search=Search(choices=SEARCHED_CAMS))
+    # the ROI generator (issue 24): "threshold" is A_{w,tau} above; the others replace its mask (the CAMs still prompt)
+    roi: str = setting("threshold", "ROI generator: threshold (M >= tau, the paper), prompted (a box and points from M "
+                       "prompt a segmenter, see --prompter), segmenter (a U-Net trained on the training split's lesion "
+                       "masks; data with masks only)", "roi", "fixed", choices=ROI_GENERATORS,
+                       search=Search(default=False), in_definition_at_default=False)
+    prompter: str = setting("rw", "roi=prompted: rw (scikit-image random walker, no weights, 2D and 3D) or sam "
+                            "(segment-anything with --sam-checkpoint; volumes slice by slice)", "roi", "fixed",
+                            choices=PROMPTERS, in_definition_at_default=False)
+    sam_checkpoint: str | None = setting(None, "prompter=sam: the SAM or MedSAM checkpoint file (.pth); required, "
+                                         "never downloaded", "roi", "fixed", arm=False, in_definition_at_default=False)
+    sam_model: str = setting("vit_b", "prompter=sam: the checkpoint's image encoder (vit_b for SAM ViT-B and MedSAM)",
+                             "roi", "fixed", choices=SAM_MODELS, arm=False, in_definition_at_default=False)
+    prompt_threshold: float = setting(PROMPT.threshold, "roi=prompted: hot region = M >= this times max(M)", "roi",
+                                      "fixed", type=float, bounds=(0.0, 1.0), in_definition_at_default=False)
+    prompt_padding: float = setting(PROMPT.padding, "roi=prompted: the prompt box's padding, a fraction of the image "
+                                    "side", "roi", "fixed", type=float, bounds=(0.0, 1.0), in_definition_at_default=False)
+    prompt_points: int = setting(PROMPT.points, "roi=prompted: foreground points at M's highest peaks in the hot region",
+                                 "roi", "fixed", type=int, bounds=(1, None), in_definition_at_default=False)
+    prompt_tries: int = setting(PROMPT.tries, "roi=prompted: prompts per image (the first as drawn, the others "
+                                "perturbed); the segmenter's most confident mask is kept", "roi", "fixed", type=int,
+                                bounds=(1, None), in_definition_at_default=False)
+    prompt_jitter: float = setting(PROMPT.jitter, "roi=prompted: a perturbed prompt moves its box edges and points by "
+                                   "up to this fraction of the side", "roi", "fixed", type=float, bounds=(0.0, 0.5),
+                                   in_definition_at_default=False)
+    prompt_open: int = setting(PROMPT.open_radius, "roi=prompted: radius (voxels) of the morphological opening of the "
+                               "mask (0: none)", "roi", "fixed", type=int, bounds=(0, None), in_definition_at_default=False)
+    prompt_close: int = setting(PROMPT.close_radius, "roi=prompted: radius (voxels) of the morphological closing after "
+                                "it (0: none)", "roi", "fixed", type=int, bounds=(0, None), in_definition_at_default=False)
+    segmenter_loss: str = setting("dice", "roi=segmenter: the U-Net's loss, dice or dice+topo (a persistence-based "
+                                  "topology-preserving term)", "roi", "fixed", choices=SEGMENTER_LOSSES,
+                                  in_definition_at_default=False)
     cam_target: str = setting("predicted", "the class each CAM explains: predicted (always), or label (leakage audit only)",
                               "cam", None, choices=TARGET_RULES, audit_only=("label",), cli=False)
     # topology (phi)
@@ -277,7 +313,24 @@ class TopoCAMConfig:
         upsampled_cache_bytes()  # TOPOCAM_ROI_CACHE_MB: a bad value fails here, not after training
         chunk_voxels()  # TOPOCAM_CHUNK_VOXELS: likewise
         self.mlp_settings()  # one hidden layer at least
+        self.check_roi_generator()
         return self
+
+    def check_roi_generator(self) -> None:
+        """roi=prompted with the sam prompter needs its checkpoint, named now (never a fallback)."""
+        if self.roi == "prompted" and self.prompter == "sam":
+            if not self.sam_checkpoint:
+                raise TopoCAMError("prompter=sam needs sam_checkpoint (--sam-checkpoint FILE: SAM ViT-B or MedSAM "
+                                   "weights); or use --prompter rw, which needs no weights")
+            from pathlib import Path
+
+            if not Path(self.sam_checkpoint).expanduser().is_file():
+                raise TopoCAMError(f"sam_checkpoint {self.sam_checkpoint} is not a file; give the SAM ViT-B or MedSAM "
+                                   "weights (.pth)")
+
+    def prompt_recipe(self) -> PromptRecipe:
+        return PromptRecipe(self.prompt_threshold, self.prompt_padding, self.prompt_points, self.prompt_tries,
+                            self.prompt_jitter, self.prompt_open, self.prompt_close)
 
     @property
     def leaks(self) -> tuple[str, ...]:

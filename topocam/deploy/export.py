@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import TopoCAMError
-from ..core.pipeline import evaluate, load_data, prepare
+from ..core.pipeline import check_predictable, evaluate, load_data, prepare
 from ..search.artifacts import check_trial_model, fetch_published
 from ..search.choose import Choice, choose_trial
 from ..search.fingerprint import check_data
@@ -130,7 +130,7 @@ def refit(spec, choice: Choice, progress: bool = True, log: Callable[[str], None
     (:func:`~topocam.search.artifacts.check_trial_model`)."""
     from ..search.space import apply_params
 
-    cfg = apply_params(spec.base, choice.params)
+    cfg = check_predictable(apply_params(spec.base, choice.params).validated())  # before anything trains
     ctx = prepare(spec.base, progress=progress, data=data)
     if check_model is not None:
         check_model()

@@ -31,7 +31,7 @@ from ..core.atomic import write_json_atomic, write_text_atomic
 from ..core.backbone import pretrained_weights_file, resolve_backbone
 from ..core.data import Dataset
 from ..core.errors import DegenerateBackboneWarning, TopoCAMError
-from ..core.pipeline import Context, baseline, evaluate, load_data, prepare
+from ..core.pipeline import Context, baseline, evaluate, load_data, prepare, roi_quality
 from ..core.settings import TopoCAMConfig, arm_settings
 from ..core.stats import format_mean_sd, mean_sd, seed_mean_ci, seed_mean_difference_ci
 from .fingerprint import check_data
@@ -40,7 +40,8 @@ from .studyfile import folder_given
 
 # what an arm may change: every setting declared with arm=True; "method" also takes "cnn" (the backbone's own prediction)
 ARM_SETTINGS = arm_settings()
-REPORT_SPLITS = ("test", "val")  # "val": what a shortcut reports as its result (mlp_stop = val)
+REPORT_SPLITS = ("test", "val")
+ROI_QUALITY = {"dice": "ROI Dice", "iou": "IoU", "pointing_game": "pointing game", "betti_error": "Betti error"}  # "val": what a shortcut reports as its result (mlp_stop = val)
 METRICS = ("auc", "acc")
 
 
@@ -170,6 +171,7 @@ class ArmSeed:
     probs: dict[str, np.ndarray]  # val, test
     empty_rois: dict[str, int] = field(default_factory=dict)
     degenerate_backbone: bool = False
+    roi_quality: dict[str, float] | None = None  # the ROI against the true lesion, on test (data with lesion masks)
 
 
 @dataclass
@@ -213,6 +215,10 @@ class Ablation:
         return self._contexts[key]
 
     def why_not(self, arm: Arm, cfg: TopoCAMConfig) -> str | None:
+        if cfg.roi == "segmenter" and cfg.method == "topocam":
+            data = self.data if self.data is not None else self.context(replace(self.reference, seed=self.seeds[0])).data
+            if data.lesion_masks is None:
+                return f"roi=segmenter trains on lesion masks, and {data.name} has none"
         if cfg.init == "pretrained":
             ndim = len(self.context(replace(self.reference, seed=self.seeds[0])).data.shape)
             found, why = pretrained_weights_file(resolve_backbone(cfg.backbone, ndim))
@@ -252,7 +258,8 @@ class Ablation:
             out = ArmSeed(b.val, b.test, b.probs, degenerate_backbone=ctx.health().degenerate)
         else:
             r = evaluate(ctx, cfg, report_test=True)
-            out = ArmSeed(r.val, r.test, r.probs, dict(r.features.empty_rois), ctx.health().degenerate)
+            q = roi_quality(ctx, cfg) if cfg.method == "topocam" else None
+            out = ArmSeed(r.val, r.test, r.probs, dict(r.features.empty_rois), ctx.health().degenerate, q)
         self._memo[key] = out
         return out
 
@@ -292,6 +299,9 @@ def summarise(results: list[ArmResult], reference: ArmResult, y: dict[str, np.nd
                 row[f"delta_{m}"] = d
             row["empty_rois_train"] = mean_sd([r.seeds[s].empty_rois.get("train", 0) for s in seeds]) if r.seeds[seeds[0]].empty_rois else None
             row["degenerate_backbone_seeds"] = [s for s in seeds if r.seeds[s].degenerate_backbone]
+            qs = [r.seeds[s].roi_quality for s in seeds if r.seeds[s].roi_quality]
+            if qs:
+                row["roi_quality"] = {k: mean_sd([q[k] for q in qs]) for k in ROI_QUALITY}
         rows.append(row)
     return rows
 
@@ -332,6 +342,15 @@ def markdown(rows: list[dict], title: str) -> str:
               "Δ: arm minus the reference (TopoCAM at the reference configuration) on test, paired over the same "
               "images; * marks an interval that excludes zero. Leakage-audit arms take a shortcut of the reference "
               "implementation: their numbers are the inflation such code reports, never a result.", ""]
+    with_q = [r for r in rows if r.get("roi_quality")]
+    if with_q:
+        lines += ["## The ROI against the true lesion (test split)", "",
+                  "| ablation | arm | " + " | ".join(f"{ROI_QUALITY[k]} mean ± sd" for k in ROI_QUALITY) + " |",
+                  "|" + "---|" * (2 + len(ROI_QUALITY))]
+        lines += [f"| {r['ablation']} | {r['arm']} | " + " | ".join(format_mean_sd(r["roi_quality"][k]) for k in ROI_QUALITY)
+                  + " |" for r in with_q]
+        lines += ["", "Betti error: Σ_k |β_k(ROI) − β_k(lesion)| per image (β_0, β_1, and β_2 in 3D), the lesion "
+                  "mask as drawn (its hole or cavity included).", ""]
     return "\n".join(lines)
 
 
@@ -532,7 +551,8 @@ def log_suite(tracker, spec, suite: Suite, results: list[ArmResult], rows: list[
                 children[(a.key, seed)] = rid
                 tracker.log_metrics(rid, {**{f"val_{m}": v for m, v in res.val.items()},
                                           **{f"test_{m}": v for m, v in res.test.items()},
-                                          **{f"empty_rois_{s}": v for s, v in res.empty_rois.items()}})
+                                          **{f"empty_rois_{s}": v for s, v in res.empty_rois.items()},
+                                          **{f"roi_{k}": v for k, v in (res.roi_quality or {}).items()}})
                 tracker.finish(rid)
         for f in files.values():
             tracker.log_artifact(parent, f)

@@ -381,42 +381,32 @@ def textwrap(name: str, width: int = 14) -> str:
 # ------------------------------------------------------------------- ROI quality
 
 
-def _iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-image intersection over union of boolean masks (1 when both are empty)."""
-    p = pred.reshape(len(pred), -1)
-    t = truth.reshape(len(truth), -1)
-    inter = (p & t).sum(axis=1)
-    union = (p | t).sum(axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 def roi_quality_rows(
     fused: Mapping[str, np.ndarray], truth: np.ndarray, selector: RoiSelector, taus: Sequence[float] = DEFAULT_TAUS,
-    seed: int = 0,
+    seed: int = 0, generated: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Mean Dice, IoU and pointing-game hit rate of the ROI against the true lesion
-    masks, per CAM variant (``fused``: variant -> fused maps (n, *shape)) and per tau;
-    the ROI is the configuration's own ``selector`` at each tau (its tau mode too),
-    so the figure describes the ROI the configuration used. With the Dice of a random
-    mask of the same size per image (the chance level) and the pointing game's chance
-    (the lesion's share of the image). The pointing game looks at the map's maximum
-    only, so it does not depend on tau."""
-    from ..core.roi import dice, pointing_game, random_masks_like
+    """:func:`topocam.core.roi.quality` (Dice, IoU, pointing game, Betti error, chance
+    levels) of the threshold ROI per CAM variant (``fused``: variant -> fused maps
+    (n, *shape)) and per tau, at the configuration's own ``selector`` (its tau mode too);
+    and, where the configuration's generator is not the threshold, one row of its ROI
+    (``generated``: its map and masks; ``tau`` None). The pointing game looks at the
+    map's maximum only, so it does not depend on tau."""
+    from ..core.roi import quality
 
     truth = np.asarray(truth, dtype=bool)
-    chance = float(truth.reshape(len(truth), -1).mean())
-    rows = []
-    for variant, m in fused.items():
-        pg = float(pointing_game(m, truth).mean())
-        for tau in taus:
-            masks = replace(selector, tau=float(tau)).masks(m)
-            rand = random_masks_like(masks, np.random.default_rng(seed))
-            rows.append({
-                "cam": variant, "tau": float(tau), "tau_mode": selector.tau_mode, "dice": float(dice(masks, truth).mean()),
-                "iou": float(_iou(masks, truth).mean()), "pointing_game": pg,
-                "dice_random_same_size": float(dice(rand, truth).mean()), "pointing_game_chance": chance,
-                "roi_fraction": float(masks.mean()), "n_images": int(len(truth)),
-            })
+    threshold = replace(selector, roi="threshold", mask_model=None)
+
+    def row(generator: str, cam: str, tau: float | None, heat: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+        q = quality(heat, masks, truth, seed)
+        return {"generator": generator, "cam": cam, "tau": tau, "tau_mode": selector.tau_mode,
+                **{k: q[k] for k in ("dice", "iou", "pointing_game", "betti_error", "dice_random_same_size")},
+                "pointing_game_chance": q["pointing_game_random"], "roi_fraction": q["roi_fraction"],
+                "n_images": int(len(truth))}
+
+    rows = [row("threshold", v, float(tau), m, replace(threshold, tau=float(tau)).masks(m))
+            for v, m in fused.items() for tau in taus]
+    if generated is not None and selector.roi != "threshold":
+        rows.append(row(selector.generator, selector.cam, None, *generated))
     return rows
 
 
@@ -432,36 +422,51 @@ def rows_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def roi_quality_figure(rows: Sequence[Mapping[str, Any]], *, tau: float | None = None, title: str = "") -> Figure:
-    """Dice and IoU against tau per CAM variant (``gid="dice:<cam>"``, ``"iou:<cam>"``; the
-    random same-size mask dashed, ``"dice_random:<cam>"``), and the pointing-game hit rate
-    per variant as bars with its chance level; ``tau`` (the configuration's) is marked."""
-    variants = list(dict.fromkeys(r["cam"] for r in rows))
-    fig = Figure(figsize=(13, 4.2), dpi=100, layout="constrained")
-    ax_d, ax_i, ax_p = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.2, 0.8]})
+    """Dice, IoU and Betti error against tau per CAM variant of the threshold ROI
+    (``gid="dice:<cam>"``, ``"iou:<cam>"``, ``"betti:<cam>"``; the random same-size mask
+    dashed, ``"dice_random:<cam>"``), another generator's ROI (``tau`` None) as a
+    horizontal line (``gid="dice:<generator>"``, ...), and the pointing-game hit rate per
+    map as bars with its chance level; ``tau`` (the configuration's) is marked."""
+    thr = [r for r in rows if r["tau"] is not None]
+    others = [r for r in rows if r["tau"] is None]
+    variants = list(dict.fromkeys(r["cam"] for r in thr))
+    fig = Figure(figsize=(16, 4.2), dpi=100, layout="constrained")
+    ax_d, ax_i, ax_b, ax_p = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.2, 1.2, 1.2, 0.8]})
+    bars: list[tuple[str, float]] = []
     for j, v in enumerate(variants):
-        rs = sorted((r for r in rows if r["cam"] == v), key=lambda r: r["tau"])
+        rs = sorted((r for r in thr if r["cam"] == v), key=lambda r: r["tau"])
         t = [r["tau"] for r in rs]
         colour = _PALETTE[j % len(_PALETTE)]
         ax_d.plot(t, [r["dice"] for r in rs], marker="o", color=colour, label=v, gid=f"dice:{v}")
         ax_d.plot(t, [r["dice_random_same_size"] for r in rs], linestyle="--", color=colour, alpha=0.6, linewidth=1,
                   label=f"{v}: random mask, same size", gid=f"dice_random:{v}")
         ax_i.plot(t, [r["iou"] for r in rs], marker="o", color=colour, label=v, gid=f"iou:{v}")
-        ax_p.bar(j, rs[0]["pointing_game"], color=colour, gid=f"pointing:{v}")
-        ax_p.text(j, rs[0]["pointing_game"] + 0.02, f"{rs[0]['pointing_game']:.2f}", ha="center", fontsize=9)
-    for ax, what in ((ax_d, "Dice"), (ax_i, "IoU")):
+        ax_b.plot(t, [r["betti_error"] for r in rs], marker="o", color=colour, label=v, gid=f"betti:{v}")
+        bars.append((v, rs[0]["pointing_game"]))
+    for k, r in enumerate(others):
+        g, colour = r["generator"], _PALETTE[(len(variants) + k) % len(_PALETTE)]
+        for ax, key, what in ((ax_d, "dice", "dice"), (ax_i, "iou", "iou"), (ax_b, "betti_error", "betti")):
+            ax.axhline(r[key], color=colour, linewidth=2, label=f"{g} ({r['cam']})", gid=f"{what}:{g}")
+        bars.append((g, r["pointing_game"]))
+    for j, (name, pg) in enumerate(bars):
+        ax_p.bar(j, pg, color=_PALETTE[j % len(_PALETTE)], gid=f"pointing:{name}")
+        ax_p.text(j, pg + 0.02, f"{pg:.2f}", ha="center", fontsize=9)
+    relative = any(r.get("tau_mode") == "relative" for r in rows)
+    for ax, what in ((ax_d, "Dice"), (ax_i, "IoU"), (ax_b, "Betti error")):
         if tau is not None:
             ax.axvline(tau, color="black", linestyle=":", linewidth=1, label=f"configured τ = {tau:.2f}")
-        relative = any(r.get("tau_mode") == "relative" for r in rows)
         ax.set_xlabel("τ (ROI = fused map ≥ τ · its maximum, per image)" if relative else "τ (ROI = fused map ≥ τ)")
-        ax.set_ylabel(f"mean {what} with the true lesion")
-        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"mean {what} with the true lesion" if what != "Betti error"
+                      else "mean Σ_k |β_k(ROI) − β_k(lesion)|")
+        if what != "Betti error":
+            ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.set_title(f"{what} of the ROI vs τ", fontsize=10)
         ax.legend(fontsize=7)
     if rows:
         ax_p.axhline(rows[0]["pointing_game_chance"], color="gray", linestyle="--", linewidth=1,
                      label=f"chance ({rows[0]['pointing_game_chance']:.2f})")
-    ax_p.set_xticks(range(len(variants)), variants)
+    ax_p.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=20)
     ax_p.set_ylim(0, 1.1)
     ax_p.set_ylabel("hit rate (map maximum inside the lesion)")
     ax_p.set_title("Pointing game (independent of τ)", fontsize=10)
@@ -523,7 +528,7 @@ def explain(
     from ..core.cam import CAM_VARIANTS
     from ..core.metrics import evaluate as score
     from ..core.metrics import predicted_labels
-    from ..core.pipeline import fit_and_score, original_features, roi_for, topocam_features
+    from ..core.pipeline import fit_and_score, original_features, roi_for, selector_for, topocam_features
 
     cfg = cfg.validated()
     data = ctx.data
@@ -552,7 +557,7 @@ def explain(
     )
     out["tsne"] = tsne_figure(roi.x["train"], whole.x["train"], ytr, class_names=names, seed=seed,
                               title=f"{data.name}, training split: t-SNE (seed {seed}) of the Betti features")
-    fused, masks = roi_for(ctx, cfg, split)
+    fused, masks = roi_for(ctx, cfg, split)  # the configuration's generator: its map and ROI
     k = per_class if per_class is not None else (3 if data.n_classes <= 4 else 1)
     out["cam_overlays"] = cam_overlay_figure(
         ctx.gray(split), fused, masks, y, pred, class_names=names, per_class=k,
@@ -568,8 +573,8 @@ def explain(
     out.metrics["cnn_" + split] = score(y, ctx.cnn_probs[split], data.task)
     if data.lesion_masks is not None:
         taus = tuple(taus) if taus is not None else tuple(sorted({*DEFAULT_TAUS, round(float(cfg.tau), 4)}))
-        fused_by = {v: roi_for(ctx, replace(cfg, cam=v), split)[0] for v in (variants or CAM_VARIANTS)}
-        rows = roi_quality_rows(fused_by, data.lesion_masks[split], RoiSelector.of(cfg), taus, seed)
+        fused_by = {v: roi_for(ctx, replace(cfg, cam=v, roi="threshold"), split)[0] for v in (variants or CAM_VARIANTS)}
+        rows = roi_quality_rows(fused_by, data.lesion_masks[split], selector_for(ctx, cfg), taus, seed, (fused, masks))
         out.tables["roi_quality"] = rows
         out["roi_quality"] = roi_quality_figure(
             rows, tau=cfg.tau,
