@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
 from .locks import BadEntry, load_or_build
+from .memory import images_per_chunk
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
@@ -212,7 +213,12 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int, init: 
 
 
 # The backbone's training defaults, defined once (CLI, study files, TopoCAMConfig and TrainSettings read them).
-DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": ()}
+# infer_batch / bn_batch: None = derived from TOPOCAM_CHUNK_VOXELS at the data's size (resolve_batches).
+DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": (), "infer_batch": None, "bn_batch": None}
+# The inference and BatchNorm-recalibration batch the backbones cached before these were settings were
+# made with: a key holds them only where they differ, so every 28-px key stays what it was.
+KEYLESS_BATCH = 128
+CAM_BATCH = 64  # the CAMs' batch at 28 px (gradients of 64 images at once)
 
 
 @dataclass
@@ -224,6 +230,23 @@ class TrainSettings:
     seed: int = 0
     milestones: tuple[int, ...] = DEFAULT_RECIPE["milestones"]  # epochs after which lr is divided by 10 (MultiStepLR)
     init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
+    infer_batch: int | None = None  # inference batch (probabilities, embeddings; CAMs at min(64, it)); None: derived
+    bn_batch: int | None = None  # BatchNorm-recalibration batch; None: derived
+
+
+def default_batch(shape: tuple[int, ...]) -> int:
+    """The inference / recalibration batch at images of ``shape`` (spatial) unless set:
+    as many images as ``TOPOCAM_CHUNK_VOXELS`` holds, at most 128 (128 at 28^2, 28^3
+    and 64^2; 16 at 64^3 with the default chunk). Why: at 64^3 the 128-volume batches
+    were what was left of ``topocam run``'s peak (BatchNorm recalibration in train
+    mode held 8 GB)."""
+    return images_per_chunk(shape, cap=KEYLESS_BATCH)
+
+
+def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "TrainSettings":
+    """``settings`` with the inference and recalibration batches decided for ``shape``."""
+    return replace(settings, infer_batch=settings.infer_batch or default_batch(shape),
+                   bn_batch=settings.bn_batch or default_batch(shape))
 
 
 # Named training recipes, the one declaration of the presets (the CLI's --preset and the
@@ -231,7 +254,7 @@ class TrainSettings:
 # (Yang et al. 2023): 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128,
 # so our CNN baseline can be set beside their published table.
 PRESETS: dict[str, dict] = {
-    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
+    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75), "infer_batch": None, "bn_batch": None},
 }
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))  # the CLI's --preset
 
@@ -351,7 +374,10 @@ def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
 
 
 def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
-    settings = asdict(s)
+    settings = asdict(resolve_batches(s, ds.shape))
+    for batch in ("infer_batch", "bn_batch"):  # at 128 they are what every checkpoint before them was made with
+        if settings[batch] == KEYLESS_BATCH:
+            del settings[batch]
     # "auto" keeps the keys of checkpoints trained before the option existed; an architecture without
     # pretrained weights starts from scratch whatever is asked, so "scratch" must not train it again
     if settings["init"] == "auto" or (arch == "small" and settings["init"] == "scratch"):
@@ -386,6 +412,7 @@ def train_backbone(
     if settings.epochs < 1:
         raise TopoCAMError(f"epochs must be >= 1, got {settings.epochs}")
     device = device or device_auto()
+    settings = resolve_batches(settings, ds.shape)
     key = _cache_key(ds, settings, arch)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
@@ -420,6 +447,17 @@ def train_backbone(
     return model.to(device).eval(), info
 
 
+def inference_batch(info: BackboneInfo) -> int:
+    """The batch a trained backbone runs inference in (its recipe's; checkpoints from
+    before the setting: 128)."""
+    return int(info.settings.get("infer_batch") or KEYLESS_BATCH)
+
+
+def cam_batch(info: BackboneInfo) -> int:
+    """The batch its CAMs are computed in: 64 (as always at 28 px), at most the inference batch."""
+    return min(CAM_BATCH, inference_batch(info))
+
+
 def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
     """:func:`predict_proba` of every split, cached next to the checkpoint (a function of
     the checkpoint and the data, both in its key). Why: a study worker with a warm
@@ -442,7 +480,7 @@ def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_di
         return probs
 
     def build() -> dict[str, np.ndarray]:
-        probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
+        probs = {s: predict_proba(model, ds.x[s], batch_size=inference_batch(info)) for s in SPLITS}
         try:
             with atomic_path(entry) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **probs)
@@ -515,8 +553,8 @@ def _fit(
             total += float(loss.detach()) * len(idx)
             bar.update(1)
         schedule.step()
-        recalibrate_batchnorm(model, ds.x["train"], device=device)
-        probs = predict_proba(model, ds.x["val"], device=device)
+        recalibrate_batchnorm(model, ds.x["train"], batch_size=settings.bn_batch, device=device)
+        probs = predict_proba(model, ds.x["val"], batch_size=settings.infer_batch, device=device)
         val = evaluate(yval, probs, ds.task)
         vloss = _val_loss(yval, probs)
         history.append({"epoch": epoch + 1, "lr": lr_now, "train_loss": total / len(xtr), "val_loss": vloss, "val_auc": val["auc"], "val_acc": val["acc"]})

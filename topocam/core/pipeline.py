@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import BackboneInfo, cnn_probabilities, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone
+from .backbone import BackboneInfo, cam_batch, cnn_probabilities, inference_batch, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
 from .classifier import Classifier, TopoMLP
@@ -61,7 +61,7 @@ class Context:
         """The backbone's pooled embedding of a split (the hybrid head's second input)."""
         key = ("embedding", split)
         if key not in self.trial_cache:
-            self.trial_cache[key] = embed(self.model, self.data.x[split])
+            self.trial_cache[key] = embed(self.model, self.data.x[split], batch_size=inference_batch(self.backbone))
         return self.trial_cache[key]
 
     def gray(self, split: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -83,7 +83,7 @@ class Context:
                 return {
                     s: compute_cams(
                         self.model, self.data.x[s], variant, labels=self.data.y[s], rule=self.config.cam_target,
-                        progress=self.progress, desc=f"{variant} {s}",
+                        batch_size=cam_batch(self.backbone), progress=self.progress, desc=f"{variant} {s}",
                     )
                     for s in SPLITS
                 }

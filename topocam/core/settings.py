@@ -210,6 +210,14 @@ class TopoCAMConfig:
                                              "backbone lr / 10 after these epochs (comma-separated)", "backbone",
                                              "backbone", type=int, length=0, bounds=(1, None), arm=False, recipe="milestones",
                                              old_keys=("milestones",))
+    infer_batch: int | None = setting(DEFAULT_RECIPE["infer_batch"], "backbone inference batch (probabilities, "
+                                      "embeddings; CAMs at min(64, it)); default: the images TOPOCAM_CHUNK_VOXELS "
+                                      "holds, at most 128", "backbone", "backbone", type=int, bounds=(1, None),
+                                      arm=False, recipe="infer_batch", in_definition_at_default=False)
+    bn_batch: int | None = setting(DEFAULT_RECIPE["bn_batch"], "backbone BatchNorm-recalibration batch; default: "
+                                   "the images TOPOCAM_CHUNK_VOXELS holds, at most 128", "backbone", "backbone",
+                                   type=int, bounds=(2, None), arm=False, recipe="bn_batch",
+                                   in_definition_at_default=False)
     seed: int = setting(0, "model seed (backbone and MLP)", "backbone", "backbone", type=int, bounds=(0, None), arm=False,
                         cli=False)
     init: str = setting("auto", "backbone start: auto (pretrained weights if on disk), pretrained (required), scratch",
@@ -289,7 +297,8 @@ class TopoCAMConfig:
         from .backbone import TrainSettings
 
         return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init)
+                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init,
+                             infer_batch=self.infer_batch, bn_batch=self.bn_batch)
 
     def mlp_settings(self):
         from .classifier import MLPSettings
