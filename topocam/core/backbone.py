@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -214,7 +215,8 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int, init: 
 
 # The backbone's training defaults, defined once (CLI, study files, TopoCAMConfig and TrainSettings read them).
 # infer_batch / bn_batch: None = derived from TOPOCAM_CHUNK_VOXELS at the data's size (resolve_batches).
-DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": (), "infer_batch": None, "bn_batch": None}
+DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": (), "infer_batch": None, "bn_batch": None,
+                        "amp": False}
 # The inference and BatchNorm-recalibration batch the backbones cached before these were settings were
 # made with: a key holds them only where they differ, so every 28-px key stays what it was.
 KEYLESS_BATCH = 128
@@ -232,6 +234,7 @@ class TrainSettings:
     init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
     infer_batch: int | None = None  # inference batch (probabilities, embeddings; CAMs at min(64, it)); None: derived
     bn_batch: int | None = None  # BatchNorm-recalibration batch; None: derived
+    amp: bool = False  # automatic mixed precision while fine-tuning (CUDA only); inference and CAMs stay float32
 
 
 def default_batch(shape: tuple[int, ...]) -> int:
@@ -254,7 +257,8 @@ def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "Train
 # (Yang et al. 2023): 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128,
 # so our CNN baseline can be set beside their published table.
 PRESETS: dict[str, dict] = {
-    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75), "infer_batch": None, "bn_batch": None},
+    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75), "infer_batch": None, "bn_batch": None,
+                    "amp": False},
 }
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))  # the CLI's --preset
 
@@ -290,10 +294,51 @@ class BackboneInfo:
     train_seconds: float = 0.0
     cache_key: str = ""
     cached: bool = False
+    device: str = ""  # where it was trained ("" before this was recorded); not in its key: any device may reuse it
+
+
+DEVICE_ENV = "TOPOCAM_DEVICE"  # where an exported model's backbone runs when it is loaded (serve, predict, app; default auto)
+DEVICE_HELP = "auto (a GPU where CUDA sees one, else the CPU), cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value) -> str:
+    """A device name as the ``device`` setting takes it (the availability is :func:`resolve_device`'s)."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise TopoCAMError(f"device must be {DEVICE_HELP} (--device, or [backbone] device in a study file), got {value!r}")
+    return value
+
+
+def resolve_device(value: str = "auto") -> torch.device:
+    """The torch device a ``device`` setting names on this machine; a one-line TopoCAMError
+    naming the option where it asks for a GPU that is not there."""
+    value = check_device(value)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise TopoCAMError(f"--device {value}: {why} on this machine (torch {torch.__version__}); "
+                           "use --device cpu or --device auto ([backbone] device in a study file)")
+    n = torch.cuda.device_count()
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= n:
+        raise TopoCAMError(f"--device {value}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return torch.device("cuda", index)
 
 
 def device_auto() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An array as a tensor on ``device``: on a GPU copied from pinned memory without blocking
+    (the next batch is prepared while this one computes); on the CPU the array itself, no copy."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()
@@ -307,7 +352,7 @@ def predict_proba(
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(images_in(x, i, i + batch_size)).to(device)
+        xb = to_device(images_in(x, i, i + batch_size), device)
         out.append(torch.softmax(model(xb), dim=1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -321,10 +366,10 @@ def embed(model: Backbone, x: "np.ndarray | Images", batch_size: int = 128) -> n
     hook = model.net.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     try:
         for i in range(0, len(x), batch_size):
-            model(torch.from_numpy(images_in(x, i, i + batch_size)).to(device))
+            model(to_device(images_in(x, i, i + batch_size), device))
     finally:
         hook.remove()
-    return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)  # CPU tensor: the hook's .cpu()
 
 
 @torch.no_grad()  # statistics only: no autograd graph (at 64^3 it held every activation of a 128-volume batch)
@@ -357,7 +402,7 @@ def recalibrate_batchnorm(
             starts.pop()
         for k, i in enumerate(starts):
             j = starts[k + 1] if k + 1 < len(starts) else len(x)
-            model(torch.from_numpy(images_in(x, i, j)).to(device))
+            model(to_device(images_in(x, i, j), device))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -378,6 +423,8 @@ def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
     for batch in ("infer_batch", "bn_batch"):  # at 128 they are what every checkpoint before them was made with
         if settings[batch] == KEYLESS_BATCH:
             del settings[batch]
+    if not settings["amp"]:  # float32 training: what every checkpoint before the option was
+        del settings["amp"]
     # "auto" keeps the keys of checkpoints trained before the option existed; an architecture without
     # pretrained weights starts from scratch whatever is asked, so "scratch" must not train it again
     if settings["init"] == "auto" or (arch == "small" and settings["init"] == "scratch"):
@@ -428,6 +475,9 @@ def train_backbone(
         return model, _read_checkpoint(ckpt, model)
 
     def build() -> tuple[Backbone, BackboneInfo]:
+        if settings.amp and device.type != "cuda":
+            raise TopoCAMError(f"amp = true (mixed precision) trains on CUDA only, and this backbone would train on {device}: "
+                               "leave out --amp (amp = false in a study file), or use --device cuda on a GPU machine")
         model, init = fresh()
         info = _fit(model, init, ds, settings, arch, key, progress, device)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -525,8 +575,9 @@ def _fit(
         raise TopoCAMError(f"lr milestones are epochs >= 1, got {list(settings.milestones)}")
     schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(settings.milestones), gamma=0.1)
     loss_fn = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cuda") if settings.amp else None  # train_backbone refused amp off CUDA
     xtr = ds.x["train"]  # read a batch at a time (Images hold integer images, converted per batch)
-    ytr = torch.from_numpy(ds.y["train"])
+    ytr = ds.y["train"]
     yval = ds.y["val"]
     gen = torch.Generator().manual_seed(settings.seed)
     best_key, best_epoch, best_state, best_auc, best_loss = None, 0, None, float("nan"), float("nan")
@@ -545,11 +596,19 @@ def _fit(
             idx = perm[i : i + settings.batch_size]
             if len(idx) < 2 and len(xtr) >= 2:  # BatchNorm cannot train on a batch of one
                 idx = perm[-2:]
-            xb, yb = torch.from_numpy(np.ascontiguousarray(xtr[idx.numpy()])).to(device), ytr[idx].to(device)
+            rows = idx.numpy()  # CPU tensor: the permutation's generator is on the CPU
+            xb, yb = to_device(xtr[rows], device), to_device(ytr[rows], device)
             opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+            else:  # mixed precision (CUDA only): float16 forward, loss scaled against underflow
+                with torch.autocast(device_type="cuda", dtype=torch.float16):
+                    loss = loss_fn(model(xb), yb)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             total += float(loss.detach()) * len(idx)
             bar.update(1)
         schedule.step()
@@ -568,6 +627,6 @@ def _fit(
     info = BackboneInfo(
         arch=arch, settings=asdict(settings), dataset=ds.fingerprint, init=init, best_epoch=best_epoch,
         best_val_auc=float(best_auc), best_val_loss=float(best_loss), selected_by=SELECT_LOSS if one_class_val else SELECT_AUC,
-        history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
+        history=history, train_seconds=time.perf_counter() - t0, cache_key=key, device=str(device),
     )
     return info

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import BackboneInfo, cam_batch, cnn_probabilities, inference_batch, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone
+from .backbone import (
+    BackboneInfo, cam_batch, cnn_probabilities, default_cache_dir, embed, inference_batch, resolve_backbone, resolve_device,
+    train_backbone,
+)
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
 from .classifier import Classifier, TopoMLP
@@ -97,13 +100,15 @@ class Context:
 def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) -> Context:
     """Load data, fine-tune (or load) the backbone, predict every split."""
     config = config.validated()
+    device = resolve_device(config.device)  # a GPU asked for where there is none: said before anything is read
     t0 = time.perf_counter()
     ds = data if data is not None else load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
     t_data = time.perf_counter() - t0
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
-    model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress, device=device_auto())
+    model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress,
+                                 device=device)
     probs = cnn_probabilities(model, info, ds, cache_dir)
     t_backbone = time.perf_counter() - t0
     store = CamStore(cache_dir, cam_cache_key(info.cache_key, ds.fingerprint, config.cam_target))
@@ -128,6 +133,7 @@ def load_checked(config: TopoCAMConfig) -> Dataset:
     that the commands do it before they open or create one (bad data then leaves no empty store).
     Hand the dataset to :func:`prepare` / :func:`run` (``data=``): it is read once."""
     config = config.validated()
+    resolve_device(config.device)  # here, where a machine's own settings are checked (a study file is read anywhere)
     ds = load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
     return ds
