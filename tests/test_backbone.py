@@ -114,8 +114,8 @@ def test_cache_key_ignores_init_auto_and_follows_every_setting():
 
     ds = make_synthetic(2, size=16, n=(6, 4, 4), seed=0, clutter=1)
     s = TrainSettings(arch="small", epochs=2, batch_size=16, lr=1e-3, seed=0)
-    # the batches at their 28-px value (128) are left out too, as they were before they were settings
-    legacy = {k: v for k, v in asdict(s).items() if k not in ("init", "infer_batch", "bn_batch")}
+    # the batches at their 28-px value (128) and amp off are left out too, as before they were settings
+    legacy = {k: v for k, v in asdict(s).items() if k not in ("init", "infer_batch", "bn_batch", "amp")}
     blob = json.dumps({"data": ds.fingerprint, "arch": "small", "settings": legacy, "code": bb._CODE_VERSION}, sort_keys=True)
     key = bb._cache_key(ds, s, "small")
     assert key == hashlib.sha256(blob.encode()).hexdigest()[:20]
