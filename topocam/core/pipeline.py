@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import (
-    BackboneInfo, cam_batch, cnn_probabilities, default_cache_dir, embed, inference_batch, resolve_backbone, resolve_device,
-    train_backbone,
+    CAM_BATCH, BackboneInfo, cam_batch, cnn_probabilities, default_batch, default_cache_dir, embed, inference_batch,
+    resolve_backbone, resolve_device, train_backbone,
 )
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
@@ -435,15 +435,17 @@ def predict_images(
     if cfg.leaks:
         raise TopoCAMError(f"a leakage-audit configuration ({', '.join(cfg.leaks)}) cannot predict new images")
     x = np.asarray(x, dtype=np.float32)
-    cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
     shape = tuple(x.shape[2:])
+    batch = cfg.infer_batch or default_batch(shape)  # the batches the model was scored in (128 and 64 at 28 px)
+    # the CAM target is the predicted class, always
+    cams = compute_cams(model, x, cfg.cam, rule="predicted", batch_size=min(CAM_BATCH, batch))
     selector = RoiSelector.of(cfg)
     fused, masks = selector.from_maps(cams.maps, shape)
     gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
     counts = roi_counts(masks)
     feats = BettiFeatures.fitted(grid, cfg.betti_backend, n_jobs).transform(selector.segment(gray, masks), counts)
     if cfg.head == "hybrid":
-        feats = hybrid_inputs(feats, embed(model, x))
+        feats = hybrid_inputs(feats, embed(model, x, batch_size=batch))
     frac = counts / float(np.prod(shape))
     return ImagePredictions(mlp.predict_proba(feats), fused, masks, frac, cams.probs)
 
