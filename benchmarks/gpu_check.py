@@ -8,8 +8,9 @@ Writes one JSON file (after every section, so a run cut short keeps what it meas
 * ``epoch_s``: seconds for one training epoch of ResNet-18 at 64^2 (BreastMNIST's 546 training
   images) and R3D-18 at 64^3 (AdrenalMNIST3D's 1,188), batch 32, on random images of those
   sizes (the time does not depend on the pixel values);
+  On CUDA also with ``amp`` (mixed precision, ``*_amp``).
 * ``cam_s_per_volume``: Grad-CAM, Grad-CAM++ and Score-CAM seconds per 64^3 volume with R3D-18;
-* ``study``: `topocam study compare studies/quickstart.toml` with a small budget, end to end, its
+* ``study``: `topocam study compare studies/quickstart.toml --device DEVICE` with a small budget, end to end, its
   wall time and return code;
 * ``medmnist_v2``: the MedMNIST v2 preset's ResNet-18 (from scratch, 100 epochs, lr 0.001 / 10 at
   50 and 75, batch 128) on BreastMNIST at 28 px over 5 seeds: test AUC and ACC mean ± sd beside
@@ -59,8 +60,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def epoch_seconds(arch: str, ndim: int, size: int, n: int, device: torch.device, batch: int = 32) -> float:
-    """One epoch of forward, backward and Adam steps on random images (after 2 warm-up steps)."""
+def epoch_seconds(arch: str, ndim: int, size: int, n: int, device: torch.device, batch: int = 32, amp: bool = False) -> float:
+    """One epoch of forward, backward and Adam steps on random images (after 2 warm-up steps);
+    ``amp``: float16 autocast with loss scaling, as ``amp = true`` trains."""
     model, _ = build_backbone(arch, ndim, 2, size, init="scratch")
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -69,10 +71,19 @@ def epoch_seconds(arch: str, ndim: int, size: int, n: int, device: torch.device,
     x = torch.rand((batch, 1) + (size,) * ndim, generator=gen).to(device)
     y = torch.randint(0, 2, (batch,), generator=gen).to(device)
 
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
     def step() -> None:
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
+        if scaler is None:
+            loss_fn(model(x), y).backward()
+            opt.step()
+            return
+        with torch.autocast(device_type="cuda", dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     for _ in range(2):
         step()
@@ -102,10 +113,8 @@ def cam_seconds(size: int, n: int, device: torch.device, n_score: int) -> dict[s
 def small_study(device: torch.device, smoke: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, TOPOCAM_CACHE_DIR=str(Path(tmp) / "cache"))
-        if device.type == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
         argv = [sys.executable, str(REPO / "cli.py"), "study", "compare", str(REPO / "studies" / "quickstart.toml"),
-                "--runs-dir", str(Path(tmp) / "mlruns"), "--samplers", "de,random", "--seeds", "1",
+                "--device", str(device), "--runs-dir", str(Path(tmp) / "mlruns"), "--samplers", "de,random", "--seeds", "1",
                 "--n-trials", "5" if smoke else "25", "--quiet"]
         t0 = time.perf_counter()
         r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -182,7 +191,10 @@ def main() -> int:
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sections": {}}
     sections = {
         "epoch_s": lambda: {"resnet18_64px_546": epoch_seconds("resnet18", 2, 16 if s else 64, 64 if s else 546, device),
-                            "r3d18_64cubed_1188": epoch_seconds("r3d18", 3, 16 if s else 64, 32 if s else 1188, device)},
+                            "r3d18_64cubed_1188": epoch_seconds("r3d18", 3, 16 if s else 64, 32 if s else 1188, device),
+                            **({"resnet18_64px_546_amp": epoch_seconds("resnet18", 2, 64, 546, device, amp=True),
+                                "r3d18_64cubed_1188_amp": epoch_seconds("r3d18", 3, 64, 1188, device, amp=True)}
+                               if device.type == "cuda" else {})},
         "cam_s_per_volume": lambda: cam_seconds(16 if s else 64, 2 if s else 16, device, 1 if s else 4),
         "study": lambda: small_study(device, s),
         "medmnist_v2": lambda: medmnist_v2(args.data_dir, device, [0, 1] if s else [0, 1, 2, 3, 4], 2 if s else None),

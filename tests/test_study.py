@@ -225,7 +225,10 @@ def test_shipped_study_files_mean_what_they_say():
         }
 
 
-@pytest.mark.parametrize("name", ["quickstart", "breastmnist", "adrenalmnist3d"])
+SHIPPED = sorted(f.stem for f in (REPO / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_studies_let_de_evolve_five_generations(name):
     """A DE population that fills the budget compares Latin-hypercube sampling, not DE:
     the shipped budgets hold at least 5 generations of the population the sampler builds."""
@@ -234,6 +237,30 @@ def test_shipped_studies_let_de_evolve_five_generations(name):
     n_dims = sum(p.kind != "fixed" for p in spec.space.values())
     popsize = sampler.population_size(n_dims)
     assert spec.n_trials >= 5 * popsize, (spec.n_trials, popsize)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_studies_are_valid_and_name_their_data_file(name):
+    """Every shipped study parses and validates, names a MedMNIST file the medmnist package
+    publishes (URL and MD5 at that size) in its header, which says how to run it; a 3D study
+    keeps Score-CAM out of its CPU search. Nothing is downloaded."""
+    from medmnist import INFO
+
+    from topocam.core.data import SYNTHETIC, check_dataset, medmnist_file
+
+    path = REPO / "studies" / f"{name}.toml"
+    spec = load_study(path)  # parses and validates every setting and the space
+    base = spec.base
+    check_dataset(base.dataset, base.size)
+    if base.dataset in SYNTHETIC:  # the quickstart: its command is the README's first line
+        return
+    assert f"topocam study compare studies/{name}.toml" in spec.text
+    sfx = "" if base.size == 28 else f"_{base.size}"
+    info = INFO[base.dataset]
+    assert info.get(f"url{sfx}") and info.get(f"MD5{sfx}"), (name, base.dataset, base.size)
+    assert medmnist_file(base.dataset, base.size) in spec.text, f"{path.name} does not name its data file"
+    if base.dataset.endswith("3d"):
+        assert "scorecam" not in spec.space["cam"].choices, f"{path.name}: Score-CAM in a 3D CPU search"
 
 
 BAD_FILES = [

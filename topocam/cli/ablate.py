@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (
-    DATA_DIR_OPTION, METHOD_NAMES, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION,
+    DATA_DIR_OPTION, DEVICE_OPTION, METHOD_NAMES, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION,
     _checked_study, _fmt, _ints, _study_storage, app, console, ensure_writable_dir, err, fail, print_runs_link,
     refuse_earlier_results,
 )
@@ -30,6 +30,7 @@ def ablate_cmd(
     runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the tables (default: RUNS_DIR/ablate/STUDY-SUITE)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    device: Optional[str] = DEVICE_OPTION,
     figures: bool = typer.Option(True, "--figures/--no-figures", help="log each arm's figures (Betti curves, t-SNE, CAM overlays, ROC, confusion) to its best seed's run"),
     quiet: bool = QUIET_OPTION,
 ):
@@ -41,7 +42,7 @@ def ablate_cmd(
 
     try:
         suite_obj = load_suite(find_suite(suite, study_file))  # a bad suite fails before any store is opened
-        spec, data = _checked_study(study_file, data_dir)  # and so do bad data
+        spec, data = _checked_study(study_file, data_dir, device)  # and so do bad data
         seed_list = list(_ints(seeds, "--seeds")) if seeds.strip() else (list(spec.replicate_seeds) or [0, 1, 2])
         storage_url = _study_storage(storage, runs_dir)
         say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731

@@ -31,6 +31,11 @@ TRACKING_URI_OPTION = typer.Option(
 DATA_DIR_OPTION = typer.Option(None, help="folder holding MedMNIST .npz files (or TOPOCAM_DATA_DIR)")
 RUNS_DIR_OPTION = typer.Option(Path("mlruns"), help=RUNS_DIR_HELP)
 QUIET_OPTION = typer.Option(False, "--quiet", help="no progress bars")
+DEVICE_OPTION = typer.Option(
+    None, "--device", help="where the backbone runs: auto (a GPU where CUDA sees one, else the CPU), cpu, cuda or cuda:N "
+    "(default: the study file's [backbone] device, else auto)")
+MODEL_DEVICE_OPTION = typer.Option(
+    "auto", "--device", help="where the model's backbone runs: auto (a GPU where CUDA sees one, else the CPU), cpu, cuda or cuda:N")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -155,8 +160,11 @@ def make_runs_dir(runs_dir: Path) -> None:
                            "or pass --storage and --tracking-uri") from None
 
 
-def _checked_study(study_file: Path, data_dir):
-    """The study file and its data, both checked: what a study command does before it opens or makes any store."""
+def _checked_study(study_file: Path, data_dir, device: Optional[str] = None):
+    """The study file and its data, both checked: what a study command does before it opens or makes any store.
+    ``device`` (``--device``) replaces the file's ``[backbone] device``: it is not part of the study's definition."""
+    from dataclasses import replace
+
     import optuna
 
     from topocam.core.pipeline import load_checked
@@ -166,6 +174,10 @@ def _checked_study(study_file: Path, data_dir):
     # every trial's parameters and metrics are in MLflow and `topocam study status`
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study(study_file, data_dir=str(data_dir) if data_dir else None)
+    if device is not None:
+        from topocam.core.settings import SETTINGS
+
+        spec = replace(spec, base=replace(spec.base, device=SETTINGS["device"].check(device)))
     return spec, load_checked(spec.base)
 
 
@@ -176,12 +188,12 @@ def _study_storage(storage: Optional[str], runs_dir: Path) -> str:
     return storage if storage is not None else default_storage(runs_dir)
 
 
-def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool):
+def _study_setup(study_file: Path, data_dir, storage, tracking_uri, runs_dir: Path, quiet: bool, device: Optional[str] = None):
     """A study's spec and a runner on its opened stores; the study file and its data are checked first,
     so bad input leaves no store behind."""
     from topocam.search.runner import StudyRunner
 
-    spec, data = _checked_study(study_file, data_dir)
+    spec, data = _checked_study(study_file, data_dir, device)
     if storage is None or tracking_uri is None:
         make_runs_dir(runs_dir)
     return spec, StudyRunner.open(spec, _study_storage(storage, runs_dir), tracking_uri, runs_dir, progress=not quiet, data=data)

@@ -11,7 +11,7 @@ import typer
 from topocam.search.samplers import SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _checked_study, _fmt, _study_storage, _value, app, console, err, fail, make_runs_dir, output_dir,
+    DATA_DIR_OPTION, DEVICE_OPTION, MODEL_DEVICE_OPTION, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _checked_study, _fmt, _study_storage, _value, app, console, err, fail, make_runs_dir, output_dir,
 )
 
 # ------------------------------------------------------------------ shipping
@@ -24,6 +24,17 @@ def _registry(tracking_uri: str | None, runs_dir: Path) -> str | None:
     from topocam.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(tracking_uri, runs_dir, must_exist=True)
+
+
+def _model_device(device: str) -> None:
+    """Check ``--device`` here (a GPU asked for where there is none: one line) and hand it to the
+    model loader, in this process and in the server's, through TOPOCAM_DEVICE."""
+    import os
+
+    from topocam.core.backbone import DEVICE_ENV, resolve_device
+
+    resolve_device(device)
+    os.environ[DEVICE_ENV] = device
 
 
 def _load_model(model: str, tracking_uri: Optional[str], runs_dir: Path):
@@ -43,6 +54,7 @@ def export_cmd(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
     """Export the best trial of a study as a registered MLflow model (alias 'champion')."""
@@ -60,7 +72,7 @@ def export_cmd(
         sampler = _value(sampler)
         # the study file and its data, then the trial looked up read-only (a storage that is not there is an
         # error, never made), and only then the MLflow store it is registered in
-        spec, data = _checked_study(study_file, data_dir)
+        spec, data = _checked_study(study_file, data_dir, device)
         storage_url = _study_storage(storage, runs_dir)
         choice = choose_trial(spec, storage_url, sampler, seed, trial)
         if tracking_uri is None:
@@ -91,6 +103,7 @@ def serve_cmd(
     workers: int = typer.Option(1, help="uvicorn worker processes"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: str = MODEL_DEVICE_OPTION,
 ):
     """`mlflow models serve --env-manager local` for a model, working without an activated venv."""
     import os
@@ -103,11 +116,12 @@ def serve_cmd(
     try:
         if workers < 1:
             raise TopoCAMError("--workers must be >= 1")
+        _model_device(device)
         check_port_free(host, port)
         _check_model_exists(model, uri)
     except TopoCAMError as exc:
         fail(str(exc))
-    argv, env = serve_command(model, host, port, uri, workers)
+    argv, env = serve_command(model, host, port, uri, workers)  # the server's model loader reads TOPOCAM_DEVICE
     err.print(f"serving {model} on http://{host}:{port}/invocations (POST JSON {{\"inputs\": [image, ...]}}); Ctrl-C stops",
               markup=False, highlight=False, soft_wrap=True)
     sys.stderr.flush()
@@ -142,6 +156,7 @@ def predict_cmd(
     out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and overlays/"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: str = MODEL_DEVICE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ):
     """Apply an exported model to image files: predictions.jsonl and a CAM/ROI overlay per file."""
@@ -149,6 +164,7 @@ def predict_cmd(
     from topocam.deploy.predict import predict_files
 
     try:
+        _model_device(device)
         with output_dir(out):
             _, m = _load_model(model, tracking_uri, runs_dir)
             summary = predict_files(m, files, out, progress=not quiet)
@@ -176,6 +192,7 @@ def app_cmd(
     host: str = typer.Option("127.0.0.1", help="interface to listen on (default loopback only)"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: str = MODEL_DEVICE_OPTION,
 ):
     """A web page over a model: upload an image, see class, probabilities, CAM, ROI and provenance."""
     from topocam import TopoCAMError
@@ -183,6 +200,7 @@ def app_cmd(
     from topocam.deploy.serve import check_port_free
 
     try:
+        _model_device(device)
         check_port_free(host, port)
         _, m = _load_model(model, tracking_uri, runs_dir)
     except TopoCAMError as exc:

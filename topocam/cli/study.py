@@ -13,7 +13,7 @@ from topocam.core.choices import ArmChoice
 from topocam.search.samplers import SAMPLERS, SamplerChoice
 
 from .common import (
-    DATA_DIR_OPTION, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt,
+    DATA_DIR_OPTION, DEVICE_OPTION, OVERWRITE_HELP, QUIET_OPTION, RUNS_DIR_OPTION, STORAGE_OPTION, TRACKING_URI_OPTION, _fmt,
     _sampler_list_option, _study_setup, _value, app, console, err, fail, output_dir, print_runs_link, refuse_earlier_results,
 )
 
@@ -65,6 +65,7 @@ def study_run(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
     """Run or resume one (sampler, seed) of a study; start it again to add workers."""
@@ -75,7 +76,7 @@ def study_run(
 
         if seed is not None:
             check_sampler_seed(seed)  # before any store is opened or backbone trained
-        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet, device)
         sampler = _value(sampler) or spec.samplers[0]
         arm = arm.value
         seed = spec.seeds[0] if seed is None else seed
@@ -124,6 +125,7 @@ def study_compare(
     runs_dir: Path = RUNS_DIR_OPTION,
     out: Optional[Path] = typer.Option(None, help="folder for the table and plot (default: RUNS_DIR/compare/STUDY)"),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    device: Optional[str] = DEVICE_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
     """Every sampler on the same budget and seeds: table, plot, all in MLflow."""
@@ -131,7 +133,7 @@ def study_compare(
     from topocam.search.compare import compare
 
     try:
-        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet, device)
         names = [s.strip() for s in samplers.split(",") if s.strip()] if samplers else list(spec.samplers)
         seed_list = list(range(seeds)) if seeds is not None else list(spec.seeds)
         budget = n_trials or spec.n_trials

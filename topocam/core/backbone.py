@@ -24,8 +24,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from .data import SPLITS, Dataset, Images, images_in
 from .errors import InfrastructureError, TopoCAMError
 from .seeding import seed_everything
 from .locks import BadEntry, load_or_build
+from .memory import images_per_chunk
 
 CAM_LAYERS: tuple[str, ...] = ("layer2", "layer3", "layer4")
 SMALL_INPUT = 112  # below this many px per side the stem is adapted (see module doc)
@@ -212,7 +214,13 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int, init: 
 
 
 # The backbone's training defaults, defined once (CLI, study files, TopoCAMConfig and TrainSettings read them).
-DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": ()}
+# infer_batch / bn_batch: None = derived from TOPOCAM_CHUNK_VOXELS at the data's size (resolve_batches).
+DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": (), "infer_batch": None, "bn_batch": None,
+                        "amp": False}
+# The inference and BatchNorm-recalibration batch the backbones cached before these were settings were
+# made with: a key holds them only where they differ, so every 28-px key stays what it was.
+KEYLESS_BATCH = 128
+CAM_BATCH = 64  # the CAMs' batch at 28 px (gradients of 64 images at once)
 
 
 @dataclass
@@ -224,6 +232,24 @@ class TrainSettings:
     seed: int = 0
     milestones: tuple[int, ...] = DEFAULT_RECIPE["milestones"]  # epochs after which lr is divided by 10 (MultiStepLR)
     init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
+    infer_batch: int | None = None  # inference batch (probabilities, embeddings; CAMs at min(64, it)); None: derived
+    bn_batch: int | None = None  # BatchNorm-recalibration batch; None: derived
+    amp: bool = False  # automatic mixed precision while fine-tuning (CUDA only); inference and CAMs stay float32
+
+
+def default_batch(shape: tuple[int, ...]) -> int:
+    """The inference / recalibration batch at images of ``shape`` (spatial) unless set:
+    as many images as ``TOPOCAM_CHUNK_VOXELS`` holds, at most 128 (128 at 28^2, 28^3
+    and 64^2; 16 at 64^3 with the default chunk). Why: at 64^3 the 128-volume batches
+    were what was left of ``topocam run``'s peak (BatchNorm recalibration in train
+    mode held 8 GB)."""
+    return images_per_chunk(shape, cap=KEYLESS_BATCH)
+
+
+def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "TrainSettings":
+    """``settings`` with the inference and recalibration batches decided for ``shape``."""
+    return replace(settings, infer_batch=settings.infer_batch or default_batch(shape),
+                   bn_batch=settings.bn_batch or default_batch(shape))
 
 
 # Named training recipes, the one declaration of the presets (the CLI's --preset and the
@@ -231,7 +257,8 @@ class TrainSettings:
 # (Yang et al. 2023): 100 epochs, Adam lr 0.001 divided by 10 at epochs 50 and 75, batch 128,
 # so our CNN baseline can be set beside their published table.
 PRESETS: dict[str, dict] = {
-    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75)},
+    "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75), "infer_batch": None, "bn_batch": None,
+                    "amp": False},
 }
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))  # the CLI's --preset
 
@@ -267,10 +294,51 @@ class BackboneInfo:
     train_seconds: float = 0.0
     cache_key: str = ""
     cached: bool = False
+    device: str = ""  # where it was trained ("" before this was recorded); not in its key: any device may reuse it
+
+
+DEVICE_ENV = "TOPOCAM_DEVICE"  # where an exported model's backbone runs when it is loaded (serve, predict, app; default auto)
+DEVICE_HELP = "auto (a GPU where CUDA sees one, else the CPU), cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value) -> str:
+    """A device name as the ``device`` setting takes it (the availability is :func:`resolve_device`'s)."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise TopoCAMError(f"device must be {DEVICE_HELP} (--device, or [backbone] device in a study file), got {value!r}")
+    return value
+
+
+def resolve_device(value: str = "auto") -> torch.device:
+    """The torch device a ``device`` setting names on this machine; a one-line TopoCAMError
+    naming the option where it asks for a GPU that is not there."""
+    value = check_device(value)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise TopoCAMError(f"--device {value}: {why} on this machine (torch {torch.__version__}); "
+                           "use --device cpu or --device auto ([backbone] device in a study file)")
+    n = torch.cuda.device_count()
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= n:
+        raise TopoCAMError(f"--device {value}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return torch.device("cuda", index)
 
 
 def device_auto() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An array as a tensor on ``device``: on a GPU copied from pinned memory without blocking
+    (the next batch is prepared while this one computes); on the CPU the array itself, no copy."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.no_grad()
@@ -284,7 +352,7 @@ def predict_proba(
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(images_in(x, i, i + batch_size)).to(device)
+        xb = to_device(images_in(x, i, i + batch_size), device)
         out.append(torch.softmax(model(xb), dim=1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -298,10 +366,10 @@ def embed(model: Backbone, x: "np.ndarray | Images", batch_size: int = 128) -> n
     hook = model.net.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
     try:
         for i in range(0, len(x), batch_size):
-            model(torch.from_numpy(images_in(x, i, i + batch_size)).to(device))
+            model(to_device(images_in(x, i, i + batch_size), device))
     finally:
         hook.remove()
-    return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(seen).numpy() if seen else np.zeros((0, 0), dtype=np.float32)  # CPU tensor: the hook's .cpu()
 
 
 @torch.no_grad()  # statistics only: no autograd graph (at 64^3 it held every activation of a 128-volume batch)
@@ -334,7 +402,7 @@ def recalibrate_batchnorm(
             starts.pop()
         for k, i in enumerate(starts):
             j = starts[k + 1] if k + 1 < len(starts) else len(x)
-            model(torch.from_numpy(images_in(x, i, j)).to(device))
+            model(to_device(images_in(x, i, j), device))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -351,7 +419,12 @@ def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
 
 
 def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
-    settings = asdict(s)
+    settings = asdict(resolve_batches(s, ds.shape))
+    for batch in ("infer_batch", "bn_batch"):  # at 128 they are what every checkpoint before them was made with
+        if settings[batch] == KEYLESS_BATCH:
+            del settings[batch]
+    if not settings["amp"]:  # float32 training: what every checkpoint before the option was
+        del settings["amp"]
     # "auto" keeps the keys of checkpoints trained before the option existed; an architecture without
     # pretrained weights starts from scratch whatever is asked, so "scratch" must not train it again
     if settings["init"] == "auto" or (arch == "small" and settings["init"] == "scratch"):
@@ -386,6 +459,7 @@ def train_backbone(
     if settings.epochs < 1:
         raise TopoCAMError(f"epochs must be >= 1, got {settings.epochs}")
     device = device or device_auto()
+    settings = resolve_batches(settings, ds.shape)
     key = _cache_key(ds, settings, arch)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
@@ -401,6 +475,9 @@ def train_backbone(
         return model, _read_checkpoint(ckpt, model)
 
     def build() -> tuple[Backbone, BackboneInfo]:
+        if settings.amp and device.type != "cuda":
+            raise TopoCAMError(f"amp = true (mixed precision) trains on CUDA only, and this backbone would train on {device}: "
+                               "leave out --amp (amp = false in a study file), or use --device cuda on a GPU machine")
         model, init = fresh()
         info = _fit(model, init, ds, settings, arch, key, progress, device)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -418,6 +495,17 @@ def train_backbone(
     (model, info), cached = load_or_build(ckpt, load, build)
     info.cached = cached
     return model.to(device).eval(), info
+
+
+def inference_batch(info: BackboneInfo) -> int:
+    """The batch a trained backbone runs inference in (its recipe's; checkpoints from
+    before the setting: 128)."""
+    return int(info.settings.get("infer_batch") or KEYLESS_BATCH)
+
+
+def cam_batch(info: BackboneInfo) -> int:
+    """The batch its CAMs are computed in: 64 (as always at 28 px), at most the inference batch."""
+    return min(CAM_BATCH, inference_batch(info))
 
 
 def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_dir: Path | None = None) -> dict[str, np.ndarray]:
@@ -442,7 +530,7 @@ def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_di
         return probs
 
     def build() -> dict[str, np.ndarray]:
-        probs = {s: predict_proba(model, ds.x[s]) for s in SPLITS}
+        probs = {s: predict_proba(model, ds.x[s], batch_size=inference_batch(info)) for s in SPLITS}
         try:
             with atomic_path(entry) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **probs)
@@ -487,8 +575,9 @@ def _fit(
         raise TopoCAMError(f"lr milestones are epochs >= 1, got {list(settings.milestones)}")
     schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(settings.milestones), gamma=0.1)
     loss_fn = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cuda") if settings.amp else None  # train_backbone refused amp off CUDA
     xtr = ds.x["train"]  # read a batch at a time (Images hold integer images, converted per batch)
-    ytr = torch.from_numpy(ds.y["train"])
+    ytr = ds.y["train"]
     yval = ds.y["val"]
     gen = torch.Generator().manual_seed(settings.seed)
     best_key, best_epoch, best_state, best_auc, best_loss = None, 0, None, float("nan"), float("nan")
@@ -507,16 +596,24 @@ def _fit(
             idx = perm[i : i + settings.batch_size]
             if len(idx) < 2 and len(xtr) >= 2:  # BatchNorm cannot train on a batch of one
                 idx = perm[-2:]
-            xb, yb = torch.from_numpy(np.ascontiguousarray(xtr[idx.numpy()])).to(device), ytr[idx].to(device)
+            rows = idx.numpy()  # CPU tensor: the permutation's generator is on the CPU
+            xb, yb = to_device(xtr[rows], device), to_device(ytr[rows], device)
             opt.zero_grad()
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                opt.step()
+            else:  # mixed precision (CUDA only): float16 forward, loss scaled against underflow
+                with torch.autocast(device_type="cuda", dtype=torch.float16):
+                    loss = loss_fn(model(xb), yb)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             total += float(loss.detach()) * len(idx)
             bar.update(1)
         schedule.step()
-        recalibrate_batchnorm(model, ds.x["train"], device=device)
-        probs = predict_proba(model, ds.x["val"], device=device)
+        recalibrate_batchnorm(model, ds.x["train"], batch_size=settings.bn_batch, device=device)
+        probs = predict_proba(model, ds.x["val"], batch_size=settings.infer_batch, device=device)
         val = evaluate(yval, probs, ds.task)
         vloss = _val_loss(yval, probs)
         history.append({"epoch": epoch + 1, "lr": lr_now, "train_loss": total / len(xtr), "val_loss": vloss, "val_auc": val["auc"], "val_acc": val["acc"]})
@@ -530,6 +627,6 @@ def _fit(
     info = BackboneInfo(
         arch=arch, settings=asdict(settings), dataset=ds.fingerprint, init=init, best_epoch=best_epoch,
         best_val_auc=float(best_auc), best_val_loss=float(best_loss), selected_by=SELECT_LOSS if one_class_val else SELECT_AUC,
-        history=history, train_seconds=time.perf_counter() - t0, cache_key=key,
+        history=history, train_seconds=time.perf_counter() - t0, cache_key=key, device=str(device),
     )
     return info

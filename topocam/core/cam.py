@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import CAM_LAYERS, Backbone
+from .backbone import CAM_LAYERS, Backbone, to_device
 from .choices import choice_enum
 from .data import images_in
 from .errors import TopoCAMError
@@ -294,8 +294,8 @@ def compute_cams(
     try:
         with _frozen(model):
             for i in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-                xb = torch.from_numpy(images_in(x, i, i + batch_size)).to(device)
-                lb = None if labels is None else torch.from_numpy(np.asarray(labels[i : i + batch_size])).to(device)
+                xb = to_device(images_in(x, i, i + batch_size), device)
+                lb = None if labels is None else to_device(np.asarray(labels[i : i + batch_size]), device)
                 with torch.enable_grad():
                     logits = model(xb)
                     acts = {name: hooks.out[name] for name in CAM_LAYERS}

@@ -59,7 +59,7 @@ class TopoMLP:
         z = torch.from_numpy(((x - self.mean) / self.scale).astype(np.float32))
         self.net.eval()
         with one_thread(), torch.no_grad():
-            return torch.softmax(self.net(z), dim=1).numpy()
+            return torch.softmax(self.net(z), dim=1).numpy()  # CPU tensor: the MLP stays on the CPU
 
 
 @contextmanager

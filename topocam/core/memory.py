@@ -7,10 +7,12 @@ through a split a chunk of images at a time, each chunk at most
 ``TOPOCAM_CHUNK_VOXELS`` input voxels (default 4M: 16 volumes at 64^3, 191 at
 28^3, 5,349 images at 28^2). Every feature is the same bit for bit whatever the
 chunk (tests/test_memory.py), so the setting trades memory for per-chunk
-overhead only. The backbone's batches (training, BatchNorm recalibration,
-inference at 128, CAMs at 64) are not derived from it: on a CPU an image's
-outputs can differ in the last bit between batch sizes, and those batches
-decide the backbone and its CAMs.
+overhead only. The backbone's inference and BatchNorm-recalibration batches
+(settings ``infer_batch``, ``bn_batch``) default to the images a chunk holds, at
+most 128 (``backbone.default_batch``); CAMs run at the smaller of 64 and the
+inference batch. Those batches decide the backbone and its CAMs (on a CPU an
+image's outputs can differ in the last bit between batch sizes), so they are in
+the backbone's cache key wherever they differ from the 128 of every 28-px key.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import BackboneInfo, cnn_probabilities, default_cache_dir, device_auto, embed, resolve_backbone, train_backbone
+from .backbone import (
+    CAM_BATCH, BackboneInfo, cam_batch, cnn_probabilities, default_batch, default_cache_dir, embed, inference_batch,
+    resolve_backbone, resolve_device, train_backbone,
+)
 from .cache import CamStore, cam_cache_key
 from .cam import CamBatch, check_variant, compute_cams
 from .classifier import Classifier, TopoMLP
@@ -62,7 +65,7 @@ class Context:
         """The backbone's pooled embedding of a split (the hybrid head's second input)."""
         key = ("embedding", split)
         if key not in self.trial_cache:
-            self.trial_cache[key] = embed(self.model, self.data.x[split])
+            self.trial_cache[key] = embed(self.model, self.data.x[split], batch_size=inference_batch(self.backbone))
         return self.trial_cache[key]
 
     def gray(self, split: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -84,7 +87,7 @@ class Context:
                 return {
                     s: compute_cams(
                         self.model, self.data.x[s], variant, labels=self.data.y[s], rule=self.config.cam_target,
-                        progress=self.progress, desc=f"{variant} {s}",
+                        batch_size=cam_batch(self.backbone), progress=self.progress, desc=f"{variant} {s}",
                     )
                     for s in SPLITS
                 }
@@ -98,6 +101,7 @@ class Context:
 def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None = None) -> Context:
     """Load data, fine-tune (or load) the backbone, predict every split."""
     config = config.validated()
+    device = resolve_device(config.device)  # a GPU asked for where there is none: said before anything is read
     t0 = time.perf_counter()
     ds = data if data is not None else load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
@@ -105,7 +109,8 @@ def prepare(config: TopoCAMConfig, progress: bool = True, data: Dataset | None =
     t_data = time.perf_counter() - t0
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
-    model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress, device=device_auto())
+    model, info = train_backbone(ds, config.train_settings(), cache_dir=cache_dir, progress=progress,
+                                 device=device)
     probs = cnn_probabilities(model, info, ds, cache_dir)
     t_backbone = time.perf_counter() - t0
     store = CamStore(cache_dir, cam_cache_key(info.cache_key, ds.fingerprint, config.cam_target))
@@ -130,6 +135,7 @@ def load_checked(config: TopoCAMConfig) -> Dataset:
     that the commands do it before they open or create one (bad data then leaves no empty store).
     Hand the dataset to :func:`prepare` / :func:`run` (``data=``): it is read once."""
     config = config.validated()
+    resolve_device(config.device)  # here, where a machine's own settings are checked (a study file is read anywhere)
     ds = load_data(config)
     resolve_backbone(config.backbone, ds.ndim)
     check_roi_data(config, ds)
@@ -485,15 +491,17 @@ def predict_images(
     a split's images give that split's probabilities."""
     cfg = check_predictable(cfg.validated())
     x = np.asarray(x, dtype=np.float32)
-    cams = compute_cams(model, x, cfg.cam, rule="predicted")  # the CAM target is the predicted class, always
     shape = tuple(x.shape[2:])
+    batch = cfg.infer_batch or default_batch(shape)  # the batches the model was scored in (128 and 64 at 28 px)
+    # the CAM target is the predicted class, always
+    cams = compute_cams(model, x, cfg.cam, rule="predicted", batch_size=min(CAM_BATCH, batch))
     selector = RoiSelector.of(cfg)
     gray = x[:, 0] if x.shape[1] == 1 else x.mean(axis=1)  # what the topology sees, as Dataset.gray
     fused, masks = selector.from_maps(cams.maps, shape, gray if selector.needs_images else None)
     counts = roi_counts(masks)
     feats = BettiFeatures.fitted(grid, cfg.betti_backend, n_jobs).transform(selector.segment(gray, masks), counts)
     if cfg.head == "hybrid":
-        feats = hybrid_inputs(feats, embed(model, x))
+        feats = hybrid_inputs(feats, embed(model, x, batch_size=batch))
     frac = counts / float(np.prod(shape))
     return ImagePredictions(mlp.predict_proba(feats), fused, masks, frac, cams.probs)
 

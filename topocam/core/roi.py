@@ -71,7 +71,7 @@ def upsample_normalised(maps: np.ndarray, shape: tuple[int, ...], chunk: int = 2
         h = torch.from_numpy(np.array(maps[i : i + chunk], dtype=np.float32)).unsqueeze(1)
         if tuple(h.shape[2:]) != tuple(shape):
             h = F.interpolate(h, size=shape, mode=mode, align_corners=False)
-        flat_out[i : i + chunk] = normalise_maps(h.reshape(h.shape[0], -1), inplace=True).numpy()
+        flat_out[i : i + chunk] = normalise_maps(h.reshape(h.shape[0], -1), inplace=True).numpy()  # CPU tensor: upsampled here
     return out
 
 

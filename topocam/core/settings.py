@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backbone import DEFAULT_RECIPE, INITS
+from .backbone import DEFAULT_RECIPE, DEVICE_HELP, INITS, check_device
 from .cam import CAM_VARIANTS, SEARCHED_CAMS, TARGET_RULES
 from .choices import ARMS, BACKBONES, BETTI_BACKENDS, OUTSIDE_MODES
 from .errors import TopoCAMError
@@ -215,6 +215,19 @@ class TopoCAMConfig:
                                              "backbone lr / 10 after these epochs (comma-separated)", "backbone",
                                              "backbone", type=int, length=0, bounds=(1, None), arm=False, recipe="milestones",
                                              old_keys=("milestones",))
+    infer_batch: int | None = setting(DEFAULT_RECIPE["infer_batch"], "backbone inference batch (probabilities, "
+                                      "embeddings; CAMs at min(64, it)); default: the images TOPOCAM_CHUNK_VOXELS "
+                                      "holds, at most 128", "backbone", "backbone", type=int, bounds=(1, None),
+                                      arm=False, recipe="infer_batch", in_definition_at_default=False)
+    bn_batch: int | None = setting(DEFAULT_RECIPE["bn_batch"], "backbone BatchNorm-recalibration batch; default: "
+                                   "the images TOPOCAM_CHUNK_VOXELS holds, at most 128", "backbone", "backbone",
+                                   type=int, bounds=(2, None), arm=False, recipe="bn_batch",
+                                   in_definition_at_default=False)
+    amp: bool = setting(DEFAULT_RECIPE["amp"], "automatic mixed precision while fine-tuning the backbone (CUDA only: "
+                        "refused where the backbone would train on the CPU)", "backbone", "backbone", type=bool,
+                        arm=False, recipe="amp", in_definition_at_default=False)
+    device: str = setting("auto", f"where the backbone runs: {DEVICE_HELP}", "backbone", "backbone", arm=False,
+                          validator=check_device, in_definition_at_default=False)
     seed: int = setting(0, "model seed (backbone and MLP)", "backbone", "backbone", type=int, bounds=(0, None), arm=False,
                         cli=False)
     init: str = setting("auto", "backbone start: auto (pretrained weights if on disk), pretrained (required), scratch",
@@ -342,7 +355,8 @@ class TopoCAMConfig:
         from .backbone import TrainSettings
 
         return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init)
+                             milestones=tuple(int(m) for m in self.lr_milestones), init=self.init,
+                             infer_batch=self.infer_batch, bn_batch=self.bn_batch, amp=self.amp)
 
     def mlp_settings(self):
         from .classifier import MLPSettings

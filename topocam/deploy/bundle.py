@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ..core.atomic import json_safe
-from ..core.backbone import CAM_LAYERS, Backbone, build_backbone
+from ..core.backbone import CAM_LAYERS, DEVICE_ENV, Backbone, build_backbone, resolve_device
 from ..core.classifier import TopoMLP
 from ..core.errors import TopoCAMError
 from ..core.pipeline import ImagePredictions, TopoCAMConfig, predict_images
@@ -97,8 +98,11 @@ class Bundle:
         return folder
 
     @classmethod
-    def load(cls, folder: Path) -> "Bundle":
+    def load(cls, folder: Path, device: str | None = None) -> "Bundle":
+        """The bundle in ``folder``, its backbone on ``device`` (default: ``$TOPOCAM_DEVICE``, else auto);
+        the MLP stays on the CPU (a few thousand weights)."""
         folder = Path(folder)
+        where = resolve_device(device or os.environ.get(DEVICE_ENV, "") or "auto")
         missing = [f for f in FILES if not (folder / f).is_file()]
         if missing:
             raise TopoCAMError(f"{folder} is not a TopoCAM model bundle (missing {', '.join(missing)})")
@@ -108,7 +112,7 @@ class Bundle:
         blob = torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True)
         backbone, _ = build_backbone(blob["arch"], blob["ndim"], blob["n_classes"], blob["input_size"])
         backbone.load_state_dict(blob["state_dict"])
-        backbone.eval()
+        backbone.to(where).eval()
         net = torch.load(folder / "mlp.pt", map_location="cpu", weights_only=False)  # our own nn.Sequential
         net.eval()
         with np.load(folder / "arrays.npz", allow_pickle=False) as z:

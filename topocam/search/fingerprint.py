@@ -37,9 +37,9 @@ ATTR_DATA = "topocam_data_fingerprint"  # Dataset.fingerprint of the data the st
 
 def definition(spec: StudySpec) -> dict[str, Any]:
     """What makes trials comparable: objective, fixed configuration and search space
-    (not where the data lives, the cache folder or the number of CPU jobs)."""
+    (not where the data lives, the cache folder, the number of CPU jobs or the device)."""
     base = spec.base.as_dict()
-    for k in ("data_dir", "cache_dir", "n_jobs"):
+    for k in ("data_dir", "cache_dir", "n_jobs", "device"):  # a GPU worker and a CPU worker score one study
         base.pop(k, None)
     defaults = TopoCAMConfig().as_dict()
     for k, s in SETTINGS.items():  # settings studies did not record from the start: left out at their
