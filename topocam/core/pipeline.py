@@ -217,7 +217,8 @@ def segmenter_for(ctx: Context, cfg: TopoCAMConfig) -> MaskModel:
 
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         ctx.trial_cache[key] = train_segmenter(ctx.data, SegmenterSettings(loss=cfg.segmenter_loss, seed=cfg.seed),
-                                               cache_dir=cache_dir, progress=ctx.progress, device=device_auto())
+                                               cache_dir=cache_dir, progress=ctx.progress,
+                                               device=resolve_device(ctx.config.device))
     return ctx.trial_cache[key]
 
 
@@ -622,7 +623,7 @@ def run(cfg: TopoCAMConfig, seeds: Sequence[int] | None = None, progress: bool =
     return {
         "config": {**cfg.as_dict(), "seed": None},
         "seeds": seeds,
-        "reproducibility": reproducibility(),
+        "reproducibility": reproducibility(cfg.device),
         "dataset": {
             "name": ds.name, "source": ds.source, "fingerprint": ds.fingerprint, "task": ds.task, "n_classes": ds.n_classes,
             "shape": list(ds.shape), "n": {s: int(len(ds.y[s])) for s in SPLITS},

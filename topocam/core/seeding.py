@@ -16,19 +16,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reproducibility() -> dict[str, object]:
+def reproducibility(device: str = "auto") -> dict[str, object]:
     """What a result's bits depend on besides the seed, recorded with it (metrics.json, MLflow
     params): the torch and CUDA versions, the device, torch's thread count and whether
-    deterministic algorithms were asked for. Same values (and the same data and model
+    deterministic algorithms were asked for. ``device``: the configuration's ``device`` setting,
+    recorded as the device it resolves to here. Same values (and the same data and model
     artifacts): the same numbers, bit for bit; otherwise equal only within a tolerance."""
     import torch
 
-    from .backbone import device_auto
+    from .backbone import resolve_device
 
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
-        "device": str(device_auto()),
+        "device": str(resolve_device(device)),
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
     }

@@ -137,7 +137,7 @@ class StudyRuns:
         return self.tracker.start_run(
             self.experiment, f"{self.prefix}{sampler}-s{seed}-t{trial.number}",
             self.tags(kind="trial", sampler=sampler, seed=seed, trial=trial.number, optuna_study=trial.study.study_name,
-                      **{f"repro_{k}": v for k, v in reproducibility().items()}),
+                      **{f"repro_{k}": v for k, v in reproducibility(self.spec.base.device).items()}),
             parent=parent, params=params,
         )
 
