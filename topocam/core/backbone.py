@@ -28,6 +28,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ CACHE_ENV = "TOPOCAM_CACHE_DIR"
 _CODE_VERSION = "3"  # bump when training code changes what a cached checkpoint means (3: BatchNorm recalibration)
 SELECT_AUC = "val_auc (ties: lower val loss)"
 SELECT_LOSS = "val_loss (validation holds one class: AUC undefined)"
+_Info = TypeVar("_Info")  # the info dataclass stored beside a checkpoint's weights
 
 
 def default_cache_dir() -> Path:
@@ -472,7 +474,7 @@ def train_backbone(
         if not ckpt.is_file():
             return None
         model, _ = fresh()  # a new model each time: a failed load_state_dict leaves one half-loaded
-        return model, _read_checkpoint(ckpt, model)
+        return model, read_checkpoint(ckpt, model, BackboneInfo)
 
     def build() -> tuple[Backbone, BackboneInfo]:
         if settings.amp and device.type != "cuda":
@@ -480,16 +482,7 @@ def train_backbone(
                                "leave out --amp (amp = false in a study file), or use --device cuda on a GPU machine")
         model, init = fresh()
         info = _fit(model, init, ds, settings, arch, key, progress, device)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": asdict(info)}
-        try:
-            # a file object, not a path: torch's zip writer then raises its RuntimeError from the
-            # OSError of the write (ENOSPC, ...), which says what happened
-            with atomic_path(ckpt) as tmp, open(tmp, "wb") as f:
-                torch.save(blob, f)
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-            size = sum(v.numel() * v.element_size() for v in blob["state_dict"].values())
-            raise InfrastructureError(f"could not write the backbone checkpoint {ckpt}: {write_failure(exc, ckpt.parent, size)}") from exc
+        save_checkpoint(ckpt, model, info, "the backbone checkpoint")
         return model, info
 
     (model, info), cached = load_or_build(ckpt, load, build)
@@ -542,10 +535,25 @@ def cnn_probabilities(model: Backbone, info: BackboneInfo, ds: Dataset, cache_di
     return load_or_build(entry, load, build)[0]
 
 
-def _read_checkpoint(ckpt: Path, model: Backbone) -> BackboneInfo:
-    """Load a cached checkpoint into ``model`` and return its info; :class:`BadEntry` if
-    the file is truncated or unreadable, does not fit the model, or holds non-finite
-    weights (all of which a kill -9 or a disk error can leave), so it is rebuilt
+def save_checkpoint(ckpt: Path, net: nn.Module, info, what: str) -> None:
+    """A trained network's weights (on the CPU) and its info dataclass, written whole or not at
+    all (the cached backbone, the segmenter); a failed write is an InfrastructureError saying why."""
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "info": asdict(info)}
+    try:
+        # a file object, not a path: torch's zip writer then raises its RuntimeError from the
+        # OSError of the write (ENOSPC, ...), which says what happened
+        with atomic_path(ckpt) as tmp, open(tmp, "wb") as f:
+            torch.save(blob, f)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+        size = sum(v.numel() * v.element_size() for v in blob["state_dict"].values())
+        raise InfrastructureError(f"could not write {what} {ckpt}: {write_failure(exc, ckpt.parent, size)}") from exc
+
+
+def read_checkpoint(ckpt: Path, net: nn.Module, info_type: type[_Info]) -> _Info:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``net`` and return its info;
+    :class:`BadEntry` if the file is truncated or unreadable, does not fit the network, or holds
+    non-finite weights (all of which a kill -9 or a disk error can leave), so it is rebuilt
     rather than used or reported as a raw torch traceback."""
     try:
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -553,8 +561,8 @@ def _read_checkpoint(ckpt: Path, model: Backbone) -> BackboneInfo:
         nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if nonfinite:
             raise BadEntry(f"non-finite values in {nonfinite[0]}")
-        model.load_state_dict(state)
-        info = BackboneInfo(**blob["info"])
+        net.load_state_dict(state)
+        info = info_type(**blob["info"])
     except BadEntry:
         raise
     except Exception as exc:  # torch's zip reader, unpickling, a missing key, shapes that do not fit

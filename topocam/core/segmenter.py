@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_path, write_failure
-from .backbone import default_cache_dir, device_auto
+from .backbone import default_cache_dir, device_auto, read_checkpoint, save_checkpoint
 from .betti_fast import betti_curves_fast
 from .data import Dataset, images_in
-from .errors import InfrastructureError, TopoCAMError
-from .locks import BadEntry, load_or_build
+from .errors import TopoCAMError
+from .locks import load_or_build
 from .seeding import seed_everything
 
 SEGMENTER_LOSSES: tuple[str, ...] = ("dice", "dice+topo")
@@ -343,7 +342,7 @@ def train_segmenter(
         if not ckpt.is_file():
             return None
         net = fresh()  # a new one each time: a failed load_state_dict leaves one half-loaded
-        info = _read_checkpoint(ckpt, net)
+        info = read_checkpoint(ckpt, net, SegmenterInfo)
         return Segmenter(net, info, ds.ndim, ds.n_channels, total_stride)
 
     def build() -> Segmenter:
@@ -351,37 +350,13 @@ def train_segmenter(
                         ds.ndim, ds.n_channels, total_stride)
         seg.net.to(device)
         _fit(seg, ds, settings, progress, device)
-        blob = {"state_dict": {k: v.cpu() for k, v in seg.net.state_dict().items()}, "info": asdict(seg.info)}
-        try:
-            with atomic_path(ckpt) as tmp, open(tmp, "wb") as f:
-                torch.save(blob, f)
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-            size = sum(v.numel() * v.element_size() for v in blob["state_dict"].values())
-            raise InfrastructureError(f"could not write the segmenter {ckpt}: {write_failure(exc, ckpt.parent, size)}") from exc
+        save_checkpoint(ckpt, seg.net, seg.info, "the segmenter")
         return seg
 
     seg, cached = load_or_build(ckpt, load, build)
     seg.info.cached = cached
     seg.net.to(device).eval()
     return seg
-
-
-def _read_checkpoint(ckpt: Path, net: nn.Module) -> SegmenterInfo:
-    """Load a cached segmenter into ``net``; :class:`BadEntry` if it is truncated,
-    unreadable, does not fit, or holds non-finite weights (then it is rebuilt)."""
-    try:
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-        state = blob["state_dict"]
-        nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if nonfinite:
-            raise BadEntry(f"non-finite values in {nonfinite[0]}")
-        net.load_state_dict(state)
-        info = SegmenterInfo(**blob["info"])
-    except BadEntry:
-        raise
-    except Exception as exc:  # torch's zip reader, unpickling, a missing key, shapes that do not fit
-        raise BadEntry.because(exc) from exc
-    return info
 
 
 def _fit(seg: Segmenter, ds: Dataset, s: SegmenterSettings, progress: bool, device: torch.device) -> None:
