@@ -132,6 +132,64 @@ def test_prepare_publishes_and_a_worker_with_an_empty_cache_fetches_the_same_mod
     assert len(optuna.load_study(study_name="pubfetch.random.s0", storage=storage).trials) == 2
 
 
+def test_explain_redraws_a_trial_on_the_published_model_and_refuses_another(tmp_path, monkeypatch):
+    """``topocam explain`` of a study's trial on a machine with an empty cache fetches the study's
+    published model (trains no backbone, computes no CAM) and re-computes the trial's validation
+    metrics; a local backbone that disagrees with the published one is an error naming both digests."""
+    from mlflow import MlflowClient
+
+    from topocam.report.explain import explain_run
+    from topocam.tracking import Tracker
+
+    monkeypatch.setenv("TOPOCAM_OFFLINE", "1")
+    study = write_study(tmp_path, "explained")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(tmp_path / "cache-gpu"))
+    (model,) = _runner(study, storage, tracking, tmp_path, []).prepare_model()
+    _runner(study, storage, tracking, tmp_path, []).run("random", 0, 1)
+    (trial_run,) = MlflowClient(tracking).search_runs(
+        [MlflowClient(tracking).get_experiment_by_name("explained").experiment_id], "tags.kind = 'trial'")
+    assert trial_run.data.tags["backbone_sha256"] == model.artifacts[model.entries.backbone].sha256
+
+    monkeypatch.setenv("TOPOCAM_CACHE_DIR", str(tmp_path / "cache-laptop"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("explain trained a backbone of its own")
+
+    from topocam.core import pipeline
+
+    computed: list[str] = []  # CAM variants explain computed here (its ROI-quality figure covers every variant)
+
+    def spy(model, x, variant, *args, **kwargs):
+        computed.append(variant)
+        return compute_cams(model, x, variant, *args, **kwargs)
+
+    compute_cams = pipeline.compute_cams
+    with monkeypatch.context() as m:
+        m.setattr("topocam.core.backbone._fit", forbidden)
+        m.setattr("topocam.core.pipeline.compute_cams", spy)
+        res = explain_run(Tracker(tracking, tmp_path), trial_run.info.run_id, tmp_path / "figs", log=False,
+                          progress=False, storage_url=storage)
+    assert res.mismatches == [] and res.files
+    assert computed and not set(computed) & set(model.entries.cams)  # the published variants were fetched, not made
+    for e, a in model.artifacts.items():  # every entry came from the store, as published
+        assert entry_digest(tmp_path / "cache-laptop" / e)[0] == a.sha256
+
+    from dataclasses import replace
+
+    from topocam.core.pipeline import prepare
+    from topocam.search.studyfile import load_study
+
+    other = prepare(replace(load_study(study).base, seed=7, cache_dir=str(tmp_path / "other")), progress=False)
+    backbone = tmp_path / "cache-laptop" / model.entries.backbone
+    backbone.write_bytes((tmp_path / "other" / "backbones" / f"{other.backbone.cache_key}.pt").read_bytes())
+    with pytest.raises(TopoCAMError) as exc:
+        explain_run(Tracker(tracking, tmp_path), trial_run.info.run_id, tmp_path / "figs2", log=False,
+                    progress=False, storage_url=storage)
+    assert model.artifacts[model.entries.backbone].sha256[:16] in str(exc.value)
+    assert entry_digest(backbone)[0][:16] in str(exc.value)
+
+
 def test_export_refuses_a_backbone_other_than_the_one_the_trial_saw(tmp_path, monkeypatch):
     from topocam.search.artifacts import Model, check_trial_model
     from topocam.core.artifacts import ModelEntries

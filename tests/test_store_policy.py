@@ -87,9 +87,10 @@ def test_every_store_option_is_the_shared_declaration_with_its_variable():
                 assert getattr(p, "show_envvar", False), (name, p.name)  # --help names the variable
                 assert "(default: sqlite RUNS_DIR/" in p.help
                 seen.setdefault(p.name, set()).add(name)
-    assert seen["tracking_uri"] == {"run", "study run", "study compare", "export", "ablate", "explain", "serve", "predict",
-                                    "app", "report"}
-    assert seen["storage"] == {"study run", "study compare", "study status", "export", "ablate", "report"}
+    assert seen["tracking_uri"] == {"run", "study run", "study compare", "study prepare", "export", "ablate", "explain",
+                                    "serve", "predict", "app", "report"}
+    assert seen["storage"] == {"study run", "study compare", "study prepare", "study status", "export", "ablate",
+                               "explain", "report"}
 
 
 # ------------------------------------------ every command: the same answer
@@ -105,6 +106,7 @@ def _args(command: str, tmp: Path, runs: Path) -> list[str]:
         "run": ["run", "--dataset", "synthetic2d", "--out", str(tmp / "out"), "--quiet"],
         "study run": ["study", "run", str(study), *storage, "--quiet"],
         "study compare": ["study", "compare", str(study), *storage, "--quiet"],
+        "study prepare": ["study", "prepare", str(study), *storage, "--quiet"],
         "export": ["export", str(study), "--name", "m", *storage, "--quiet"],
         "ablate": ["ablate", str(study), "--suite", str(REPO / "studies" / "ablations" / "paper.toml"), *storage, "--quiet"],
         "explain": ["explain", "0123456789abcdef", "--out", str(tmp / "out"), "--quiet"],

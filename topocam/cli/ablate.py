@@ -76,6 +76,7 @@ def ablate_cmd(
 def explain_cmd(
     run_id: str = typer.Argument(..., help="MLflow run id: a `topocam run` run (a seed's; a parent stands for its first seed) or a study's trial / best / export run"),
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
+    storage: Optional[str] = STORAGE_OPTION,
     runs_dir: Path = typer.Option(Path("mlruns"), help="local MLflow store when --tracking-uri is not given"),
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, help="checkpoint and CAM cache of the run (or TOPOCAM_CACHE_DIR; default ~/.cache/topocam)"),
@@ -105,7 +106,8 @@ def explain_cmd(
     ensure_writable_dir(out_dir)
     try:
         res = explain_run(tracker, run_id, out_dir, data_dir=str(data_dir) if data_dir else None,
-                          cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet)
+                          cache_dir=str(cache_dir) if cache_dir else None, log=not no_log, progress=not quiet,
+                          storage_url=_study_storage(storage, runs_dir))
     except TopoCAMError as exc:
         fail(str(exc))
     lc = res.logged

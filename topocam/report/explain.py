@@ -54,6 +54,8 @@ class LoggedConfig:
     logged: dict[str, float]  # what was logged for this configuration: "val_auc", "test_auc", ...
     data_fingerprint: str | None = None
     note: str = ""  # e.g. "parent run: explained with its first seed 0"
+    spec: Any = None  # a study's run: its StudySpec (whose published model the figures must use)
+    trial_attrs: dict[str, str] = field(default_factory=dict)  # a study's run: the digests of the model it was scored on
 
 
 def _run(tracker, run_id: str):
@@ -168,7 +170,8 @@ def _from_study_run(tracker, run, kind: str, data_dir: str | None, cache_dir: st
     note = "" if fingerprint else (
         f"warning: study {spec.name!r} records no dataset fingerprint (run before topocam recorded one): "
         f"cannot check that the data are those its {kind} run was scored on")
-    return LoggedConfig(run.info.run_id, kind, cfg, REPORTED[kind], logged, fingerprint, note)
+    digests = {k: tags[k] for k in ("backbone_sha256", "cam_sha256") if k in tags}
+    return LoggedConfig(run.info.run_id, kind, cfg, REPORTED[kind], logged, fingerprint, note, spec, digests)
 
 
 def logged_config(tracker, run_id: str, data_dir: str | None = None, cache_dir: str | None = None) -> LoggedConfig:
@@ -218,11 +221,14 @@ def compare_metrics(recomputed: dict[str, dict[str, float]], logged: dict[str, f
 
 def explain_run(
     tracker, run_id: str, out: Path, data_dir: str | None = None, cache_dir: str | None = None, log: bool = True,
-    progress: bool = True,
+    progress: bool = True, storage_url: str | None = None,
 ) -> ExplainResult:
     """Re-compute a logged run's configuration, draw its figures, write them to ``out``
     and (``log``) log them to the run under ``figures/``, through ``tracker`` (a
-    :class:`~topocam.tracking.Tracker`: :func:`logged_config`'s reads, ``log_figure``, ``log_text``)."""
+    :class:`~topocam.tracking.Tracker`: :func:`logged_config`'s reads, ``log_figure``, ``log_text``).
+    A study's run is re-computed on the study's published model where ``storage_url`` records one
+    (fetched and verified, as a worker does), and its backbone must be the one the run recorded."""
+    from ..search.artifacts import check_trial_model, fetch_published
     from ..tracking import figures
     from ..core.pipeline import load_data, prepare
 
@@ -233,9 +239,13 @@ def explain_run(
             f"{data.source} has content fingerprint {data.fingerprint}, but run {run_id} was scored on data with "
             f"fingerprint {lc.data_fingerprint}: the data changed since it ran; restore them (or check --data-dir)"
         )
+    model = None
+    if lc.spec is not None and storage_url is not None:  # the study's model, where published: never one of our own
+        model = fetch_published(lc.spec, data, storage_url, tracker, print if progress else (lambda _: None), lc.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateBackboneWarning)  # reported in the result instead
         ctx = prepare(lc.config, progress=progress, data=data)
+    check_trial_model(model, lc.trial_attrs, f"{lc.kind} run {run_id}")
     figs = figures.explain(ctx, lc.config, report_test=lc.report_test)
     files = figures.save_figures(figs, out)
     artifacts = figures.log_figures(tracker, run_id, figs) if log else []
