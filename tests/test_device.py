@@ -49,6 +49,7 @@ def test_bad_device_names_are_refused_with_the_choices(value):
     ["run", "--dataset", "synthetic2d", "--size", "16", "--device", "cuda", "--no-tracking"],
     ["study", "run", "studies/quickstart.toml", "--device", "cuda"],
     ["study", "compare", "studies/quickstart.toml", "--device", "cuda:0"],
+    ["study", "prepare", "studies/quickstart.toml", "--device", "cuda"],
     ["ablate", "studies/quickstart.toml", "--device", "cuda"],
     ["export", "studies/quickstart.toml", "--name", "x", "--device", "cuda"],
     ["predict", "x.png", "--model", "nothing", "--device", "cuda"],

@@ -28,6 +28,7 @@ def study_prepare(
     tracking_uri: Optional[str] = TRACKING_URI_OPTION,
     data_dir: Optional[Path] = DATA_DIR_OPTION,
     runs_dir: Path = RUNS_DIR_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
     """Build the study's model once (each model seed's backbone, CNN probabilities and every searched
@@ -36,7 +37,7 @@ def study_prepare(
     from topocam import TopoCAMError
 
     try:
-        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet)
+        spec, runner = _study_setup(study_file, data_dir, storage, tracking_uri, runs_dir, quiet, device)
         models = runner.prepare_model()
     except TopoCAMError as exc:
         fail(str(exc))
