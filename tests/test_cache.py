@@ -111,20 +111,21 @@ def test_the_pipeline_recomputes_a_damaged_entry(tmp_path):
     """Context.cams discards a damaged entry with a warning and computes the maps again
     (the same maps: they depend on the model and the data only)."""
     from topocam.core import pipeline
-    from topocam.core.backbone import build_backbone
+    from topocam.core.backbone import BackboneInfo, build_backbone
     from topocam.core.data import make_synthetic
 
     data = make_synthetic(2, size=16, n=(6, 4, 4), seed=0, clutter=1)
-    model, _ = build_backbone("small", 2, data.n_classes, 16)
+    model, init = build_backbone("small", 2, data.n_classes, 16)
+    info = BackboneInfo("small", {}, data.name, init, 0, float("nan"))  # an untrained backbone's: batches at their defaults
     cfg = pipeline.TopoCAMConfig(dataset="synthetic2d", size=16, backbone="small", n_jobs=1)
-    ctx = pipeline.Context(cfg, data, model.eval(), None, {}, CamStore(tmp_path, "k"), progress=False)
+    ctx = pipeline.Context(cfg, data, model.eval(), info, {}, CamStore(tmp_path, "k"), progress=False)
     first = {layer: np.array(m) for layer, m in ctx.cams("gradcam", "val").maps.items()}
     assert "cams_gradcam" in ctx.timings_s
     layer2 = ctx.store.root / "gradcam" / "val" / "layer2.npy"
     truncate(layer2, layer2.stat().st_size // 2)
     with pytest.raises(BadEntry, match="layer2.npy"):  # damaged under a context that checked it: an error, never used
         ctx.cams("gradcam", "val")
-    ctx = pipeline.Context(cfg, data, model.eval(), None, {}, CamStore(tmp_path, "k"), progress=False)
+    ctx = pipeline.Context(cfg, data, model.eval(), info, {}, CamStore(tmp_path, "k"), progress=False)
     with pytest.warns(CorruptCacheWarning, match=r"unusable .*layer2.npy.*rebuilding it"):
         again = ctx.cams("gradcam", "val")
     assert "cams_gradcam" in ctx.timings_s  # computed, not read

@@ -174,6 +174,11 @@ def test_a_study_without_a_fingerprint_warns_and_a_refit_that_differs_is_refused
     assert ATTR_DATA not in optuna_studies(runs)["tiny.tpe.s0"]  # not claimed afterwards: its first trials saw unknown data
 
     write_npz(npz, "relabel")
+    # the relabelled data train another backbone: its digest is not the one the trials recorded
+    line = one_line_error(cli("export", str(study), "--name", "M", "--runs-dir", str(runs)))
+    assert "was scored on backbone sha256" in line and "nothing was registered" in line, line
+    with sqlite3.connect(runs / "optuna.db") as con:  # trials scored before digests were recorded: the refit decides
+        assert con.execute("DELETE FROM trial_user_attributes WHERE key IN ('backbone_sha256', 'cam_sha256')").rowcount > 0
     r = cli("export", str(study), "--name", "M", "--runs-dir", str(runs))
     assert sum("records no dataset fingerprint" in ln for ln in r.output.splitlines()) == 1, r.output
     line = one_line_error(r)

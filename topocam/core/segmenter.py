@@ -382,7 +382,7 @@ def _fit(seg: Segmenter, ds: Dataset, s: SegmenterSettings, progress: bool, devi
     bar = tqdm(total=s.epochs, desc=f"segmenter ({s.loss})", unit="epoch", disable=not progress, leave=False)
     for epoch in range(s.epochs):
         net.train()
-        perm = torch.randperm(len(xtr), generator=gen).numpy()
+        perm = torch.randperm(len(xtr), generator=gen).numpy()  # CPU tensor
         sums = {"loss": 0.0, "dice_loss": 0.0, "topo_loss": 0.0}
         t_epoch = time.perf_counter()
         for i in range(0, len(perm), s.batch_size):
