@@ -121,6 +121,11 @@ def test_prepare_publishes_and_a_worker_with_an_empty_cache_fetches_the_same_mod
         assert t.user_attrs["cam_sha256"] == model.artifacts[model.entries.cams[t.params["cam"]]].sha256
     st = optuna.load_study(study_name="pubfetch.random.s0", storage=storage)
     assert st.user_attrs["model_artifacts:s0"] == rec  # the Optuna study names the model its trials saw
+    from topocam.search.status import study_status
+
+    assert [r["study"] for r in study_status("pubfetch", storage)] == ["pubfetch.random.s0"]
+    with pytest.raises(TopoCAMError, match="studies there: pubfetch$"):  # the model's record study is no study of its own
+        study_status("other", storage)
 
     # a local entry that disagrees with the published digest: an error naming both, no silent retrain
     probs = tmp_path / "cache-cpu" / model.entries.probs

@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 
 from ..core.errors import TopoCAMError
+from .artifacts import RECORD_OF
 from .samplers import SAMPLERS
 from .storage import open_storage, quiet_experimental
 from .trials import ATTR_ERROR, counts, scored_trials
@@ -21,6 +22,7 @@ def study_status(name: str, storage_url: str) -> list[dict[str, Any]]:
     storage = open_storage(storage_url, read_only=True)
     with quiet_experimental():
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    summaries = [s for s in summaries if RECORD_OF not in s.user_attrs]  # a study's published-model record: no trials
     owner = {s.study_name: s.user_attrs.get("topocam_study", _owner_from_name(s.study_name)) for s in summaries}
     mine = sorted(n for n, o in owner.items() if o == name)
     if not mine:
