@@ -17,7 +17,7 @@ from .conftest import medmnist_file
 
 # Backbone cache keys of the shipped 28-px studies' configurations (model seeds 0..4), computed
 # once with main's code at 8d34b5c, before these settings existed:
-#     spec = load_study(f, data_dir=...); ds = load_data(cfg with seed); _cache_key(ds, cfg.train_settings(), arch)
+#     spec = load_study(f, data_dir=...); ds = load_data(cfg with seed); backbone_key(ds, cfg.train_settings(), arch)
 # A change here means every cached backbone (and CAM cache) of these studies is retrained.
 MAIN_KEYS = {
     "quickstart": ["cd87a01aab99477a52ec", "c764928b71b0d60da69c", "41edb6e06fd4f8783ad8", "95728c8b12137aedf201",
@@ -44,10 +44,10 @@ def test_28px_backbone_keys_are_mains(name, monkeypatch):
         resolved = bb.resolve_batches(s, ds.shape)
         # the batches the 28-px numbers were made with: inference and recalibration 128, CAMs 64
         assert (resolved.infer_batch, resolved.bn_batch) == (128, 128)
-        assert bb._cache_key(ds, s, bb.resolve_backbone(s.arch, ds.ndim)) == want, (name, seed)
+        assert bb.backbone_key(ds, s, bb.resolve_backbone(s.arch, ds.ndim)) == want, (name, seed)
         # setting 128 explicitly is the same backbone
         explicit = TopoCAMConfig(**{**spec.base.as_dict(), "seed": seed, "infer_batch": 128, "bn_batch": 128})
-        assert bb._cache_key(ds, explicit.train_settings(), bb.resolve_backbone(s.arch, ds.ndim)) == want
+        assert bb.backbone_key(ds, explicit.train_settings(), bb.resolve_backbone(s.arch, ds.ndim)) == want
 
 
 @pytest.mark.parametrize("shape, chunk, want", [
@@ -72,7 +72,7 @@ def test_batches_other_than_128_enter_the_key_and_reach_training(tmp_path, monke
     monkeypatch.delenv(CHUNK_ENV, raising=False)
     data = make_synthetic(3, size=16, n=(10, 6, 6), seed=0)
     base = bb.TrainSettings(arch="small", epochs=1, batch_size=4)
-    keys = {bb._cache_key(data, bb.TrainSettings(arch="small", epochs=1, batch_size=4, infer_batch=i, bn_batch=b), "small")
+    keys = {bb.backbone_key(data, bb.TrainSettings(arch="small", epochs=1, batch_size=4, infer_batch=i, bn_batch=b), "small")
             for i, b in ((None, None), (128, 128), (4, 128), (128, 4), (4, 4))}
     assert len(keys) == 4  # None and 128 are one backbone at 16^3 (128 fit the default chunk)
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
-from .backbone import _cache_key, resolve_backbone
+from .backbone import backbone_key, resolve_backbone
 from .cache import cam_cache_key
 from .data import Dataset
 from .errors import TopoCAMError
@@ -59,7 +59,7 @@ def model_entries(config: TopoCAMConfig, data: Dataset, variants: tuple[str, ...
     """The entries :func:`pipeline.prepare` and ``Context.cams`` read for ``config`` (its model seed)
     on ``data``, named from the same keys they use, without training anything."""
     arch = resolve_backbone(config.backbone, data.ndim)
-    key = _cache_key(data, config.train_settings(), arch)
+    key = backbone_key(data, config.train_settings(), arch)
     cam_key = cam_cache_key(key, data.fingerprint, config.cam_target)
     return ModelEntries(config.seed, f"backbones/{key}.pt", f"backbones/{key}.probs.npz",
                         {v: f"cams/{cam_key}/{v}" for v in variants})

@@ -420,7 +420,7 @@ def selection_key(val_auc: float, val_loss: float) -> tuple[float, float]:
     return (val_auc if math.isfinite(val_auc) else -math.inf, -val_loss if math.isfinite(val_loss) else -math.inf)
 
 
-def _cache_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
+def backbone_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
     settings = asdict(resolve_batches(s, ds.shape))
     for batch in ("infer_batch", "bn_batch"):  # at 128 they are what every checkpoint before them was made with
         if settings[batch] == KEYLESS_BATCH:
@@ -462,7 +462,7 @@ def train_backbone(
         raise TopoCAMError(f"epochs must be >= 1, got {settings.epochs}")
     device = device or device_auto()
     settings = resolve_batches(settings, ds.shape)
-    key = _cache_key(ds, settings, arch)
+    key = backbone_key(ds, settings, arch)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ckpt = cache_dir / "backbones" / f"{key}.pt"
 
