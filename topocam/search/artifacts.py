@@ -43,7 +43,7 @@ from ..core.data import Dataset
 from ..core.errors import TopoCAMError
 from ..core.locks import BadEntry, load_or_build
 from ..core.settings import TopoCAMConfig
-from ..stores import parse_store_url
+from ..stores import parse_store_url, redact_url
 from ..tracking import Tracker
 from .storage import quiet_experimental, storage_lock
 
@@ -289,7 +289,7 @@ class ModelArtifacts:
                     if _connection_failure(exc):
                         raise TopoCAMError(
                             f"cannot fetch the model artifact {entry} of study {self.study} from the MLflow tracking "
-                            f"server {self.tracker.uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                            f"server {redact_url(self.tracker.uri)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                             "no trial was run: start the worker again once the server is back"
                         ) from None
                     raise _Damaged(entry, f"could not be downloaded from run {rec['run_id']} ({type(exc).__name__})") from None
