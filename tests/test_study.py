@@ -375,7 +375,8 @@ def test_a_fixed_value_that_trials_still_search_is_said_with_the_table_that_fixe
             spec = load_study(path)
         return spec, [str(w.message) for w in caught if issubclass(w.category, StudyFileWarning)]
 
-    spec, said = notices(write_study(tmp_path, "trap", fixed={"cam": "gradcam", "weights": [1.0, 0.0, 0.0]}))
+    spec, said = notices(write_study(tmp_path, "trap", fixed={"cam": "gradcam", "weights": [1.0, 0.0, 0.0]},
+                                     space={"cam": None}))  # cam searched by the default space only
     assert spec.base.cam == "gradcam" and spec.space["cam"].kind == "categorical"  # what the notice describes
     assert len(said) == 2, said
     cam = next(n for n in said if "[fixed] cam" in n)
@@ -385,6 +386,11 @@ def test_a_fixed_value_that_trials_still_search_is_said_with_the_table_that_fixe
     _, quiet = notices(write_study(tmp_path, "fine", fixed={"bins": 8, "n_jobs": 1, "cam": "gradcam"},
                                    space={"cam": {"fixed": "gradcam"}}))
     assert quiet == []
+    # searched in a [space.cam] table of the file's own: knowingly (a base value for the baselines, choices for trials)
+    _, knowing = notices(write_study(tmp_path, "knowing", fixed={"cam": "gradcam"}))  # BASE has [space.cam] choices
+    assert knowing == []
+    for shipped in sorted((REPO / "studies").glob("*.toml")):  # ours say nothing
+        assert notices(shipped)[1] == [], shipped
 
 
 def test_unreadable_study_files(tmp_path):

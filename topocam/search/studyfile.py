@@ -128,12 +128,14 @@ def settings_table(doc: dict, section: str, where: str) -> tuple[dict[str, Any],
     return values, {k: _typed(section, k, v, extra[k], where) for k, v in t.items() if k in extra}
 
 
-def _warn_fixed_but_searched(fixed: dict[str, Any], space: dict[str, Param], where: str) -> None:
+def _warn_fixed_but_searched(fixed: dict[str, Any], space: dict[str, Param], written: set[str], where: str) -> None:
     """``[fixed] cam = "gradcam"`` sets the base configuration (the baselines', the reference's), but a
-    setting the space still searches is drawn afresh by every trial: say so, with the table that fixes it
-    for trials (a study once spent 90 minutes on Score-CAM maps its author believed fixed away)."""
+    setting the default space still searches is drawn afresh by every trial: say so, with the table that
+    fixes it for trials (a study once spent 90 minutes on Score-CAM maps its author believed fixed away).
+    A parameter the file searches in a ``[space.P]`` table of its own (``written``) is searched knowingly."""
     for name, value in fixed.items():
-        searched = [p for p, s in SETTING_OF.items() if s == name and p in space and space[p].kind != "fixed"]
+        searched = [p for p, s in SETTING_OF.items()
+                    if s == name and p in space and space[p].kind != "fixed" and p not in written]
         if searched:
             how = " and ".join(f"[space.{p}] fixed = ..." for p in searched)
             warnings.warn(StudyFileWarning(
@@ -215,7 +217,7 @@ def load_study(path: str | Path, data_dir: str | None = None) -> StudySpec:
     if not isinstance(space_doc, dict):
         raise TopoCAMError(f"{where}: [space] must hold tables like [space.tau]")
     space = build_space(space_doc, where)
-    _warn_fixed_but_searched(fixed, space, where)
+    _warn_fixed_but_searched(fixed, space, set(space_doc), where)
 
     sampler_doc = doc.get("sampler", {})
     if not isinstance(sampler_doc, dict):
