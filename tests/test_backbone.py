@@ -117,21 +117,21 @@ def test_cache_key_ignores_init_auto_and_follows_every_setting():
     # the batches at their 28-px value (128) and amp off are left out too, as before they were settings
     legacy = {k: v for k, v in asdict(s).items() if k not in ("init", "infer_batch", "bn_batch", "amp")}
     blob = json.dumps({"data": ds.fingerprint, "arch": "small", "settings": legacy, "code": bb._CODE_VERSION}, sort_keys=True)
-    key = bb._cache_key(ds, s, "small")
+    key = bb.backbone_key(ds, s, "small")
     assert key == hashlib.sha256(blob.encode()).hexdigest()[:20]
-    assert bb._cache_key(ds, replace(s), "small") == key  # the same inputs, the same key
-    assert bb._cache_key(ds, replace(s, infer_batch=128, bn_batch=128), "small") == key
+    assert bb.backbone_key(ds, replace(s), "small") == key  # the same inputs, the same key
+    assert bb.backbone_key(ds, replace(s, infer_batch=128, bn_batch=128), "small") == key
     changed = [
-        bb._cache_key(ds, replace(s, **change), "small")
+        bb.backbone_key(ds, replace(s, **change), "small")
         for change in ({"init": "pretrained"}, {"epochs": 3}, {"batch_size": 8}, {"lr": 2e-3},
                        {"seed": 1}, {"milestones": (1,)}, {"infer_batch": 8}, {"bn_batch": 8})
     ]
-    changed += [bb._cache_key(ds, s, "resnet18"), bb._cache_key(replace(ds, fingerprint=ds.fingerprint + "x"), s, "small")]
+    changed += [bb.backbone_key(ds, s, "resnet18"), bb.backbone_key(replace(ds, fingerprint=ds.fingerprint + "x"), s, "small")]
     assert key not in changed and len(set(changed)) == len(changed)
     # the small CNN has no pretrained weights: "scratch" is the network "auto" trains, and reuses it;
     # for ResNet-18, whose weights may be on disk, the two stay apart
-    assert bb._cache_key(ds, replace(s, init="scratch"), "small") == key
-    assert bb._cache_key(ds, replace(s, init="scratch"), "resnet18") != bb._cache_key(ds, s, "resnet18")
+    assert bb.backbone_key(ds, replace(s, init="scratch"), "small") == key
+    assert bb.backbone_key(ds, replace(s, init="scratch"), "resnet18") != bb.backbone_key(ds, s, "resnet18")
 
 
 def test_a_trained_backbone_is_cached_under_its_key(tmp_path):

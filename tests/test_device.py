@@ -82,7 +82,7 @@ def test_the_device_reaches_the_model_and_the_record_not_the_key(tmp_path, no_cu
     assert info.device == "cpu"  # recorded with the checkpoint
     # the key is a function of the recipe and the data only: a GPU-trained backbone is a CPU worker's too
     cpu, gpu = (TopoCAMConfig(backbone="small", epochs=1, batch_size=4, device=d).train_settings() for d in ("cpu", "cuda"))
-    assert bb._cache_key(data, cpu, "small") == bb._cache_key(data, gpu, "small") == info.cache_key
+    assert bb.backbone_key(data, cpu, "small") == bb.backbone_key(data, gpu, "small") == info.cache_key
 
 
 def test_prepare_puts_the_backbone_on_the_configured_device(tmp_path, no_cuda):
@@ -114,8 +114,8 @@ def test_amp_is_refused_where_the_backbone_would_train_on_the_cpu(tmp_path, no_c
         bb.train_backbone(data, s, cache_dir=tmp_path, progress=False, device=torch.device("cpu"))
     assert not (tmp_path / "backbones").exists() or not any((tmp_path / "backbones").glob("*.pt"))
     # amp trains another backbone: it is in the key where on (and absent where off, as before it existed)
-    plain = bb._cache_key(data, bb.TrainSettings(arch="small", epochs=1, batch_size=4), "small")
-    assert bb._cache_key(data, s, "small") != plain
+    plain = bb.backbone_key(data, bb.TrainSettings(arch="small", epochs=1, batch_size=4), "small")
+    assert bb.backbone_key(data, s, "small") != plain
     assert TopoCAMConfig(amp=True).train_settings().amp is True and bb.training_recipe()["amp"] is False
 
 
