@@ -6,8 +6,9 @@ Where ``memory64.py`` runs ``topocam run`` end to end (about an hour of CPU at 6
 2-core machine), this measures in minutes what the inference / recalibration batch
 (``infer_batch``, ``bn_batch``; default 16 at 64^3, 128 before they were settings) bounds:
 BatchNorm recalibration, CNN inference and Grad-CAM, each over ``--volumes`` batches of
-random 64^3 volumes with the small 3D CNN, beside one training step at the recipe's batch
-32 (which the setting does not change). Prints peak resident memory (``ru_maxrss``) per stage
+random 64^3 volumes with the small 3D CNN, and one training step at the recipe's batch 32
+in micro-batches of the smaller of 32 and the setting (``micro_batch``: 16 at 64^3 by
+default, 32 before it was a setting). Prints peak resident memory (``ru_maxrss``) per stage
 and batch; the process's baseline (torch imported, model built) is printed too.
 """
 
@@ -26,22 +27,21 @@ STAGE = r"""
 import json, resource, sys
 sys.path.insert(0, {repo!r})
 import numpy as np, torch
-from topocam.core.backbone import build_backbone, predict_proba, recalibrate_batchnorm
+from topocam.core.backbone import batch_gradients, build_backbone, predict_proba, recalibrate_batchnorm
 from topocam.core.cam import compute_cams
 stage, batch, volumes = {stage!r}, {batch}, {volumes}
 torch.manual_seed(0)
 model, _ = build_backbone("small", 3, 2, 64, init="scratch")
-n = batch * volumes
+n = 32 if stage == "train" else batch * volumes
 from topocam.core.data import Images
 x = Images(np.random.default_rng(0).integers(0, 256, (n, 1, 64, 64, 64), dtype=np.uint8), 255.0)  # as MedMNIST uint8 is held
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if stage == "train":
-    from topocam.core.data import images_in
+if stage == "train":  # one optimizer step of the recipe's batch 32, in micro-batches of `batch`
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
-    xb = torch.from_numpy(images_in(x, 0, 32))
-    loss = torch.nn.functional.cross_entropy(model(xb), torch.zeros(32, dtype=torch.long))
-    loss.backward(); opt.step()
+    batch_gradients(model, torch.nn.CrossEntropyLoss(), x, np.zeros(32, dtype=np.int64), torch.arange(32), batch,
+                    torch.device("cpu"))
+    opt.step()
 elif stage == "recalibrate":
     recalibrate_batchnorm(model, x, batch_size=batch)
 elif stage == "infer":
@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the table")
     args = ap.parse_args()
     rows = []
-    train = json.loads(subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage="train", batch=32, volumes=1)],
-                                      capture_output=True, text=True, check=True).stdout)
-    rows.append({"stage": "train step (batch 32)", "batch": 32, **train})
-    print(rows[-1], flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):  # training: batch 32 in micro-batches of min(32, setting)
+        r = subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage="train", batch=min(32, batch), volumes=1)],
+                           capture_output=True, text=True, check=True)
+        rows.append({"stage": "train step (batch 32)", "batch": min(32, batch), "setting": batch, **json.loads(r.stdout)})
+        print(rows[-1], flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         for stage in ("recalibrate", "infer", "gradcam"):
             r = subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage=stage, batch=batch, volumes=args.volumes)],

@@ -1,6 +1,8 @@
 """Peak memory at 64^3: ``topocam run`` and a study trial, code trees side by side.
 
     python benchmarks/memory64.py --work /tmp/mem64 --code before=/path/to/old/tree --code after=.
+    python benchmarks/memory64.py --work /tmp/mem64 --code default=. --code halved=. \
+        --env halved:TOPOCAM_CHUNK_VOXELS=2097152
 
 Builds (once, into ``--work``) a synthetic 3D set of AdrenalMNIST3D_64's size:
 64^3 volumes, 1,188/98/298 train/val/test, stored as uint8 in the MedMNIST npz
@@ -126,6 +128,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the data set, caches and outputs")
     ap.add_argument("--code", action="append", default=[], help="LABEL=DIR of a code tree (repeat; first is the reference)")
+    ap.add_argument("--env", action="append", default=[],
+                    help="LABEL:NAME=VALUE, an environment variable for one tree's processes (repeat), e.g. a halved "
+                         "TOPOCAM_CHUNK_VOXELS")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n", default=",".join(map(str, SPLIT_N)), help="train,val,test volumes")
     ap.add_argument("--epochs", type=int, default=1)
@@ -134,7 +139,17 @@ def main() -> None:
     ap.add_argument("--earlier", action="append", default=[],
                     help="LABEL of a tree measured by an earlier invocation: its <work>/LABEL/result.json is reused (first is the reference)")
     args = ap.parse_args()
+    extra_env: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        label, _, assignment = item.partition(":")
+        name, eq, value = assignment.partition("=")
+        if not (label and name and eq):
+            sys.exit(f"--env {item!r}: expected LABEL:NAME=VALUE")
+        extra_env.setdefault(label, {})[name] = value
     trees = [c.split("=", 1) if "=" in c else (Path(c).resolve().name, c) for c in args.code or ([] if args.earlier else ["this=."])]
+    unknown = set(extra_env) - {label for label, _ in trees}
+    if unknown:
+        sys.exit(f"--env names {', '.join(sorted(unknown))}, which no --code LABEL=DIR gives")
     n = tuple(int(v) for v in args.n.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     npz = (args.work / f"synthetic3d_{args.size}_{'_'.join(map(str, n))}.npz").resolve()
@@ -153,7 +168,8 @@ def main() -> None:
         tree = str(Path(tree).resolve())
         out = args.work / label
         out.mkdir(exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": tree, "TOPOCAM_CACHE_DIR": str(out / "cache"), "TOPOCAM_OFFLINE": "1"}
+        env = {**os.environ, "PYTHONPATH": tree, "TOPOCAM_CACHE_DIR": str(out / "cache"), "TOPOCAM_OFFLINE": "1",
+               **extra_env.get(label, {})}
         earlier = out / "result.json"  # steps not run now keep their earlier measurement
         results[label] = json.loads(earlier.read_text()) if earlier.exists() and set(steps) != {"run", "trial"} else {}
         if "run" in steps:

@@ -114,8 +114,8 @@ def test_cache_key_ignores_init_auto_and_follows_every_setting():
 
     ds = make_synthetic(2, size=16, n=(6, 4, 4), seed=0, clutter=1)
     s = TrainSettings(arch="small", epochs=2, batch_size=16, lr=1e-3, seed=0)
-    # the batches at their 28-px value (128) and amp off are left out too, as before they were settings
-    legacy = {k: v for k, v in asdict(s).items() if k not in ("init", "infer_batch", "bn_batch", "amp")}
+    # the batches at their 28-px value (128), whole-batch training and amp off are left out too, as before they were settings
+    legacy = {k: v for k, v in asdict(s).items() if k not in ("init", "infer_batch", "bn_batch", "micro_batch", "amp")}
     blob = json.dumps({"data": ds.fingerprint, "arch": "small", "settings": legacy, "code": bb._CODE_VERSION}, sort_keys=True)
     key = bb.backbone_key(ds, s, "small")
     assert key == hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -124,7 +124,7 @@ def test_cache_key_ignores_init_auto_and_follows_every_setting():
     changed = [
         bb.backbone_key(ds, replace(s, **change), "small")
         for change in ({"init": "pretrained"}, {"epochs": 3}, {"batch_size": 8}, {"lr": 2e-3},
-                       {"seed": 1}, {"milestones": (1,)}, {"infer_batch": 8}, {"bn_batch": 8})
+                       {"seed": 1}, {"milestones": (1,)}, {"infer_batch": 8}, {"bn_batch": 8}, {"micro_batch": 8})
     ]
     changed += [bb.backbone_key(ds, s, "resnet18"), bb.backbone_key(replace(ds, fingerprint=ds.fingerprint + "x"), s, "small")]
     assert key not in changed and len(set(changed)) == len(changed)

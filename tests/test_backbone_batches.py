@@ -108,3 +108,76 @@ def test_batches_are_settings_of_the_recipe():
     assert (cfg.train_settings().infer_batch, cfg.train_settings().bn_batch) == (8, 4)
     with pytest.raises(Exception, match="bn_batch"):
         SETTINGS["bn_batch"].check(1)
+
+
+@pytest.mark.parametrize("n, micro, sizes", [
+    (32, 32, [32]), (32, 16, [16, 16]), (32, 8, [8, 8, 8, 8]), (33, 16, [11, 11, 11]), (3, 2, [3]), (5, 2, [3, 2]),
+])
+def test_micro_batches_cover_the_batch_in_parts_of_two_or_more(n, micro, sizes):
+    import torch
+
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    parts = bb.micro_batches(idx, micro)
+    assert [len(p) for p in parts] == sizes
+    assert torch.equal(torch.cat(parts), idx)  # every row once, in the permutation's order
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
+    """Without BatchNorm, a batch trained in parts of 3 has the gradient (and summed loss) of the
+    batch in one part: each part's loss is weighted by its share."""
+    import torch
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(10, 1, 4, 4)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 10)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    idx = torch.arange(10)
+    grads, totals = [], []
+    for micro in (10, 3):
+        model.zero_grad()
+        totals.append(bb.batch_gradients(model, torch.nn.CrossEntropyLoss(), x, y, idx, micro, torch.device("cpu")))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert totals[0] == pytest.approx(totals[1], rel=1e-6)
+    for whole, parts in zip(*grads):
+        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, chunk, batch, want", [
+    ((28, 28), None, 32, 32), ((28, 28, 28), None, 32, 32), ((28, 28, 28), None, 128, 128), ((64, 64), None, 128, 128),
+    ((64, 64, 64), None, 32, 16), ((64, 64, 64), 2 * 2**20, 32, 8), ((64, 64, 64), 1, 32, 2),
+])
+def test_training_micro_batch_derives_from_the_chunk(shape, chunk, batch, want, monkeypatch):
+    if chunk is None:
+        monkeypatch.delenv(CHUNK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CHUNK_ENV, str(chunk))
+    assert bb.resolve_batches(bb.TrainSettings(batch_size=batch), shape).micro_batch == want
+    assert bb.resolve_batches(bb.TrainSettings(batch_size=batch, micro_batch=4), shape).micro_batch == 4  # set wins
+    assert bb.resolve_batches(bb.TrainSettings(batch_size=batch, micro_batch=999), shape).micro_batch == batch  # at most the batch
+
+
+def test_micro_batches_enter_the_key_only_when_they_split_the_batch_and_reach_training(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv(CHUNK_ENV, raising=False)
+    data = make_synthetic(3, size=16, n=(12, 6, 6), seed=0)
+    key = {m: bb.backbone_key(data, bb.TrainSettings(arch="small", epochs=1, batch_size=6, micro_batch=m), "small")
+           for m in (None, 6, 64, 3, 2)}
+    assert key[None] == key[6] == key[64]  # the whole batch: the backbone it always was
+    assert len({key[None], key[3], key[2]}) == 3
+
+    sizes: list[int] = []
+    real_fwd = bb.Backbone.forward
+
+    def spy(self, x):
+        if self.training and torch.is_grad_enabled():
+            sizes.append(len(x))
+        return real_fwd(self, x)
+
+    monkeypatch.setattr(bb.Backbone, "forward", spy)
+    monkeypatch.setenv(CHUNK_ENV, str(3 * 16**3))  # 3 volumes per chunk: parts of 3
+    _, info = bb.train_backbone(data, bb.TrainSettings(arch="small", epochs=1, batch_size=6), cache_dir=tmp_path, progress=False)
+    assert info.settings["micro_batch"] == 3 and sizes == [3, 3, 3, 3]
+    # the derived micro-batch is the backbone an explicit one of 3 is (with the chunk's batches of 3 too)
+    explicit = bb.TrainSettings(arch="small", epochs=1, batch_size=6, micro_batch=3, infer_batch=3, bn_batch=3)
+    assert info.cache_key == bb.backbone_key(data, explicit, "small") != key[None]

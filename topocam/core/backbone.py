@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -216,9 +217,9 @@ def build_backbone(arch: str, ndim: int, n_classes: int, input_size: int, init: 
 
 
 # The backbone's training defaults, defined once (CLI, study files, TopoCAMConfig and TrainSettings read them).
-# infer_batch / bn_batch: None = derived from TOPOCAM_CHUNK_VOXELS at the data's size (resolve_batches).
+# infer_batch / bn_batch / micro_batch: None = derived from TOPOCAM_CHUNK_VOXELS at the data's size (resolve_batches).
 DEFAULT_RECIPE: dict = {"epochs": 10, "batch_size": 32, "lr": 1e-3, "milestones": (), "infer_batch": None, "bn_batch": None,
-                        "amp": False}
+                        "micro_batch": None, "amp": False}
 # The inference and BatchNorm-recalibration batch the backbones cached before these were settings were
 # made with: a key holds them only where they differ, so every 28-px key stays what it was.
 KEYLESS_BATCH = 128
@@ -236,6 +237,7 @@ class TrainSettings:
     init: str = "auto"  # "auto": pretrained weights when on disk; "pretrained": required; "scratch": never
     infer_batch: int | None = None  # inference batch (probabilities, embeddings; CAMs at min(64, it)); None: derived
     bn_batch: int | None = None  # BatchNorm-recalibration batch; None: derived
+    micro_batch: int | None = None  # images a training forward/backward holds (gradients accumulate); None: derived
     amp: bool = False  # automatic mixed precision while fine-tuning (CUDA only); inference and CAMs stay float32
 
 
@@ -248,10 +250,26 @@ def default_batch(shape: tuple[int, ...]) -> int:
     return images_per_chunk(shape, cap=KEYLESS_BATCH)
 
 
+def default_micro_batch(batch_size: int, shape: tuple[int, ...]) -> int:
+    """The training micro-batch unless set: the whole batch where a chunk holds it (every
+    size up to 64^2 with the default chunk, so nothing changes there), else the images a
+    chunk holds, at least 2 (BatchNorm needs two). Why: at 64^3 one training step of 32
+    volumes (4.7 GB) was left as ``topocam run``'s peak once inference was bounded."""
+    return min(batch_size, max(2, images_per_chunk(shape)))
+
+
 def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "TrainSettings":
-    """``settings`` with the inference and recalibration batches decided for ``shape``."""
+    """``settings`` with the inference, recalibration and training micro-batches decided for ``shape``."""
+    micro = min(settings.batch_size, settings.micro_batch or default_micro_batch(settings.batch_size, shape))
     return replace(settings, infer_batch=settings.infer_batch or default_batch(shape),
-                   bn_batch=settings.bn_batch or default_batch(shape))
+                   bn_batch=settings.bn_batch or default_batch(shape), micro_batch=micro)
+
+
+def micro_batches(idx: torch.Tensor, micro: int) -> list[torch.Tensor]:
+    """A training batch's rows in near-equal parts of at most ``micro`` images, none of
+    one image (BatchNorm cannot train on it): a batch of 33 at 16 is 11+11+11, not 16+16+1."""
+    parts = max(1, min(-(-len(idx) // micro), len(idx) // 2))
+    return list(torch.tensor_split(idx, parts))
 
 
 # Named training recipes, the one declaration of the presets (the CLI's --preset and the
@@ -260,7 +278,7 @@ def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "Train
 # so our CNN baseline can be set beside their published table.
 PRESETS: dict[str, dict] = {
     "medmnist_v2": {"epochs": 100, "batch_size": 128, "lr": 1e-3, "milestones": (50, 75), "infer_batch": None, "bn_batch": None,
-                    "amp": False},
+                    "micro_batch": None, "amp": False},
 }
 PresetChoice = choice_enum("PresetChoice", tuple(PRESETS))  # the CLI's --preset
 
@@ -425,6 +443,8 @@ def backbone_key(ds: Dataset, s: TrainSettings, arch: str) -> str:
     for batch in ("infer_batch", "bn_batch"):  # at 128 they are what every checkpoint before them was made with
         if settings[batch] == KEYLESS_BATCH:
             del settings[batch]
+    if settings["micro_batch"] == settings["batch_size"]:  # whole batches: how every checkpoint before it trained
+        del settings["micro_batch"]
     if not settings["amp"]:  # float32 training: what every checkpoint before the option was
         del settings["amp"]
     # "auto" keeps the keys of checkpoints trained before the option existed; an architecture without
@@ -570,6 +590,25 @@ def read_checkpoint(ckpt: Path, net: nn.Module, info_type: type[_Info]) -> _Info
     return info
 
 
+def batch_gradients(model: nn.Module, loss_fn: nn.Module, x: "np.ndarray | Images", y: np.ndarray, idx: torch.Tensor,
+                    micro: int, device: torch.device, scaler: "torch.amp.GradScaler | None" = None) -> float:
+    """Accumulate into ``.grad`` the gradient of the mean loss over the rows ``idx``, a
+    micro-batch at a time (:func:`micro_batches`); returns the summed loss. Each part's
+    loss is weighted by its share of the batch, so without BatchNorm the gradient is the
+    whole batch's; a batch in one part is computed exactly as before the setting."""
+    parts = micro_batches(idx, micro)
+    total = 0.0
+    for part in parts:
+        rows = part.numpy()  # CPU tensor: the permutation's generator is on the CPU
+        xb, yb = to_device(x[rows], device), to_device(y[rows], device)
+        with nullcontext() if scaler is None else torch.autocast(device_type="cuda", dtype=torch.float16):
+            loss = loss_fn(model(xb), yb)  # mixed precision (CUDA only): float16 forward
+        share = loss * (len(part) / len(idx)) if len(parts) > 1 else loss
+        (share if scaler is None else scaler.scale(share)).backward()  # scaled against float16 underflow
+        total += float(loss.detach()) * len(part)
+    return total
+
+
 def _fit(
     model: Backbone, init: str, ds: Dataset, settings: TrainSettings, arch: str, key: str, progress: bool, device: torch.device
 ) -> BackboneInfo:
@@ -604,20 +643,13 @@ def _fit(
             idx = perm[i : i + settings.batch_size]
             if len(idx) < 2 and len(xtr) >= 2:  # BatchNorm cannot train on a batch of one
                 idx = perm[-2:]
-            rows = idx.numpy()  # CPU tensor: the permutation's generator is on the CPU
-            xb, yb = to_device(xtr[rows], device), to_device(ytr[rows], device)
             opt.zero_grad()
+            total += batch_gradients(model, loss_fn, xtr, ytr, idx, settings.micro_batch, device, scaler)
             if scaler is None:
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
                 opt.step()
-            else:  # mixed precision (CUDA only): float16 forward, loss scaled against underflow
-                with torch.autocast(device_type="cuda", dtype=torch.float16):
-                    loss = loss_fn(model(xb), yb)
-                scaler.scale(loss).backward()
+            else:
                 scaler.step(opt)
                 scaler.update()
-            total += float(loss.detach()) * len(idx)
             bar.update(1)
         schedule.step()
         recalibrate_batchnorm(model, ds.x["train"], batch_size=settings.bn_batch, device=device)

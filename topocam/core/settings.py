@@ -223,6 +223,11 @@ class TopoCAMConfig:
                                    "the images TOPOCAM_CHUNK_VOXELS holds, at most 128", "backbone", "backbone",
                                    type=int, bounds=(2, None), arm=False, recipe="bn_batch",
                                    in_definition_at_default=False)
+    micro_batch: int | None = setting(DEFAULT_RECIPE["micro_batch"], "backbone training micro-batch: a batch's "
+                                      "gradients accumulate over parts of at most this many images (BatchNorm "
+                                      "normalises each part); default: the whole batch where TOPOCAM_CHUNK_VOXELS "
+                                      "holds it, else the images it holds", "backbone", "backbone", type=int,
+                                      bounds=(2, None), arm=False, recipe="micro_batch", in_definition_at_default=False)
     amp: bool = setting(DEFAULT_RECIPE["amp"], "automatic mixed precision while fine-tuning the backbone (CUDA only: "
                         "refused where the backbone would train on the CPU)", "backbone", "backbone", type=bool,
                         arm=False, recipe="amp", in_definition_at_default=False)
@@ -356,7 +361,8 @@ class TopoCAMConfig:
 
         return TrainSettings(arch=self.backbone, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                              milestones=tuple(int(m) for m in self.lr_milestones), init=self.init,
-                             infer_batch=self.infer_batch, bn_batch=self.bn_batch, amp=self.amp)
+                             infer_batch=self.infer_batch, bn_batch=self.bn_batch, micro_batch=self.micro_batch,
+                             amp=self.amp)
 
     def mlp_settings(self):
         from .classifier import MLPSettings
