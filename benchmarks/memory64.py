@@ -89,6 +89,7 @@ def measure(cmd: list[str], env: dict[str, str], trace: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, int]] = []
+    hwm = [0]
     done = threading.Event()
 
     def poll() -> None:
@@ -98,6 +99,8 @@ def measure(cmd: list[str], env: dict[str, str], trace: Path) -> dict:
                 for line in status.read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         samples.append((time.perf_counter() - t0, int(line.split()[1]) * 1024))
+                    elif line.startswith("VmHWM:"):  # the process's own high-water mark, monotonic
+                        hwm[0] = max(hwm[0], int(line.split()[1]) * 1024)
             except (OSError, ValueError):
                 pass
             done.wait(0.5)
@@ -113,7 +116,12 @@ def measure(cmd: list[str], env: dict[str, str], trace: Path) -> dict:
     trace.write_text("seconds,rss_bytes\n" + "".join(f"{t:.1f},{r}\n" for t, r in samples))
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
-    return {"peak_gb": usage.ru_maxrss * 1024 / 1e9, "wall_s": wall, "output": out}
+    peak = usage.ru_maxrss * 1024
+    if peak > 1.05 * max(hwm[0], 1):  # ru_maxrss can carry this parent's peak over an exec (vfork): say so
+        print(f"  ru_maxrss {peak / 1e9:.2f} GB exceeds the process's own VmHWM {hwm[0] / 1e9:.2f} GB (last seen); "
+              "the latter is reported", flush=True)
+        peak = hwm[0]
+    return {"peak_gb": peak / 1e9, "hwm_gb": hwm[0] / 1e9, "wall_s": wall, "output": out}
 
 
 def trial_values(db: Path) -> list[float]:
@@ -138,7 +146,11 @@ def main() -> None:
     ap.add_argument("--steps", default="run,trial")
     ap.add_argument("--earlier", action="append", default=[],
                     help="LABEL of a tree measured by an earlier invocation: its <work>/LABEL/result.json is reused (first is the reference)")
+    ap.add_argument("--make-npz", type=Path, help=argparse.SUPPRESS)  # internal: build the data set and exit
     args = ap.parse_args()
+    if args.make_npz:
+        make_npz(args.make_npz, args.size, tuple(int(v) for v in args.n.split(",")))
+        return
     extra_env: dict[str, dict[str, str]] = {}
     for item in args.env:
         label, _, assignment = item.partition(":")
@@ -154,7 +166,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     npz = (args.work / f"synthetic3d_{args.size}_{'_'.join(map(str, n))}.npz").resolve()
     t0 = time.perf_counter()
-    make_npz(npz, args.size, n)
+    if not npz.exists():  # in a child process: this one's own peak must stay small (see measure)
+        subprocess.run([sys.executable, __file__, "--make-npz", str(npz), "--size", str(args.size), "--n", args.n,
+                        "--work", str(args.work)], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     print(f"data: {npz} ({npz.stat().st_size / 1e6:.0f} MB, {sum(n)} volumes of {args.size}^3; {time.perf_counter() - t0:.0f} s)")
     steps = args.steps.split(",")
     results: dict[str, dict[str, dict]] = {}
