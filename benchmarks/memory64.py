@@ -9,7 +9,7 @@ Builds (once, into ``--work``) a synthetic 3D set of AdrenalMNIST3D_64's size:
 layout (what ``adrenalmnist3d_64.npz`` is). Then, for each code tree, in a fresh
 process with ``PYTHONPATH`` set to that tree:
 
-* ``run``: ``topocam run`` on it, small 3D backbone, one epoch, no tracking;
+* ``run``: ``topocam run`` on it, the small 3D backbone (``--backbone``), one epoch, no tracking;
 * ``trial``: ``topocam study run`` of the same data and backbone (warm cache from
   ``run``), random sampler, ``--trials`` trials (the study also logs the CNN and
   Topo-Original baselines and tests its best trial, as every study does).
@@ -49,7 +49,7 @@ dataset = "{npz}"
 size = {size}
 
 [backbone]
-arch = "small"
+arch = "{backbone}"
 epochs = {epochs}
 batch_size = 32
 lr = 0.001
@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n", default=",".join(map(str, SPLIT_N)), help="train,val,test volumes")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--backbone", default="small", help="small (what a CPU trains at 64^3 in minutes per epoch) or r3d18 (on a GPU)")
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--steps", default="run,trial")
     ap.add_argument("--earlier", action="append", default=[],
@@ -187,7 +188,7 @@ def main() -> None:
         earlier = out / "result.json"  # steps not run now keep their earlier measurement
         results[label] = json.loads(earlier.read_text()) if earlier.exists() and set(steps) != {"run", "trial"} else {}
         if "run" in steps:
-            cmd = [sys.executable, f"{tree}/cli.py", "run", "--dataset", str(npz), "--size", str(args.size), "--backbone", "small",
+            cmd = [sys.executable, f"{tree}/cli.py", "run", "--dataset", str(npz), "--size", str(args.size), "--backbone", args.backbone,
                    "--epochs", str(args.epochs), "--out", str(out / "run"), "--no-tracking", "--quiet"]
             r = measure(cmd, env, out / "run.rss.csv")
             r["metrics"] = json.loads((out / "run" / "metrics.json").read_text())["runs"][0]["metrics"]
@@ -195,7 +196,7 @@ def main() -> None:
             print(f"{label} run: peak {r['peak_gb']:.2f} GB, {r['wall_s']:.0f} s", flush=True)
         if "trial" in steps:
             study = out / "mem64.toml"
-            study.write_text(STUDY.format(trials=args.trials, npz=npz, size=args.size, epochs=args.epochs))
+            study.write_text(STUDY.format(trials=args.trials, npz=npz, size=args.size, epochs=args.epochs, backbone=args.backbone))
             (out / "optuna.db").unlink(missing_ok=True)
             cmd = [sys.executable, f"{tree}/cli.py", "study", "run", str(study), "--storage", f"sqlite:///{out / 'optuna.db'}",
                    "--runs-dir", str(out / "mlruns"), "--quiet"]
