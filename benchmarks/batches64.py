@@ -59,16 +59,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the table")
     args = ap.parse_args()
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):  # training: batch 32 in micro-batches of min(32, setting)
-        r = subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage="train", batch=min(32, batch), volumes=1)],
-                           capture_output=True, text=True, check=True)
-        rows.append({"stage": "train step (batch 32)", "batch": min(32, batch), "setting": batch, **json.loads(r.stdout)})
-        print(rows[-1], flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
-        for stage in ("recalibrate", "infer", "gradcam"):
-            r = subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage=stage, batch=batch, volumes=args.volumes)],
+        for stage in ("train", "recalibrate", "infer", "gradcam"):
+            # training: the recipe's batch 32 in micro-batches of min(32, setting); CAMs at min(64, setting)
+            given = min(32, batch) if stage == "train" else batch
+            r = subprocess.run([sys.executable, "-c", STAGE.format(repo=str(REPO), stage=stage, batch=given, volumes=args.volumes)],
                                capture_output=True, text=True, check=True)
-            rows.append({"stage": stage, "batch": min(64, batch) if stage == "gradcam" else batch, "setting": batch, **json.loads(r.stdout)})
+            rows.append({"stage": "train step (batch 32)" if stage == "train" else stage,
+                         "batch": min(64, batch) if stage == "gradcam" else given, "setting": batch, **json.loads(r.stdout)})
             print(rows[-1], flush=True)
     print("\n| stage | batch | peak RSS (GB) | of which before the stage (data, model) |\n|---|---:|---:|---:|")
     for r in rows:

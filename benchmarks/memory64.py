@@ -117,7 +117,7 @@ def measure(cmd: list[str], env: dict[str, str], trace: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
     peak = usage.ru_maxrss * 1024
-    if peak > 1.05 * max(hwm[0], 1):  # ru_maxrss can carry this parent's peak over an exec (vfork): say so
+    if hwm[0] and peak > 1.05 * hwm[0]:  # ru_maxrss can carry this parent's peak over an exec (vfork): say so
         print(f"  ru_maxrss {peak / 1e9:.2f} GB exceeds the process's own VmHWM {hwm[0] / 1e9:.2f} GB (last seen); "
               "the latter is reported", flush=True)
         peak = hwm[0]

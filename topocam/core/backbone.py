@@ -250,17 +250,18 @@ def default_batch(shape: tuple[int, ...]) -> int:
     return images_per_chunk(shape, cap=KEYLESS_BATCH)
 
 
-def default_micro_batch(batch_size: int, shape: tuple[int, ...]) -> int:
-    """The training micro-batch unless set: the whole batch where a chunk holds it (every
-    size up to 64^2 with the default chunk, so nothing changes there), else the images a
-    chunk holds, at least 2 (BatchNorm needs two). Why: at 64^3 one training step of 32
-    volumes (4.7 GB) was left as ``topocam run``'s peak once inference was bounded."""
-    return min(batch_size, max(2, images_per_chunk(shape)))
+def default_micro_batch(shape: tuple[int, ...]) -> int:
+    """The training micro-batch unless set: the images a chunk holds, at least 2 (BatchNorm
+    needs two); :func:`resolve_batches` caps it at the batch, so wherever a chunk holds the
+    batch (every size up to 64^2 with the default chunk) nothing changes. Why: at 64^3 one
+    training step of 32 volumes (4.7 GB) was left as ``topocam run``'s peak once inference
+    was bounded."""
+    return max(2, images_per_chunk(shape))
 
 
 def resolve_batches(settings: "TrainSettings", shape: tuple[int, ...]) -> "TrainSettings":
     """``settings`` with the inference, recalibration and training micro-batches decided for ``shape``."""
-    micro = min(settings.batch_size, settings.micro_batch or default_micro_batch(settings.batch_size, shape))
+    micro = min(settings.batch_size, settings.micro_batch or default_micro_batch(shape))
     return replace(settings, infer_batch=settings.infer_batch or default_batch(shape),
                    bn_batch=settings.bn_batch or default_batch(shape), micro_batch=micro)
 
